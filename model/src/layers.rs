@@ -1,0 +1,160 @@
+//! Building blocks shared by the Swin and ViT encoders and the SimMIM head.
+
+use burn::module::{Module, Param};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData};
+
+use crate::init::{constant, WeightInit};
+
+/// `nn.Linear` initialised as the official code does (trunc-normal 0.02, zero bias).
+pub fn linear<B: Backend>(
+    init: &mut WeightInit,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Linear<B> {
+    let mut layer = LinearConfig::new(d_in, d_out).with_bias(bias).init(device);
+    layer.weight = init.trunc_normal([d_in, d_out], 0.02, device);
+    if bias {
+        layer.bias = Some(constant([d_out], 0.0, device));
+    }
+    layer
+}
+
+pub fn layer_norm<B: Backend>(dim: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(dim).with_epsilon(eps).init(device)
+}
+
+/// A convolution with kernel = stride = `patch` (the patch embedding), computed as one
+/// matmul over non-overlapping patches; the weight keeps PyTorch's `[out, in, p, p]` layout.
+#[derive(Module, Debug)]
+pub struct PatchProjection<B: Backend> {
+    pub weight: Param<Tensor<B, 4>>,
+    pub bias: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> PatchProjection<B> {
+    /// `[B, C, H, W]` to `[B, (H/p)*(W/p), out]`.
+    pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [out, in_chans, patch, _] = self.weight.dims();
+        let [batch, channels, height, width] = images.dims();
+        debug_assert_eq!(channels, in_chans);
+        let (rows, cols) = (height / patch, width / patch);
+        let patches = images
+            .reshape([batch, channels, rows, patch, cols, patch])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([batch * rows * cols, channels * patch * patch]);
+        let kernel = self
+            .weight
+            .val()
+            .reshape([out, in_chans * patch * patch])
+            .transpose();
+        (patches.matmul(kernel) + self.bias.val().unsqueeze_dim(0)).reshape([
+            batch,
+            rows * cols,
+            out,
+        ])
+    }
+}
+
+/// Conv patch embedding with an optional LayerNorm (Swin's `patch_norm`).
+#[derive(Module, Debug)]
+pub struct PatchEmbed<B: Backend> {
+    pub proj: PatchProjection<B>,
+    pub norm: Option<LayerNorm<B>>,
+}
+
+impl<B: Backend> PatchEmbed<B> {
+    pub fn new(
+        init: &mut WeightInit,
+        in_chans: usize,
+        patch: usize,
+        dim: usize,
+        norm: bool,
+        device: &B::Device,
+    ) -> Self {
+        let fan_in = in_chans * patch * patch;
+        Self {
+            proj: PatchProjection {
+                weight: init.fan_in_uniform([dim, in_chans, patch, patch], fan_in, device),
+                bias: init.fan_in_uniform([dim], fan_in, device),
+            },
+            norm: norm.then(|| layer_norm(dim, 1e-5, device)),
+        }
+    }
+
+    pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
+        let tokens = self.proj.forward(images);
+        match &self.norm {
+            Some(norm) => norm.forward(tokens),
+            None => tokens,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn new(init: &mut WeightInit, dim: usize, ratio: f64, device: &B::Device) -> Self {
+        let hidden = (dim as f64 * ratio) as usize;
+        Self {
+            fc1: linear(init, dim, hidden, true, device),
+            fc2: linear(init, hidden, dim, true, device),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
+/// Stochastic depth on a residual branch `[B, ...]`: active only while gradients are being
+/// tracked (training), like `timm.DropPath` in train mode.
+pub fn drop_path<B: Backend>(branch: Tensor<B, 3>, rate: f64) -> Tensor<B, 3> {
+    if rate <= 0.0 || !B::ad_enabled(&branch.device()) {
+        return branch;
+    }
+    let keep = 1.0 - rate;
+    let batch = branch.dims()[0];
+    let keep_mask = Tensor::<B, 3>::random(
+        [batch, 1, 1],
+        Distribution::Bernoulli(keep),
+        &branch.device(),
+    );
+    branch * keep_mask.div_scalar(keep)
+}
+
+/// Linearly increasing drop-path rates over `depth` blocks, as `torch.linspace(0, rate, depth)`.
+pub fn drop_path_schedule(rate: f64, depth: usize) -> Vec<f64> {
+    if depth <= 1 {
+        return vec![0.0; depth];
+    }
+    (0..depth)
+        .map(|i| rate * i as f64 / (depth - 1) as f64)
+        .collect()
+}
+
+/// Looks up a relative position bias table `[rows, heads]` with a flat index `[N*N]`, giving
+/// the per-head bias `[heads, N, N]`.
+pub fn relative_bias<B: Backend>(
+    table: Tensor<B, 2>,
+    index: Tensor<B, 1, Int>,
+    tokens: usize,
+) -> Tensor<B, 3> {
+    let heads = table.dims()[1];
+    table
+        .select(0, index)
+        .reshape([tokens, tokens, heads])
+        .permute([2, 0, 1])
+}
+
+pub fn int_tensor<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 1, Int> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), device)
+}

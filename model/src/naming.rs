@@ -1,0 +1,123 @@
+//! The bridge between Burn's module tree and the official PyTorch parameter names.
+//!
+//! The modules mirror the official tree, so a parameter's Burn path is its official name
+//! except for three conventions: Burn's LayerNorm calls its affine parameters `gamma`/`beta`
+//! (PyTorch: `weight`/`bias`), Burn's Linear stores its weight `[in, out]` (PyTorch:
+//! `[out, in]`), and the head is a bare module here but `nn.Sequential` index 0 officially.
+//! Keeping that translation in one place means nothing else in the crate deals with names.
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::{backend::Backend, Tensor};
+
+/// A parameter's official name and whether its tensor is stored transposed in Burn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfficialName {
+    pub name: String,
+    pub transposed: bool,
+}
+
+/// Follows `enter_module`/`exit_module` calls to know where a visited parameter sits.
+#[derive(Debug, Default)]
+pub struct PathTracker {
+    names: Vec<String>,
+    parents: Vec<String>,
+}
+
+impl PathTracker {
+    pub fn enter(&mut self, name: &str, container: &str) {
+        self.parents.push(container.to_string());
+        // Enum variants (Swin / Vit) are not part of the official names.
+        if !container.starts_with("Enum:") {
+            self.names.push(name.to_string());
+        }
+    }
+
+    pub fn exit(&mut self, container: &str) {
+        self.parents.pop();
+        if !container.starts_with("Enum:") {
+            self.names.pop();
+        }
+    }
+
+    /// The official name of the parameter being visited now.
+    pub fn official(&self) -> OfficialName {
+        let parent = self.parents.last().map(String::as_str).unwrap_or("");
+        let mut parts: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        let mut transposed = false;
+        if let Some(last) = parts.last_mut() {
+            match (parent, *last) {
+                ("Struct:LayerNorm", "gamma") => *last = "weight",
+                ("Struct:LayerNorm", "beta") => *last = "bias",
+                ("Struct:Linear", "weight") => transposed = true,
+                _ => {}
+            }
+        }
+        if parts.first() == Some(&"decoder") {
+            parts.insert(1, "0");
+        }
+        OfficialName {
+            name: parts.join("."),
+            transposed,
+        }
+    }
+}
+
+/// Description of one trainable parameter under its official name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamInfo {
+    pub name: String,
+    pub id: ParamId,
+    /// Shape in the official (PyTorch) layout.
+    pub shape: Vec<usize>,
+    pub transposed: bool,
+}
+
+/// Every float parameter of `module`, in module order, with its official name and shape.
+pub fn parameters<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
+    struct Lister {
+        tracker: PathTracker,
+        out: Vec<ParamInfo>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Lister {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.tracker.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            self.tracker.exit(container_type);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let official = self.tracker.official();
+            let mut shape = param.dims().to_vec();
+            if official.transposed {
+                shape.reverse();
+            }
+            self.out.push(ParamInfo {
+                name: official.name,
+                id: param.id,
+                shape,
+                transposed: official.transposed,
+            });
+        }
+    }
+    let mut lister = Lister {
+        tracker: PathTracker::default(),
+        out: Vec::new(),
+    };
+    module.visit::<Lister>(&mut lister);
+    lister.out
+}
+
+/// The official code's weight-decay rule: no decay for 1-D parameters, biases, position
+/// embeddings, relative position bias tables and the cls/mask tokens.
+pub fn takes_weight_decay(name: &str, shape: &[usize]) -> bool {
+    const NO_DECAY_KEYWORDS: [&str; 5] = [
+        "relative_position_bias_table",
+        "absolute_pos_embed",
+        "pos_embed",
+        "cls_token",
+        "mask_token",
+    ];
+    !(shape.len() == 1
+        || name.ends_with(".bias")
+        || NO_DECAY_KEYWORDS.iter().any(|k| name.contains(k)))
+}

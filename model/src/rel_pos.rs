@@ -1,0 +1,125 @@
+//! Index and mask buffers the official code registers. They are pure functions of the
+//! geometry, so they are recomputed here, never loaded (and checked against a checkpoint's).
+
+/// Swin's `relative_position_index` for a `window x window` window, flattened row-major
+/// (`[N*N]`, N = window^2), into a table of `(2*window-1)^2` rows.
+pub fn swin_relative_position_index(window: usize) -> Vec<i64> {
+    relative_index(window, window)
+}
+
+/// BEiT/SimMIM ViT `relative_position_index` for a token grid with a cls token: `[(N+1)^2]`
+/// into a table of `(2h-1)(2w-1) + 3` rows (the last three are cls-to-token, token-to-cls and
+/// cls-to-cls).
+pub fn vit_relative_position_index(grid: usize) -> Vec<i64> {
+    let n = grid * grid;
+    let table = vit_table_rows(grid) as i64;
+    let inner = relative_index(grid, grid);
+    let mut index = vec![0i64; (n + 1) * (n + 1)];
+    for i in 0..n {
+        for j in 0..n {
+            index[(i + 1) * (n + 1) + j + 1] = inner[i * n + j];
+        }
+    }
+    for j in 0..=n {
+        index[j] = table - 3;
+    }
+    for i in 0..=n {
+        index[i * (n + 1)] = table - 2;
+    }
+    index[0] = table - 1;
+    index
+}
+
+pub fn swin_table_rows(window: usize) -> usize {
+    (2 * window - 1) * (2 * window - 1)
+}
+
+pub fn vit_table_rows(grid: usize) -> usize {
+    (2 * grid - 1) * (2 * grid - 1) + 3
+}
+
+fn relative_index(height: usize, width: usize) -> Vec<i64> {
+    let n = height * width;
+    let mut index = Vec::with_capacity(n * n);
+    for i in 0..n {
+        let (hi, wi) = ((i / width) as i64, (i % width) as i64);
+        for j in 0..n {
+            let (hj, wj) = ((j / width) as i64, (j % width) as i64);
+            let dh = hi - hj + height as i64 - 1;
+            let dw = wi - wj + width as i64 - 1;
+            index.push(dh * (2 * width as i64 - 1) + dw);
+        }
+    }
+    index
+}
+
+/// The shifted-window attention mask (`attn_mask`, `[nW, N, N]`, 0 or -100) of a
+/// `resolution x resolution` stage, exactly as the official code builds it.
+pub fn swin_shift_mask(resolution: usize, window: usize, shift: usize) -> Vec<f32> {
+    let region = |x: usize| -> usize {
+        if x < resolution - window {
+            0
+        } else if x < resolution - shift {
+            1
+        } else {
+            2
+        }
+    };
+    let per_side = resolution / window;
+    let n = window * window;
+    let mut mask = Vec::with_capacity(per_side * per_side * n * n);
+    for wh in 0..per_side {
+        for ww in 0..per_side {
+            let labels: Vec<usize> = (0..n)
+                .map(|t| {
+                    let (h, w) = (wh * window + t / window, ww * window + t % window);
+                    region(h) * 3 + region(w)
+                })
+                .collect();
+            for i in 0..n {
+                for j in 0..n {
+                    mask.push(if labels[i] == labels[j] { 0.0 } else { -100.0 });
+                }
+            }
+        }
+    }
+    mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swin_index_matches_the_official_formula_corners() {
+        let w = 2;
+        let index = swin_relative_position_index(w);
+        // Same token: offset (0,0) -> (w-1)*(2w-1) + (w-1) = 4.
+        assert_eq!(index[0], 4);
+        // token 0 (0,0) vs token 3 (1,1): (-1,-1) -> 0.
+        assert_eq!(index[3], 0);
+        // token 3 vs token 0: (1,1) -> 2*3+2 = 8.
+        assert_eq!(index[3 * 4], 8);
+        assert!(index.iter().all(|&i| (i as usize) < swin_table_rows(w)));
+    }
+
+    #[test]
+    fn vit_index_has_cls_rows() {
+        let index = vit_relative_position_index(2);
+        let rows = vit_table_rows(2) as i64;
+        assert_eq!(index[0], rows - 1);
+        assert_eq!(index[1], rows - 3);
+        assert_eq!(index[5], rows - 2);
+        assert_eq!(index[6], 4);
+    }
+
+    #[test]
+    fn shift_mask_blocks_regions() {
+        let mask = swin_shift_mask(8, 4, 2);
+        assert_eq!(mask.len(), 4 * 16 * 16);
+        // First window never crosses a region boundary.
+        assert!(mask[..256].iter().all(|&v| v == 0.0));
+        // Last window mixes four regions: some pairs masked.
+        assert!(mask[3 * 256..].iter().any(|&v| v == -100.0));
+    }
+}

@@ -1,0 +1,149 @@
+//! The SimMIM wrapper: encoder with a mask token, a one-layer linear head (1x1 conv + pixel
+//! shuffle) and the masked L1 loss, as `SimMIM` in the official `simmim.py`.
+
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::config::{EncoderConfig, SimMimConfig};
+use crate::error::ModelError;
+use crate::init::WeightInit;
+use crate::swin::Swin;
+use crate::vit::Vit;
+
+#[derive(Module, Debug)]
+pub enum Encoder<B: Backend> {
+    Swin(Swin<B>),
+    Vit(Vit<B>),
+}
+
+impl<B: Backend> Encoder<B> {
+    pub fn forward(&self, images: Tensor<B, 4>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        match self {
+            Self::Swin(swin) => swin.forward(images, mask),
+            Self::Vit(vit) => vit.forward(images, mask),
+        }
+    }
+}
+
+/// `Conv2d(num_features, stride^2 * 3, 1)` + `PixelShuffle(stride)`, applied straight to the
+/// token sequence (a 1x1 conv is a per-token linear map), weight in PyTorch's conv layout.
+#[derive(Module, Debug)]
+pub struct PixelShuffleHead<B: Backend> {
+    pub weight: Param<Tensor<B, 4>>,
+    pub bias: Param<Tensor<B, 1>>,
+    stride: usize,
+    out_chans: usize,
+}
+
+impl<B: Backend> PixelShuffleHead<B> {
+    /// Tokens `[B, h*w, C]` on a square grid to an image `[B, out_chans, h*stride, w*stride]`.
+    pub fn forward(&self, tokens: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [batch, count, dim] = tokens.dims();
+        let side = (count as f64).sqrt().round() as usize;
+        let [channels, ..] = self.weight.dims();
+        let (r, c) = (self.stride, self.out_chans);
+        let kernel = self.weight.val().reshape([channels, dim]).transpose();
+        let pixels = tokens.reshape([batch * count, dim]).matmul(kernel)
+            + self.bias.val().unsqueeze_dim(0);
+        pixels
+            .reshape([batch, side, side, c, r, r])
+            .permute([0, 3, 1, 4, 2, 5])
+            .reshape([batch, c, side * r, side * r])
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct SimMim<B: Backend> {
+    pub encoder: Encoder<B>,
+    pub decoder: PixelShuffleHead<B>,
+    patch_size: usize,
+    in_chans: usize,
+}
+
+/// What a forward pass gives: the scalar loss (`[1]`) and the reconstruction `[B, C, H, W]`.
+#[derive(Debug, Clone)]
+pub struct SimMimOutput<B: Backend> {
+    pub loss: Tensor<B, 1>,
+    pub reconstruction: Tensor<B, 4>,
+}
+
+impl SimMimConfig {
+    /// Builds the model with the official initialisation, drawn from `seed` on the host so
+    /// every process that builds with the same seed holds the same weights.
+    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Result<SimMim<B>, ModelError> {
+        self.validate()?;
+        let mut init = WeightInit::new(seed);
+        let encoder = match &self.encoder {
+            EncoderConfig::Swin(c) => Encoder::Swin(Swin::new(c, &mut init, device)),
+            EncoderConfig::Vit(c) => Encoder::Vit(Vit::new(c, &mut init, device)),
+        };
+        let stride = self.encoder.encoder_stride();
+        let in_chans = self.encoder.in_chans();
+        let features = self.encoder.num_features();
+        let out = stride * stride * in_chans;
+        Ok(SimMim {
+            encoder,
+            decoder: PixelShuffleHead {
+                weight: init.fan_in_uniform([out, features, 1, 1], features, device),
+                bias: init.fan_in_uniform([out], features, device),
+                stride,
+                out_chans: in_chans,
+            },
+            patch_size: self.encoder.patch_size(),
+            in_chans,
+        })
+    }
+}
+
+impl<B: Backend> SimMim<B> {
+    /// `images` `[B, C, H, W]` (normalised), `mask` `[B, H/patch, W/patch]` with 1 = masked.
+    pub fn forward(&self, images: Tensor<B, 4>, mask: Tensor<B, 3>) -> SimMimOutput<B> {
+        let [batch, rows, cols] = mask.dims();
+        let features = self
+            .encoder
+            .forward(images.clone(), Some(mask.clone().reshape([batch, rows * cols])));
+        let reconstruction = self.decoder.forward(features);
+        let loss = self.masked_l1(images, reconstruction.clone(), mask);
+        SimMimOutput {
+            loss,
+            reconstruction,
+        }
+    }
+
+    /// `sum(|x - x_rec| * pixel_mask) / (sum(pixel_mask) + 1e-5) / in_chans`, with the token
+    /// mask upsampled to pixels and broadcast over channels, as the official loss.
+    fn masked_l1(
+        &self,
+        images: Tensor<B, 4>,
+        reconstruction: Tensor<B, 4>,
+        mask: Tensor<B, 3>,
+    ) -> Tensor<B, 1> {
+        let [batch, rows, cols] = mask.dims();
+        let p = self.patch_size;
+        let pixel_mask = mask
+            .reshape([batch, rows, 1, cols, 1])
+            .repeat_dim(2, p)
+            .repeat_dim(4, p)
+            .reshape([batch, 1, rows * p, cols * p]);
+        let denominator = pixel_mask.clone().sum().add_scalar(1e-5);
+        ((images - reconstruction).abs() * pixel_mask)
+            .sum()
+            .div(denominator)
+            .div_scalar(self.in_chans as f64)
+    }
+
+    pub fn patch_size(&self) -> usize {
+        self.patch_size
+    }
+}
+
+/// Token masks (`u8`, 1 = masked, `[B, side, side]` row-major) as a float tensor.
+pub fn mask_tensor<B: Backend>(
+    masks: &[u8],
+    batch: usize,
+    side: usize,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let values: Vec<f32> = masks.iter().map(|&m| m as f32).collect();
+    Tensor::from_data(TensorData::new(values, [batch, side, side]), device)
+}

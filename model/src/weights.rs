@@ -1,0 +1,438 @@
+//! Import and export of weights under the official SimMIM names: safetensors both ways, and
+//! PyTorch `.pth` checkpoints (state under `model`, or a plain state dict) in.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::config::{EncoderConfig, SimMimConfig};
+use crate::error::ModelError;
+use crate::naming::PathTracker;
+use crate::rel_pos::{swin_relative_position_index, swin_shift_mask, vit_relative_position_index};
+use crate::simmim::SimMim;
+
+/// A tensor read from a file, on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostTensor {
+    F32 { shape: Vec<usize>, values: Vec<f32> },
+    I64 { shape: Vec<usize>, values: Vec<i64> },
+}
+
+impl HostTensor {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Self::F32 { shape, .. } | Self::I64 { shape, .. } => shape,
+        }
+    }
+
+    fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            Self::F32 { values, .. } => Some(values),
+            Self::I64 { .. } => None,
+        }
+    }
+}
+
+/// Named tensors as a checkpoint holds them.
+pub type StateDict = BTreeMap<String, HostTensor>;
+
+/// Metadata key under which exported safetensors carry the model config (JSON), so a file
+/// is enough to rebuild its model.
+pub const CONFIG_METADATA_KEY: &str = "simmim_config";
+
+/// Reads a state dict from `.safetensors`, or from a PyTorch `.pth`/`.pt`/`.bin` checkpoint
+/// (taking the `model` entry when there is one, as official SimMIM checkpoints have).
+pub fn read_state_dict(path: &Path) -> Result<StateDict, ModelError> {
+    let read_err = |reason: String| ModelError::Read {
+        path: path.display().to_string(),
+        reason,
+    };
+    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+    if is_safetensors {
+        let bytes = std::fs::read(path).map_err(|e| read_err(e.to_string()))?;
+        return state_dict_from_safetensors(&bytes).map_err(|e| match e {
+            ModelError::Read { reason, .. } => read_err(reason),
+            other => other,
+        });
+    }
+    use burn_store::pytorch::PytorchReader;
+    let reader = match PytorchReader::with_top_level_key(path, "model") {
+        Ok(reader) => reader,
+        Err(_) => PytorchReader::new(path).map_err(|e| read_err(e.to_string()))?,
+    };
+    let mut dict = StateDict::new();
+    for (name, snapshot) in reader.into_tensors() {
+        let data = snapshot
+            .to_data()
+            .map_err(|e| read_err(format!("tensor `{name}`: {e:?}")))?;
+        dict.insert(name, host_tensor(data).map_err(read_err)?);
+    }
+    Ok(dict)
+}
+
+fn host_tensor(data: TensorData) -> Result<HostTensor, String> {
+    let shape = data.shape.to_vec();
+    let int = matches!(
+        data.dtype,
+        DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U64 | DType::U32 | DType::U8
+    );
+    if int {
+        let values = data.convert::<i64>().to_vec::<i64>().map_err(|e| format!("{e:?}"))?;
+        Ok(HostTensor::I64 { shape, values })
+    } else {
+        let values = data.convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        Ok(HostTensor::F32 { shape, values })
+    }
+}
+
+/// Parses safetensors bytes into a state dict (f32/f64/f16/bf16 as f32, integers as i64).
+pub fn state_dict_from_safetensors(bytes: &[u8]) -> Result<StateDict, ModelError> {
+    let read_err = |reason: String| ModelError::Read {
+        path: "<safetensors bytes>".to_string(),
+        reason,
+    };
+    let file = SafeTensors::deserialize(bytes).map_err(|e| read_err(e.to_string()))?;
+    let mut dict = StateDict::new();
+    for (name, view) in file.tensors() {
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        let tensor = match view.dtype() {
+            Dtype::F32 => HostTensor::F32 {
+                shape,
+                values: data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            },
+            Dtype::F64 => HostTensor::F32 {
+                shape,
+                values: data
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
+                    .collect(),
+            },
+            Dtype::I64 => HostTensor::I64 {
+                shape,
+                values: data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            },
+            Dtype::U8 => HostTensor::I64 {
+                shape,
+                values: data.iter().map(|&b| b as i64).collect(),
+            },
+            other => {
+                return Err(read_err(format!(
+                    "tensor `{name}` has dtype {other:?}, expected F32, F64, I64 or U8"
+                )))
+            }
+        };
+        dict.insert(name, tensor);
+    }
+    Ok(dict)
+}
+
+/// The buffers the official modules register (`relative_position_index`, `attn_mask`),
+/// derived from the config: what a strict `load_state_dict` in PyTorch expects besides the
+/// parameters.
+pub fn official_buffers(config: &SimMimConfig) -> StateDict {
+    let mut buffers = StateDict::new();
+    match &config.encoder {
+        EncoderConfig::Swin(c) => {
+            for (stage, &depth) in c.depths.iter().enumerate() {
+                let (window, shift) = c.stage_window(stage);
+                let n = window * window;
+                let res = c.stage_resolution(stage);
+                for block in 0..depth {
+                    let prefix = format!("encoder.layers.{stage}.blocks.{block}");
+                    buffers.insert(
+                        format!("{prefix}.attn.relative_position_index"),
+                        HostTensor::I64 {
+                            shape: vec![n, n],
+                            values: swin_relative_position_index(window),
+                        },
+                    );
+                    if block % 2 == 1 && shift > 0 {
+                        let windows = (res / window) * (res / window);
+                        buffers.insert(
+                            format!("{prefix}.attn_mask"),
+                            HostTensor::F32 {
+                                shape: vec![windows, n, n],
+                                values: swin_shift_mask(res, window, shift),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        EncoderConfig::Vit(c) => {
+            let grid = c.patches_resolution();
+            let n = grid * grid + 1;
+            let index = || HostTensor::I64 {
+                shape: vec![n, n],
+                values: vit_relative_position_index(grid),
+            };
+            if c.use_shared_rpb {
+                buffers.insert("encoder.rel_pos_bias.relative_position_index".into(), index());
+            }
+            if c.use_rpb {
+                for block in 0..c.depth {
+                    buffers.insert(
+                        format!("encoder.blocks.{block}.attn.relative_position_index"),
+                        index(),
+                    );
+                }
+            }
+        }
+    }
+    buffers
+}
+
+/// Replaces every parameter of `model` with the tensor of the same official name.
+/// Buffers are checked against the config; anything missing, left over or of the wrong shape
+/// fails the whole load with every offending key listed.
+pub fn load_state_dict<B: Backend>(
+    model: SimMim<B>,
+    config: &SimMimConfig,
+    state: &StateDict,
+) -> Result<SimMim<B>, ModelError> {
+    let buffers = official_buffers(config);
+    for (name, expected) in &buffers {
+        if let Some(found) = state.get(name) {
+            if found != expected {
+                return Err(ModelError::BufferMismatch {
+                    name: name.clone(),
+                    reason: format!(
+                        "shape {:?} vs expected {:?}, or different values",
+                        found.shape(),
+                        expected.shape()
+                    ),
+                });
+            }
+        }
+    }
+
+    struct Loader<'a, B: Backend> {
+        tracker: PathTracker,
+        state: &'a StateDict,
+        device: B::Device,
+        used: BTreeSet<String>,
+        missing: Vec<String>,
+        wrong_shape: Vec<String>,
+    }
+    impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.tracker.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            self.tracker.exit(container_type);
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let official = self.tracker.official();
+            let mut expected: Vec<usize> = param.dims().to_vec();
+            if official.transposed {
+                expected.reverse();
+            }
+            let Some(found) = self.state.get(&official.name) else {
+                self.missing.push(official.name);
+                return param;
+            };
+            self.used.insert(official.name.clone());
+            let values = match found.as_f32() {
+                Some(values) if found.shape() == expected.as_slice() => values,
+                _ => {
+                    self.wrong_shape.push(format!(
+                        "{} (file {:?}, model {:?})",
+                        official.name,
+                        found.shape(),
+                        expected
+                    ));
+                    return param;
+                }
+            };
+            // Every float parameter of SimMIM is trainable; callers freeze with `no_grad()`.
+            let (id, _, mapper) = param.consume();
+            let mut tensor: Tensor<B, D> =
+                Tensor::from_data(TensorData::new(values.to_vec(), expected), &self.device);
+            if official.transposed {
+                tensor = tensor.transpose();
+            }
+            Param::from_mapped_value(id, tensor.require_grad(), mapper)
+        }
+    }
+
+    let device = model
+        .devices()
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let mut loader = Loader::<B> {
+        tracker: PathTracker::default(),
+        state,
+        device,
+        used: BTreeSet::new(),
+        missing: Vec::new(),
+        wrong_shape: Vec::new(),
+    };
+    let model = model.map(&mut loader);
+    let unexpected: Vec<String> = state
+        .keys()
+        .filter(|k| !loader.used.contains(*k) && !buffers.contains_key(*k))
+        .cloned()
+        .collect();
+    if loader.missing.is_empty() && unexpected.is_empty() && loader.wrong_shape.is_empty() {
+        Ok(model)
+    } else {
+        Err(ModelError::WeightMismatch {
+            missing: loader.missing,
+            unexpected,
+            wrong_shape: loader.wrong_shape,
+        })
+    }
+}
+
+/// Every parameter (official name and layout) and every official buffer, ready to serialise.
+pub fn state_dict<B: Backend>(model: &SimMim<B>, config: &SimMimConfig) -> StateDict {
+    struct Saver {
+        tracker: PathTracker,
+        out: StateDict,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Saver {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.tracker.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            self.tracker.exit(container_type);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let official = self.tracker.official();
+            let mut tensor = param.val();
+            if official.transposed {
+                tensor = tensor.transpose();
+            }
+            let data = tensor.into_data().convert::<f32>();
+            let shape = data.shape.to_vec();
+            let values = data.to_vec::<f32>().unwrap_or_default();
+            self.out
+                .insert(official.name, HostTensor::F32 { shape, values });
+        }
+    }
+    let mut saver = Saver {
+        tracker: PathTracker::default(),
+        out: official_buffers(config),
+    };
+    model.visit(&mut saver);
+    saver.out
+}
+
+/// Serialises a state dict to safetensors bytes, with the model config in the metadata.
+pub fn to_safetensors(state: &StateDict, config: &SimMimConfig) -> Result<Vec<u8>, ModelError> {
+    let write_err = |reason: String| ModelError::Write {
+        path: "<safetensors bytes>".to_string(),
+        reason,
+    };
+    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = state
+        .iter()
+        .map(|(name, tensor)| match tensor {
+            HostTensor::F32 { shape, values } => (
+                name.clone(),
+                Dtype::F32,
+                shape.clone(),
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            HostTensor::I64 { shape, values } => (
+                name.clone(),
+                Dtype::I64,
+                shape.clone(),
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            TensorView::new(*dtype, shape.clone(), data)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| write_err(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let config_json = serde_json::to_string(config).map_err(|e| write_err(e.to_string()))?;
+    let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_string(), config_json)]);
+    safetensors::serialize(views, &Some(metadata)).map_err(|e| write_err(e.to_string()))
+}
+
+/// The model config stored in an exported file's metadata, if any.
+pub fn config_from_safetensors(bytes: &[u8]) -> Result<Option<SimMimConfig>, ModelError> {
+    let read_err = |reason: String| ModelError::Read {
+        path: "<safetensors bytes>".to_string(),
+        reason,
+    };
+    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| read_err(e.to_string()))?;
+    match metadata.metadata().as_ref().and_then(|m| m.get(CONFIG_METADATA_KEY)) {
+        Some(json) => serde_json::from_str(json)
+            .map(Some)
+            .map_err(|e| read_err(format!("metadata `{CONFIG_METADATA_KEY}`: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// Writes the model as safetensors under the official names (loadable with
+/// `model.load_state_dict(safetensors.torch.load_file(path))` in the official code).
+pub fn save_safetensors<B: Backend>(
+    model: &SimMim<B>,
+    config: &SimMimConfig,
+    path: &Path,
+) -> Result<(), ModelError> {
+    let bytes = to_safetensors(&state_dict(model, config), config)?;
+    std::fs::write(path, bytes).map_err(|e| ModelError::Write {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Gradients by official name and in the official layout: for inspecting and comparing a
+/// step against PyTorch.
+pub fn gradient_state_dict<AB, M>(module: &M, grads: &burn::optim::GradientsParams) -> StateDict
+where
+    AB: burn::tensor::backend::AutodiffBackend,
+    M: burn::module::AutodiffModule<AB>,
+{
+    struct Collector<'a> {
+        tracker: PathTracker,
+        grads: &'a burn::optim::GradientsParams,
+        out: StateDict,
+    }
+    impl<AB: burn::tensor::backend::AutodiffBackend> ModuleVisitor<AB> for Collector<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.tracker.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            self.tracker.exit(container_type);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+            let Some(mut grad) = self.grads.get::<AB::InnerBackend, D>(param.id) else {
+                return;
+            };
+            let official = self.tracker.official();
+            if official.transposed {
+                grad = grad.transpose();
+            }
+            let data = grad.into_data().convert::<f32>();
+            let shape = data.shape.to_vec();
+            let values = data.to_vec::<f32>().unwrap_or_default();
+            self.out.insert(official.name, HostTensor::F32 { shape, values });
+        }
+    }
+    let mut collector = Collector {
+        tracker: PathTracker::default(),
+        grads,
+        out: StateDict::new(),
+    };
+    module.visit(&mut collector);
+    collector.out
+}

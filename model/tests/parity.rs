@@ -1,0 +1,308 @@
+//! Parity with the official SimMIM numbers: every case in `$SIMMIM_PARITY_DIR` (default
+//! `../shared/fixtures/parity` beside the checkout) is rebuilt from its metadata, loaded with
+//! its weights, and must reproduce the reference loss, reconstruction, every gradient and the
+//! losses of three AdamW steps within the tolerances of the fixtures' README.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::backend::Autodiff;
+use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
+use burn_flex::Flex;
+use serde::Deserialize;
+use simmim_model::weights::{
+    gradient_state_dict, load_state_dict, state_dict_from_safetensors, HostTensor, StateDict,
+};
+use simmim_model::{AdamW, AdamWConfig, EncoderConfig, SimMimConfig, SwinConfig, VitConfig};
+
+type B = Autodiff<Flex>;
+
+#[derive(Deserialize)]
+struct Case {
+    #[serde(rename = "type")]
+    kind: String,
+    img_size: usize,
+    patch_size: usize,
+    mask_patch_size: usize,
+    mask_ratio: f64,
+    batch: usize,
+    encoder_stride: usize,
+    mlp_ratio: f64,
+    qkv_bias: bool,
+    embed_dim: usize,
+    depths: Option<Vec<usize>>,
+    num_heads: serde_json::Value,
+    window_size: Option<usize>,
+    ape: Option<bool>,
+    patch_norm: Option<bool>,
+    depth: Option<usize>,
+    init_values: Option<f64>,
+    use_ape: Option<bool>,
+    use_rpb: Option<bool>,
+    use_shared_rpb: Option<bool>,
+    train: Train,
+}
+
+#[derive(Deserialize)]
+struct Train {
+    steps: usize,
+    lr: f64,
+    betas: (f64, f64),
+    eps: f64,
+    weight_decay: f64,
+    clip_grad: f64,
+}
+
+fn need<T>(value: Option<T>, field: &str) -> Result<T> {
+    value.ok_or_else(|| anyhow!("case metadata lacks `{field}`"))
+}
+
+impl Case {
+    fn model_config(&self) -> Result<SimMimConfig> {
+        let encoder = match self.kind.as_str() {
+            "swin" => EncoderConfig::Swin(SwinConfig {
+                img_size: self.img_size,
+                patch_size: self.patch_size,
+                in_chans: 3,
+                embed_dim: self.embed_dim,
+                depths: need(self.depths.clone(), "depths")?,
+                num_heads: serde_json::from_value(self.num_heads.clone())?,
+                window_size: need(self.window_size, "window_size")?,
+                mlp_ratio: self.mlp_ratio,
+                qkv_bias: self.qkv_bias,
+                ape: need(self.ape, "ape")?,
+                patch_norm: need(self.patch_norm, "patch_norm")?,
+                drop_path_rate: 0.0,
+            }),
+            "vit" => EncoderConfig::Vit(VitConfig {
+                img_size: self.img_size,
+                patch_size: self.patch_size,
+                in_chans: 3,
+                embed_dim: self.embed_dim,
+                depth: need(self.depth, "depth")?,
+                num_heads: serde_json::from_value(self.num_heads.clone())?,
+                mlp_ratio: self.mlp_ratio,
+                qkv_bias: self.qkv_bias,
+                init_values: self.init_values,
+                use_ape: need(self.use_ape, "use_ape")?,
+                use_rpb: need(self.use_rpb, "use_rpb")?,
+                use_shared_rpb: need(self.use_shared_rpb, "use_shared_rpb")?,
+                drop_path_rate: 0.0,
+            }),
+            other => bail!("unknown case type `{other}`"),
+        };
+        let config = SimMimConfig {
+            encoder,
+            mask_patch_size: self.mask_patch_size,
+            mask_ratio: self.mask_ratio,
+        };
+        if config.encoder.encoder_stride() != self.encoder_stride {
+            bail!(
+                "encoder_stride {} in the case, {} derived from the config",
+                self.encoder_stride,
+                config.encoder.encoder_stride()
+            );
+        }
+        Ok(config)
+    }
+}
+
+fn parity_dir() -> PathBuf {
+    match std::env::var_os("SIMMIM_PARITY_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/parity"),
+    }
+}
+
+fn f32_values<'a>(state: &'a StateDict, name: &str) -> Result<(&'a [usize], &'a [f32])> {
+    match state.get(name) {
+        Some(HostTensor::F32 { shape, values }) => Ok((shape, values)),
+        Some(_) => bail!("`{name}` is not a float tensor"),
+        None => bail!("case has no `{name}`"),
+    }
+}
+
+fn norm(values: impl Iterator<Item = f64>) -> f64 {
+    values.map(|v| v * v).sum::<f64>().sqrt()
+}
+
+fn relative_error(got: f64, want: f64) -> f64 {
+    (got - want).abs() / want.abs().max(1e-12)
+}
+
+/// Checks one case; returns a list of failures (empty when the case passes).
+fn check_case(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path)?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let case_json = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("case"))
+        .ok_or_else(|| anyhow!("no `case` metadata"))?;
+    let case: Case = serde_json::from_str(case_json).context("parsing case metadata")?;
+    let config = case.model_config()?;
+    let state = state_dict_from_safetensors(&bytes)?;
+
+    // Weights: everything that is not an input or an expectation.
+    let weights: StateDict = state
+        .iter()
+        .filter(|(k, _)| !k.starts_with("expected.") && *k != "input" && *k != "mask")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let device = Default::default();
+    let model = config.init::<B>(0, &device)?;
+    let mut model = load_state_dict(model, &config, &weights)?;
+
+    let (input_shape, input) = f32_values(&state, "input")?;
+    let images = Tensor::<B, 4>::from_data(
+        TensorData::new(input.to_vec(), input_shape.to_vec()),
+        &device,
+    );
+    let mask = match state.get("mask") {
+        Some(HostTensor::I64 { shape, values }) => Tensor::<B, 3>::from_data(
+            TensorData::new(
+                values.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                shape.clone(),
+            ),
+            &device,
+        ),
+        _ => bail!("case has no integer `mask`"),
+    };
+    assert_eq!(input_shape[0], case.batch);
+
+    let mut failures = Vec::new();
+    let output = model.forward(images.clone(), mask.clone());
+
+    // Loss.
+    let (_, want_loss) = f32_values(&state, "expected.loss")?;
+    let loss: f64 = output.loss.clone().into_scalar().into();
+    let err = relative_error(loss, want_loss[0] as f64);
+    println!("  loss {loss:.7} vs {:.7} (rel {err:.2e})", want_loss[0]);
+    if err > 1e-4 {
+        failures.push(format!("loss {loss} vs {} (rel {err:.2e} > 1e-4)", want_loss[0]));
+    }
+
+    // Reconstruction.
+    let (_, want_rec) = f32_values(&state, "expected.reconstruction")?;
+    let rec = output.reconstruction.clone().into_data().to_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
+    if rec.len() != want_rec.len() {
+        failures.push(format!("reconstruction has {} values, want {}", rec.len(), want_rec.len()));
+    } else {
+        let max_ref = want_rec.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let max_err = rec
+            .iter()
+            .zip(want_rec)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        println!("  reconstruction max abs err {max_err:.2e} (bound {:.2e})", 1e-3 * max_ref);
+        if max_err > 1e-3 * max_ref {
+            failures.push(format!("reconstruction max abs err {max_err} > {}", 1e-3 * max_ref));
+        }
+    }
+
+    // Gradients: every trainable parameter of the case, and no extra ones.
+    let grads = GradientsParams::from_grads(output.loss.backward(), &model);
+    let got = gradient_state_dict::<B, _>(&model, &grads);
+    let mut worst = (0.0f64, String::new());
+    let mut checked = 0;
+    for (key, tensor) in state.iter().filter(|(k, _)| k.starts_with("expected.grad.")) {
+        let name = &key["expected.grad.".len()..];
+        let HostTensor::F32 { shape, values: want } = tensor else {
+            bail!("`{key}` is not float");
+        };
+        let Some(HostTensor::F32 { shape: got_shape, values: got_values }) = got.get(name) else {
+            failures.push(format!("no gradient for `{name}`"));
+            continue;
+        };
+        if got_shape != shape {
+            failures.push(format!("gradient `{name}` shape {got_shape:?} vs {shape:?}"));
+            continue;
+        }
+        let diff = norm(got_values.iter().zip(want).map(|(a, b)| (a - b) as f64));
+        let reference = norm(want.iter().map(|&v| v as f64));
+        let rel = if reference == 0.0 { diff } else { diff / reference };
+        if rel > worst.0 {
+            worst = (rel, name.to_string());
+        }
+        if rel > 1e-3 {
+            failures.push(format!("gradient `{name}` relative error {rel:.2e} > 1e-3"));
+        }
+        checked += 1;
+    }
+    for name in got.keys() {
+        if !state.contains_key(&format!("expected.grad.{name}")) {
+            failures.push(format!("model has gradient `{name}` that the case does not"));
+        }
+    }
+    println!("  {checked} gradients, worst relative error {:.2e} ({})", worst.0, worst.1);
+    if checked == 0 {
+        failures.push("no expected gradients in the case".into());
+    }
+
+    // AdamW steps on the same batch.
+    let (_, want_losses) = f32_values(&state, "expected.train_losses")?;
+    let mut optimizer = AdamW::new(AdamWConfig {
+        betas: case.train.betas,
+        eps: case.train.eps,
+        weight_decay: case.train.weight_decay,
+        clip_grad: Some(case.train.clip_grad),
+    });
+    let mut losses = Vec::new();
+    for _ in 0..case.train.steps {
+        let output = model.forward(images.clone(), mask.clone());
+        let loss: f64 = output.loss.clone().into_scalar().into();
+        losses.push(loss);
+        let grads = GradientsParams::from_grads(output.loss.backward(), &model);
+        model = optimizer.step(case.train.lr, model, grads).0;
+    }
+    for (step, (got, want)) in losses.iter().zip(want_losses).enumerate() {
+        let err = relative_error(*got, *want as f64);
+        println!("  step {step}: loss {got:.7} vs {want:.7} (rel {err:.2e})");
+        if err > 1e-3 {
+            failures.push(format!("train loss {step}: {got} vs {want} (rel {err:.2e} > 1e-3)"));
+        }
+    }
+    if losses.len() != want_losses.len() {
+        failures.push(format!(
+            "{} train losses, case has {}",
+            losses.len(),
+            want_losses.len()
+        ));
+    }
+    Ok(failures)
+}
+
+#[test]
+fn every_parity_case_matches_the_official_numbers() {
+    let dir = parity_dir();
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read parity dir {}: {e}", dir.display()))
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    cases.sort();
+    assert!(
+        !cases.is_empty(),
+        "no *.safetensors parity cases in {} (set SIMMIM_PARITY_DIR)",
+        dir.display()
+    );
+    let mut failed = Vec::new();
+    for case in &cases {
+        println!("case {}", case.display());
+        match check_case(case) {
+            Ok(failures) if failures.is_empty() => println!("  ok"),
+            Ok(failures) => {
+                for f in &failures {
+                    println!("  FAIL {f}");
+                }
+                failed.push(format!("{}: {}", case.display(), failures.join("; ")));
+            }
+            Err(e) => {
+                println!("  ERROR {e:#}");
+                failed.push(format!("{}: {e:#}", case.display()));
+            }
+        }
+    }
+    println!("checked {} parity cases, {} failed", cases.len(), failed.len());
+    assert!(failed.is_empty(), "parity failures:\n{}", failed.join("\n"));
+}
