@@ -62,7 +62,9 @@ impl<B: Backend> WindowAttention<B> {
         let v = qkv.narrow(0, 2, 1).squeeze_dim::<4>(0);
 
         let scale = (head_dim as f64).powf(-0.5);
-        let mut attn = q.mul_scalar(scale).matmul(k.swap_dims(2, 3));
+        // Scaling the product rather than q keeps the elementwise op on a contiguous tensor
+        // (q is a strided view here), which is much faster on the CPU backend.
+        let mut attn = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         let bias = relative_bias(
             self.relative_position_bias_table.val(),
             self.relative_position_index.clone(),
@@ -95,52 +97,89 @@ pub struct SwinBlock<B: Backend> {
     pub norm2: LayerNorm<B>,
     pub mlp: Mlp<B>,
     attn_mask: Option<Tensor<B, 3>>,
+    /// Gathers the (shifted) grid into window-major order.
+    window_order: Tensor<B, 1, Int>,
+    /// Inverse of `window_order`.
+    token_order: Tensor<B, 1, Int>,
     resolution: usize,
     window: usize,
-    shift: usize,
     drop_path: f64,
 }
 
 impl<B: Backend> SwinBlock<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, dim] = x.dims();
-        let (res, win) = (self.resolution, self.window);
-        let mut grid = self.norm1.forward(x.clone()).reshape([batch, res, res, dim]);
-        let shift = self.shift;
-        if shift > 0 {
-            grid = cyclic_shift(cyclic_shift(grid, res - shift, 1), res - shift, 2);
-        }
-        let per_side = res / win;
-        let windows = grid
-            .reshape([batch, per_side, win, per_side, win, dim])
-            .permute([0, 1, 3, 2, 4, 5])
-            .reshape([batch * per_side * per_side, win * win, dim]);
-        let attended = self.attn.forward(windows, self.attn_mask.as_ref());
-        let mut grid = attended
-            .reshape([batch, per_side, per_side, win, win, dim])
-            .permute([0, 1, 3, 2, 4, 5])
-            .reshape([batch, res, res, dim]);
-        if shift > 0 {
-            grid = cyclic_shift(cyclic_shift(grid, shift, 1), shift, 2);
-        }
-        let x = x + drop_path(grid.reshape([batch, tokens, dim]), self.drop_path);
+        let win = self.window;
+        let windows = self.resolution / win;
+        // Cyclic shift + window partition as one row gather (and its inverse after
+        // attention): one copy each way instead of a roll, a permute and a reshape.
+        let normed = self.norm1.forward(x.clone()).reshape([batch * tokens, dim]);
+        let windowed = normed
+            .select(0, batched_rows(&self.window_order, batch, tokens))
+            .reshape([batch * windows * windows, win * win, dim]);
+        let attended = self
+            .attn
+            .forward(windowed, self.attn_mask.as_ref())
+            .reshape([batch * tokens, dim])
+            .select(0, batched_rows(&self.token_order, batch, tokens))
+            .reshape([batch, tokens, dim]);
+        let x = x + drop_path(attended, self.drop_path);
         let branch = self.mlp.forward(self.norm2.forward(x.clone()));
         x + drop_path(branch, self.drop_path)
     }
 }
 
-/// `torch.roll(x, shift, dim)` for `0 <= shift < size`: element `i` moves to `i + shift`.
-/// Written out with narrow + cat because Burn 0.21's `roll` uses the opposite sign
-/// convention to PyTorch's (measured), and the shifted-window mask depends on the direction.
-fn cyclic_shift<B: Backend>(x: Tensor<B, 4>, shift: usize, dim: usize) -> Tensor<B, 4> {
-    let size = x.dims()[dim];
-    let shift = shift % size;
-    if shift == 0 {
-        return x;
+/// Row indices of a `[batch * tokens, C]` matrix that apply the per-image permutation
+/// `order` to every image of the batch.
+fn batched_rows<B: Backend>(order: &Tensor<B, 1, Int>, batch: usize, tokens: usize) -> Tensor<B, 1, Int> {
+    if batch == 1 {
+        return order.clone();
     }
-    let tail = x.clone().narrow(dim, size - shift, shift);
-    let head = x.narrow(dim, 0, size - shift);
-    Tensor::cat(vec![tail, head], dim)
+    let device = order.device();
+    let offsets = Tensor::<B, 1, Int>::arange(0..batch as i64, &device)
+        .mul_scalar(tokens as i64)
+        .unsqueeze_dim::<2>(1);
+    (order.clone().unsqueeze_dim::<2>(0) + offsets).reshape([batch * tokens])
+}
+
+/// For each position of the window-major sequence, the token it takes from the
+/// `res x res` grid after `torch.roll(x, (-shift, -shift))`.
+fn window_order(res: usize, window: usize, shift: usize) -> Vec<i64> {
+    let per_side = res / window;
+    let mut order = Vec::with_capacity(res * res);
+    for wh in 0..per_side {
+        for ww in 0..per_side {
+            for t in 0..window * window {
+                let h = (wh * window + t / window + shift) % res;
+                let w = (ww * window + t % window + shift) % res;
+                order.push((h * res + w) as i64);
+            }
+        }
+    }
+    order
+}
+
+fn inverse_permutation(order: &[i64]) -> Vec<i64> {
+    let mut inverse = vec![0i64; order.len()];
+    for (position, &source) in order.iter().enumerate() {
+        inverse[source as usize] = position as i64;
+    }
+    inverse
+}
+
+/// Token order that groups each 2x2 neighbourhood as the official `PatchMerging` concatenates
+/// it: x0 = (even row, even col), x1 = (odd, even), x2 = (even, odd), x3 = (odd, odd).
+fn merge_order(res: usize) -> Vec<i64> {
+    let half = res / 2;
+    let mut order = Vec::with_capacity(res * res);
+    for h2 in 0..half {
+        for w2 in 0..half {
+            for (dh, dw) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                order.push(((2 * h2 + dh) * res + 2 * w2 + dw) as i64);
+            }
+        }
+    }
+    order
 }
 
 /// 2x2 neighbourhood concatenation then a linear reduction, halving the grid.
@@ -148,19 +187,16 @@ fn cyclic_shift<B: Backend>(x: Tensor<B, 4>, shift: usize, dim: usize) -> Tensor
 pub struct PatchMerging<B: Backend> {
     pub norm: LayerNorm<B>,
     pub reduction: Linear<B>,
-    resolution: usize,
+    order: Tensor<B, 1, Int>,
 }
 
 impl<B: Backend> PatchMerging<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [batch, _, dim] = x.dims();
-        let half = self.resolution / 2;
-        // The official order is x0=(even row, even col), x1=(odd, even), x2=(even, odd),
-        // x3=(odd, odd): column parity is the slower index, so it comes first here.
+        let [batch, tokens, dim] = x.dims();
         let merged = x
-            .reshape([batch, half, 2, half, 2, dim])
-            .permute([0, 1, 3, 4, 2, 5])
-            .reshape([batch, half * half, 4 * dim]);
+            .reshape([batch * tokens, dim])
+            .select(0, batched_rows(&self.order, batch, tokens))
+            .reshape([batch, tokens / 4, 4 * dim]);
         self.reduction.forward(self.norm.forward(merged))
     }
 }
@@ -206,6 +242,8 @@ impl<B: Backend> Swin<B> {
                                 device,
                             )
                         });
+                        let order = window_order(res, window, shift);
+                        let inverse = inverse_permutation(&order);
                         SwinBlock {
                             norm1: layer_norm(dim, 1e-5, device),
                             attn: WindowAttention::new(
@@ -219,9 +257,10 @@ impl<B: Backend> Swin<B> {
                             norm2: layer_norm(dim, 1e-5, device),
                             mlp: Mlp::new(init, dim, c.mlp_ratio, device),
                             attn_mask,
+                            window_order: int_tensor(order, device),
+                            token_order: int_tensor(inverse, device),
                             resolution: res,
                             window,
-                            shift,
                             drop_path: rates.next().unwrap_or(0.0),
                         }
                     })
@@ -229,7 +268,7 @@ impl<B: Backend> Swin<B> {
                 let downsample = (stage + 1 < stages).then(|| PatchMerging {
                     norm: layer_norm(4 * dim, 1e-5, device),
                     reduction: linear(init, 4 * dim, 2 * dim, false, device),
-                    resolution: res,
+                    order: int_tensor(merge_order(res), device),
                 });
                 BasicLayer { blocks, downsample }
             })

@@ -1,0 +1,177 @@
+//! One full SimMIM pretraining step (forward, masked L1, backward, global-norm clip, AdamW),
+//! timed on synthetic normalised images, printed as a table. Run beside
+//! `../shared/bench/torch_simmim_step.py` with the same arguments to compare.
+//!
+//!     cargo bench -p simmim-model --bench step -- --model swin_micro --batch 64
+//!     cargo bench -p simmim-model --bench step --features ndarray -- --backend ndarray
+//!     cargo bench -p simmim-model --bench step --features cuda -- --backend cuda --dtype bf16
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+/// Burn allocates a fresh buffer per op; glibc hands large ones back to the kernel and the
+/// next op page-faults them in again (measured: a third of the step). mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use burn::backend::Autodiff;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+use clap::Parser;
+use simmim_model::{mask_tensor, AdamW, AdamWConfig, EncoderConfig, SimMimConfig};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Preset: swin_tiny, swin_small, swin_base, swin_large, swin_micro, vit_base.
+    #[arg(long, default_value = "swin_micro")]
+    model: String,
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Override the preset's image size (Swin window/ViT patch stay as in the preset).
+    #[arg(long)]
+    img: Option<usize>,
+    #[arg(long)]
+    window: Option<usize>,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// flex (default CPU), ndarray (feature `ndarray`), cuda (feature `cuda`).
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// f32, or bf16 / f16 on cuda (all tensors in that type: not autocast).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print one JSON line instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Accepted for cargo bench's own flag.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+struct Timing {
+    forward: Vec<f64>,
+    backward: Vec<f64>,
+    optimizer: Vec<f64>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    sorted[sorted.len() / 2]
+}
+
+fn run<B: AutodiffBackend>(args: &Args, config: &SimMimConfig, batch: usize, device: &B::Device) -> Result<Timing> {
+    let model = config.init::<B>(0, device)?;
+    let img = config.encoder.img_size();
+    let geometry = config.mask_geometry()?;
+    let side = geometry.token_grid();
+    let masks: Vec<u8> = (0..batch as u64).flat_map(|i| geometry.generate(i)).collect();
+    let mask = mask_tensor::<B>(&masks, batch, side, device);
+    let pixels: Vec<f32> = {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        (0..batch * 3 * img * img)
+            .map(|_| rng.random_range(-2.0f32..2.0))
+            .collect()
+    };
+    let images = Tensor::<B, 4>::from_data(TensorData::new(pixels, [batch, 3, img, img]), device);
+    let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
+    let mut model = model;
+    let mut timing = Timing {
+        forward: vec![],
+        backward: vec![],
+        optimizer: vec![],
+    };
+    for step in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        let output = model.forward(images.clone(), mask.clone());
+        let loss: f64 = output.loss.clone().into_scalar().elem();
+        if !loss.is_finite() {
+            bail!("loss is {loss} at step {step}");
+        }
+        let t1 = Instant::now();
+        let grads = GradientsParams::from_grads(output.loss.backward(), &model);
+        B::sync(device).ok();
+        let t2 = Instant::now();
+        model = optimizer.step(1e-4, model, grads).0;
+        B::sync(device).ok();
+        let t3 = Instant::now();
+        if step >= args.warmup {
+            timing.forward.push((t1 - t0).as_secs_f64());
+            timing.backward.push((t2 - t1).as_secs_f64());
+            timing.optimizer.push((t3 - t2).as_secs_f64());
+        }
+    }
+    Ok(timing)
+}
+
+use burn::tensor::ElementConversion;
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut config = SimMimConfig::preset(&args.model)
+        .with_context(|| format!("unknown --model {}; presets: {:?}", args.model, SimMimConfig::PRESETS))?;
+    if let Some(img) = args.img {
+        match &mut config.encoder {
+            EncoderConfig::Swin(c) => c.img_size = img,
+            EncoderConfig::Vit(c) => c.img_size = img,
+        }
+    }
+    if let (Some(window), EncoderConfig::Swin(c)) = (args.window, &mut config.encoder) {
+        c.window_size = window;
+    }
+    config.validate()?;
+    let batch = args.batch.unwrap_or(match args.model.as_str() {
+        "swin_micro" => 64,
+        _ => 8,
+    });
+    let timing = match (args.backend.as_str(), args.dtype.as_str()) {
+        ("flex", "f32") => run::<Autodiff<burn_flex::Flex>>(&args, &config, batch, &Default::default())?,
+        #[cfg(feature = "ndarray")]
+        ("ndarray", "f32") => {
+            run::<Autodiff<burn_ndarray::NdArray>>(&args, &config, batch, &Default::default())?
+        }
+        #[cfg(feature = "cuda")]
+        ("cuda", dtype) => {
+            let device = burn_cuda::CudaDevice::default();
+            match dtype {
+                "f32" => run::<Autodiff<burn_cuda::Cuda<f32>>>(&args, &config, batch, &device)?,
+                "bf16" => run::<Autodiff<burn_cuda::Cuda<burn::tensor::bf16>>>(&args, &config, batch, &device)?,
+                "f16" => run::<Autodiff<burn_cuda::Cuda<burn::tensor::f16>>>(&args, &config, batch, &device)?,
+                other => bail!("--dtype {other}: expected f32, bf16 or f16"),
+            }
+        }
+        (backend, dtype) => bail!(
+            "--backend {backend} --dtype {dtype} is not available in this build (backends: flex{}{}; non-f32 only on cuda)",
+            if cfg!(feature = "ndarray") { ", ndarray" } else { "" },
+            if cfg!(feature = "cuda") { ", cuda" } else { "" },
+        ),
+    };
+    let (fwd, bwd, opt) = (
+        median(&timing.forward),
+        median(&timing.backward),
+        median(&timing.optimizer),
+    );
+    let steps: Vec<f64> = (0..timing.forward.len())
+        .map(|i| timing.forward[i] + timing.backward[i] + timing.optimizer[i])
+        .collect();
+    let step = median(&steps);
+    let ips = batch as f64 / step;
+    if args.json {
+        println!(
+            "{{\"impl\":\"burn\",\"backend\":\"{}\",\"dtype\":\"{}\",\"model\":\"{}\",\"img\":{},\"batch\":{batch},\"step_s\":{step:.4},\"fwd_s\":{fwd:.4},\"bwd_s\":{bwd:.4},\"opt_s\":{opt:.4},\"images_per_s\":{ips:.2}}}",
+            args.backend, args.dtype, args.model, config.encoder.img_size()
+        );
+    } else {
+        println!("| impl | backend | model | img | batch | step s | fwd s | bwd s | opt s | images/s |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!(
+            "| burn | {} {} | {} | {} | {batch} | {step:.3} | {fwd:.3} | {bwd:.3} | {opt:.3} | {ips:.2} |",
+            args.backend, args.dtype, args.model, config.encoder.img_size()
+        );
+    }
+    Ok(())
+}
