@@ -109,9 +109,21 @@ impl<B: Backend> Mlp<B> {
         }
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, tokens, dim] = x.dims();
+        let hidden = gelu(self.fc1.forward(x.reshape([batch * tokens, dim])));
+        self.fc2.forward(hidden).reshape([batch, tokens, dim])
     }
+}
+
+/// A linear layer over a token sequence `[B, L, C]`, run as one `[B*L, C]` matmul: Burn's
+/// rank-3 linear broadcasts the weight into B small matmuls (and B weight-gradient matmuls
+/// summed afterwards), several times slower on the CPU backend.
+pub fn linear_tokens<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, tokens, dim] = x.dims();
+    let out = layer.forward(x.reshape([batch * tokens, dim]));
+    let width = out.dims()[1];
+    out.reshape([batch, tokens, width])
 }
 
 /// Stochastic depth on a residual branch `[B, ...]`: active only while gradients are being

@@ -9,7 +9,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use crate::config::SwinConfig;
 use crate::init::WeightInit;
 use crate::layers::{
-    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, relative_bias, Mlp,
+    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, relative_bias, Mlp,
     PatchEmbed,
 };
 use crate::rel_pos::{swin_relative_position_index, swin_shift_mask, swin_table_rows};
@@ -52,9 +52,7 @@ impl<B: Backend> WindowAttention<B> {
         let [batch_windows, tokens, dim] = windows.dims();
         let heads = self.num_heads;
         let head_dim = dim / heads;
-        let qkv = self
-            .qkv
-            .forward(windows)
+        let qkv = linear_tokens(&self.qkv, windows)
             .reshape([batch_windows, tokens, 3, heads, head_dim])
             .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
@@ -86,7 +84,7 @@ impl<B: Backend> WindowAttention<B> {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch_windows, tokens, dim]);
-        self.proj.forward(out)
+        linear_tokens(&self.proj, out)
     }
 }
 
@@ -197,7 +195,7 @@ impl<B: Backend> PatchMerging<B> {
             .reshape([batch * tokens, dim])
             .select(0, batched_rows(&self.order, batch, tokens))
             .reshape([batch, tokens / 4, 4 * dim]);
-        self.reduction.forward(self.norm.forward(merged))
+        linear_tokens(&self.reduction, self.norm.forward(merged))
     }
 }
 

@@ -10,7 +10,7 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use crate::config::VitConfig;
 use crate::init::{constant, WeightInit};
 use crate::layers::{
-    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, relative_bias, Mlp,
+    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, relative_bias, Mlp,
     PatchEmbed,
 };
 use crate::rel_pos::{vit_relative_position_index, vit_table_rows};
@@ -63,7 +63,7 @@ impl<B: Backend> VitAttention<B> {
         let [batch, tokens, dim] = x.dims();
         let heads = self.num_heads;
         let head_dim = dim / heads;
-        let mut qkv = self.qkv.forward(x);
+        let mut qkv = linear_tokens(&self.qkv, x);
         if let (Some(q_bias), Some(v_bias)) = (&self.q_bias, &self.v_bias) {
             let bias = Tensor::cat(
                 vec![q_bias.val(), q_bias.val().zeros_like(), v_bias.val()],
@@ -92,7 +92,7 @@ impl<B: Backend> VitAttention<B> {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, tokens, dim]);
-        self.proj.forward(out)
+        linear_tokens(&self.proj, out)
     }
 }
 
