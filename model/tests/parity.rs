@@ -133,8 +133,11 @@ fn relative_error(got: f64, want: f64) -> f64 {
 
 /// Checks one case; returns a list of failures (empty when the case passes).
 fn check_case(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path)?;
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    check_case_bytes(&std::fs::read(path)?)
+}
+
+fn check_case_bytes(bytes: &[u8]) -> Result<Vec<String>> {
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)?;
     let case_json = metadata
         .metadata()
         .as_ref()
@@ -142,7 +145,7 @@ fn check_case(path: &Path) -> Result<Vec<String>> {
         .ok_or_else(|| anyhow!("no `case` metadata"))?;
     let case: Case = serde_json::from_str(case_json).context("parsing case metadata")?;
     let config = case.model_config()?;
-    let state = state_dict_from_safetensors(&bytes)?;
+    let state = state_dict_from_safetensors(bytes)?;
 
     // Weights: everything that is not an input or an expectation.
     let weights: StateDict = state
@@ -272,10 +275,9 @@ fn check_case(path: &Path) -> Result<Vec<String>> {
     Ok(failures)
 }
 
-#[test]
-fn every_parity_case_matches_the_official_numbers() {
-    let dir = parity_dir();
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+/// Runs every case in `dir`; panics with all failures, or when `dir` holds no case.
+fn check_dir(dir: &Path) {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("cannot read parity dir {}: {e}", dir.display()))
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
@@ -303,6 +305,48 @@ fn every_parity_case_matches_the_official_numbers() {
             }
         }
     }
-    println!("checked {} parity cases, {} failed", cases.len(), failed.len());
+    println!(
+        "checked {} parity cases in {}, {} failed",
+        cases.len(),
+        dir.display(),
+        failed.len()
+    );
     assert!(failed.is_empty(), "parity failures:\n{}", failed.join("\n"));
+}
+
+/// The shared reference cases (or `$SIMMIM_PARITY_DIR`).
+#[test]
+fn every_parity_case_matches_the_official_numbers() {
+    check_dir(&parity_dir());
+}
+
+/// Cases made by `tools/parity/make_case.py` (a PyTorch reference that reproduces the shared
+/// cases to 1e-7) for what the shared ones leave out: clipped windows, three stages, absolute
+/// position embeddings, no patch norm, no qkv bias, per-block and shared ViT tables, no layer
+/// scale, odd batch and mask sizes.
+#[test]
+fn extra_reference_cases_match() {
+    check_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity-cases"));
+}
+
+/// The check must be able to fail: the shared Swin case with its expected loss nudged by
+/// 0.1% is rejected.
+#[test]
+fn a_changed_expected_loss_fails_the_check() {
+    let path = parity_dir().join("swin_tiny_64.safetensors");
+    let Ok(mut bytes) = std::fs::read(&path) else {
+        panic!("{} is needed for this test", path.display());
+    };
+    let offset = {
+        let file = safetensors::SafeTensors::deserialize(&bytes).expect("valid case");
+        let view = file.tensor("expected.loss").expect("case has a loss");
+        view.data().as_ptr() as usize - bytes.as_ptr() as usize
+    };
+    let loss = f32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"));
+    bytes[offset..offset + 4].copy_from_slice(&(loss * 1.001).to_le_bytes());
+    let failures = check_case_bytes(&bytes).expect("case still parses");
+    assert!(
+        failures.iter().any(|f| f.starts_with("loss")),
+        "a 0.1% loss change went unnoticed: {failures:?}"
+    );
 }

@@ -1,0 +1,357 @@
+"""SimMIM reference in PyTorch (float64), written after the official microsoft/SimMIM model
+code (models/swin_transformer.py, models/vision_transformer.py, models/simmim.py) with the
+same module tree and state-dict keys. Used to make extra parity cases for configurations the
+shared fixtures do not cover; `check_fixture` first proves it reproduces the shared cases."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def trunc_normal_(t, std=0.02):
+    nn.init.trunc_normal_(t, std=std, a=-2.0, b=2.0)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# ---------------------------------------------------------------- Swin
+def window_partition(x, ws):
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, ws, ws, C)
+
+
+def window_reverse(windows, ws, H, W):
+    B = int(windows.shape[0] / (H * W / ws / ws))
+    x = windows.view(B, H // ws, W // ws, ws, ws, -1)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, -1)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, ws, heads, qkv_bias):
+        super().__init__()
+        self.ws, self.heads = ws, heads
+        self.scale = (dim // heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid([torch.arange(ws), torch.arange(ws)], indexing="ij"))
+        cf = torch.flatten(coords, 1)
+        rel = (cf[:, :, None] - cf[:, None, :]).permute(1, 2, 0).contiguous()
+        rel[:, :, 0] += ws - 1
+        rel[:, :, 1] += ws - 1
+        rel[:, :, 0] *= 2 * ws - 1
+        self.register_buffer("relative_position_index", rel.sum(-1))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        trunc_normal_(self.relative_position_bias_table)
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        attn = attn + bias.view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B_ // nW, nW, self.heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.heads, N, N)
+        attn = attn.softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B_, N, C))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, res, heads, ws, shift, mlp_ratio, qkv_bias):
+        super().__init__()
+        self.res = res
+        if res <= ws:
+            shift, ws = 0, res
+        self.ws, self.shift = ws, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, ws, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if shift > 0:
+            img_mask = torch.zeros((1, res, res, 1))
+            cnt = 0
+            sl = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+            for h in sl:
+                for w in sl:
+                    img_mask[:, h, w, :] = cnt
+                    cnt += 1
+            mw = window_partition(img_mask, ws).view(-1, ws * ws)
+            attn_mask = mw.unsqueeze(1) - mw.unsqueeze(2)
+            attn_mask = attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
+        else:
+            attn_mask = None
+        self.register_buffer("attn_mask", attn_mask)
+
+    def forward(self, x):
+        H = W = self.res
+        B, L, C = x.shape
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        if self.shift > 0:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        xw = window_partition(x, self.ws).view(-1, self.ws * self.ws, C)
+        aw = self.attn(xw, mask=self.attn_mask).view(-1, self.ws, self.ws, C)
+        x = window_reverse(aw, self.ws, H, W)
+        if self.shift > 0:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = shortcut + x.view(B, H * W, C)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, res, dim):
+        super().__init__()
+        self.res = res
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x):
+        H = W = self.res
+        B, L, C = x.shape
+        x = x.view(B, H, W, C)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.view(B, -1, 4 * C)))
+
+
+class BasicLayer(nn.Module):
+    def __init__(self, dim, res, depth, heads, ws, mlp_ratio, qkv_bias, downsample):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, res, heads, ws, 0 if i % 2 == 0 else ws // 2, mlp_ratio, qkv_bias)
+            for i in range(depth)])
+        self.downsample = PatchMerging(res, dim) if downsample else None
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, in_chans, dim, norm):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+        self.norm = nn.LayerNorm(dim) if norm else None
+
+    def forward(self, x):
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        return self.norm(x) if self.norm is not None else x
+
+
+class SwinForSimMIM(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        dim, stages = c["embed_dim"], len(c["depths"])
+        res = c["img_size"] // c["patch_size"]
+        self.patch_embed = PatchEmbed(c["patch_size"], 3, dim, c["patch_norm"])
+        self.ape = c["ape"]
+        if self.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, res * res, dim))
+            trunc_normal_(self.absolute_pos_embed)
+        self.layers = nn.ModuleList([
+            BasicLayer(dim * 2 ** i, res // 2 ** i, c["depths"][i], c["num_heads"][i],
+                       c["window_size"], c["mlp_ratio"], c["qkv_bias"], i < stages - 1)
+            for i in range(stages)])
+        self.num_features = dim * 2 ** (stages - 1)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.apply(_init_weights)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        trunc_normal_(self.mask_token)
+
+    def forward(self, x, mask):
+        x = self.patch_embed(x)
+        B, L, _ = x.shape
+        w = mask.flatten(1).unsqueeze(-1).type_as(x)
+        x = x * (1 - w) + self.mask_token.expand(B, L, -1) * w
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x).transpose(1, 2)
+        H = W = int(L ** 0.5) // 2 ** (len(self.layers) - 1)
+        return x.reshape(B, -1, H, W)
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+# ---------------------------------------------------------------- ViT (BEiT style)
+def beit_index(grid):
+    n_rel = (2 * grid - 1) ** 2 + 3
+    coords = torch.stack(torch.meshgrid([torch.arange(grid), torch.arange(grid)], indexing="ij"))
+    cf = torch.flatten(coords, 1)
+    rel = (cf[:, :, None] - cf[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += grid - 1
+    rel[:, :, 1] += grid - 1
+    rel[:, :, 0] *= 2 * grid - 1
+    idx = torch.zeros((grid * grid + 1,) * 2, dtype=rel.dtype)
+    idx[1:, 1:] = rel.sum(-1)
+    idx[0, 0:] = n_rel - 3
+    idx[0:, 0] = n_rel - 2
+    idx[0, 0] = n_rel - 1
+    return n_rel, idx
+
+
+class RelativePositionBias(nn.Module):
+    def __init__(self, grid, heads):
+        super().__init__()
+        n_rel, idx = beit_index(grid)
+        self.n = grid * grid + 1
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(n_rel, heads))
+        self.register_buffer("relative_position_index", idx)
+
+    def forward(self):
+        b = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return b.view(self.n, self.n, -1).permute(2, 0, 1).contiguous()
+
+
+class VitAttention(nn.Module):
+    def __init__(self, dim, heads, qkv_bias, grid):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        if grid is not None:
+            n_rel, idx = beit_index(grid)
+            self.n = grid * grid + 1
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(n_rel, heads))
+            self.register_buffer("relative_position_index", idx)
+        else:
+            self.relative_position_bias_table = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rel_pos_bias=None):
+        B, N, C = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.relative_position_bias_table is not None:
+            b = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            attn = attn + b.view(self.n, self.n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if rel_pos_bias is not None:
+            attn = attn + rel_pos_bias
+        attn = attn.softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+class VitBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio, qkv_bias, init_values, grid):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = VitAttention(dim, heads, qkv_bias, grid)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if init_values is not None and init_values > 0:
+            self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
+            self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x, rel_pos_bias=None):
+        if self.gamma_1 is None:
+            x = x + self.attn(self.norm1(x), rel_pos_bias)
+            return x + self.mlp(self.norm2(x))
+        x = x + self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias)
+        return x + self.gamma_2 * self.mlp(self.norm2(x))
+
+
+class VitForSimMIM(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        dim, grid = c["embed_dim"], c["img_size"] // c["patch_size"]
+        self.patch_embed = PatchEmbed(c["patch_size"], 3, dim, False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim)) if c["use_ape"] else None
+        self.rel_pos_bias = RelativePositionBias(grid, c["num_heads"]) if c["use_shared_rpb"] else None
+        self.blocks = nn.ModuleList([
+            VitBlock(dim, c["num_heads"], c["mlp_ratio"], c["qkv_bias"], c["init_values"],
+                     grid if c["use_rpb"] else None)
+            for _ in range(c["depth"])])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed)
+        trunc_normal_(self.cls_token)
+        self.apply(_init_weights)
+        for i, b in enumerate(self.blocks):
+            b.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+            b.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        trunc_normal_(self.mask_token)
+        # Non-zero tables, so the bias paths are exercised by the gradients.
+        for name, p in self.named_parameters():
+            if "relative_position_bias_table" in name:
+                trunc_normal_(p)
+
+    def forward(self, x, mask):
+        x = self.patch_embed(x)
+        B, L, _ = x.shape
+        w = mask.flatten(1).unsqueeze(-1).type_as(x)
+        x = x * (1 - w) + self.mask_token.expand(B, L, -1) * w
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        rpb = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for b in self.blocks:
+            x = b(x, rel_pos_bias=rpb)
+        x = self.norm(x)[:, 1:]
+        H = W = int(L ** 0.5)
+        return x.permute(0, 2, 1).reshape(B, -1, H, W)
+
+
+class SimMIM(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.encoder = SwinForSimMIM(c) if c["type"] == "swin" else VitForSimMIM(c)
+        stride = c["encoder_stride"]
+        feats = self.encoder.num_features if c["type"] == "swin" else c["embed_dim"]
+        self.decoder = nn.Sequential(nn.Conv2d(feats, stride ** 2 * 3, 1), nn.PixelShuffle(stride))
+        self.patch_size = c["patch_size"]
+
+    def forward(self, x, mask):
+        x_rec = self.decoder(self.encoder(x, mask))
+        m = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
+        m = m.unsqueeze(1).contiguous()
+        loss = (F.l1_loss(x, x_rec, reduction="none") * m).sum() / (m.sum() + 1e-5) / 3
+        return loss, x_rec
+
+
+NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed",
+                     "cls_token", "mask_token")
+
+
+def param_groups(model):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim == 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_KEYWORDS):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return decay, no_decay
