@@ -63,12 +63,19 @@ fn median(values: &[f64]) -> f64 {
     sorted[sorted.len() / 2]
 }
 
-fn run<B: AutodiffBackend>(args: &Args, config: &SimMimConfig, batch: usize, device: &B::Device) -> Result<Timing> {
+fn run<B: AutodiffBackend>(
+    args: &Args,
+    config: &SimMimConfig,
+    batch: usize,
+    device: &B::Device,
+) -> Result<Timing> {
     let model = config.init::<B>(0, device)?;
     let img = config.encoder.img_size();
     let geometry = config.mask_geometry()?;
     let side = geometry.token_grid();
-    let masks: Vec<u8> = (0..batch as u64).flat_map(|i| geometry.generate(i)).collect();
+    let masks: Vec<u8> = (0..batch as u64)
+        .flat_map(|i| geometry.generate(i))
+        .collect();
     let mask = mask_tensor::<B>(&masks, batch, side, device);
     let pixels: Vec<f32> = {
         use rand::{Rng, SeedableRng};
@@ -112,8 +119,13 @@ use burn::tensor::ElementConversion;
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let mut config = SimMimConfig::preset(&args.model)
-        .with_context(|| format!("unknown --model {}; presets: {:?}", args.model, SimMimConfig::PRESETS))?;
+    let mut config = SimMimConfig::preset(&args.model).with_context(|| {
+        format!(
+            "unknown --model {}; presets: {:?}",
+            args.model,
+            SimMimConfig::PRESETS
+        )
+    })?;
     if let Some(img) = args.img {
         match &mut config.encoder {
             EncoderConfig::Swin(c) => c.img_size = img,
@@ -166,7 +178,9 @@ fn main() -> Result<()> {
             args.backend, args.dtype, args.model, config.encoder.img_size()
         );
     } else {
-        println!("| impl | backend | model | img | batch | step s | fwd s | bwd s | opt s | images/s |");
+        println!(
+            "| impl | backend | model | img | batch | step s | fwd s | bwd s | opt s | images/s |"
+        );
         println!("|---|---|---|---|---|---|---|---|---|---|");
         println!(
             "| burn | {} {} | {} | {} | {batch} | {step:.3} | {fwd:.3} | {bwd:.3} | {opt:.3} | {ips:.2} |",

@@ -163,14 +163,17 @@ impl SwinConfig {
                 ),
             ));
         }
-        if self.img_size % self.patch_size != 0 {
+        if !self.img_size.is_multiple_of(self.patch_size) {
             return Err(config_error(
                 "encoder.patch_size",
-                format!("{} does not divide img_size {}", self.patch_size, self.img_size),
+                format!(
+                    "{} does not divide img_size {}",
+                    self.patch_size, self.img_size
+                ),
             ));
         }
         let stages = self.depths.len();
-        if self.patches_resolution() % (1 << (stages - 1)) != 0 {
+        if !self.patches_resolution().is_multiple_of(1 << (stages - 1)) {
             return Err(config_error(
                 "encoder.depths",
                 format!(
@@ -183,14 +186,17 @@ impl SwinConfig {
         for (stage, (&depth, &heads)) in self.depths.iter().zip(&self.num_heads).enumerate() {
             positive(&format!("encoder.depths[{stage}]"), depth)?;
             positive(&format!("encoder.num_heads[{stage}]"), heads)?;
-            if self.stage_dim(stage) % heads != 0 {
+            if !self.stage_dim(stage).is_multiple_of(heads) {
                 return Err(config_error(
                     &format!("encoder.num_heads[{stage}]"),
-                    format!("{heads} heads do not divide the stage width {}", self.stage_dim(stage)),
+                    format!(
+                        "{heads} heads do not divide the stage width {}",
+                        self.stage_dim(stage)
+                    ),
                 ));
             }
             let (window, _) = self.stage_window(stage);
-            if self.stage_resolution(stage) % window != 0 {
+            if !self.stage_resolution(stage).is_multiple_of(window) {
                 return Err(config_error(
                     "encoder.window_size",
                     format!(
@@ -201,7 +207,7 @@ impl SwinConfig {
             }
         }
         unit_interval("encoder.drop_path_rate", self.drop_path_rate)?;
-        if !(self.mlp_ratio > 0.0) {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
             return Err(config_error("encoder.mlp_ratio", "must be positive"));
         }
         Ok(())
@@ -220,20 +226,26 @@ impl VitConfig {
         positive("encoder.depth", self.depth)?;
         positive("encoder.num_heads", self.num_heads)?;
         positive("encoder.in_chans", self.in_chans)?;
-        if self.img_size % self.patch_size != 0 {
+        if !self.img_size.is_multiple_of(self.patch_size) {
             return Err(config_error(
                 "encoder.patch_size",
-                format!("{} does not divide img_size {}", self.patch_size, self.img_size),
+                format!(
+                    "{} does not divide img_size {}",
+                    self.patch_size, self.img_size
+                ),
             ));
         }
-        if self.embed_dim % self.num_heads != 0 {
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             return Err(config_error(
                 "encoder.num_heads",
-                format!("{} heads do not divide embed_dim {}", self.num_heads, self.embed_dim),
+                format!(
+                    "{} heads do not divide embed_dim {}",
+                    self.num_heads, self.embed_dim
+                ),
             ));
         }
         unit_interval("encoder.drop_path_rate", self.drop_path_rate)?;
-        if !(self.mlp_ratio > 0.0) {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
             return Err(config_error("encoder.mlp_ratio", "must be positive"));
         }
         Ok(())
@@ -315,7 +327,12 @@ impl SimMimConfig {
             "swin_tiny" => swin(SwinConfig::official(96, [2, 2, 6, 2], [3, 6, 12, 24], 6)),
             "swin_small" => swin(SwinConfig::official(96, [2, 2, 18, 2], [3, 6, 12, 24], 6)),
             "swin_base" => swin(SwinConfig::official(128, [2, 2, 18, 2], [4, 8, 16, 32], 6)),
-            "swin_large" => swin(SwinConfig::official(192, [2, 2, 18, 2], [6, 12, 24, 48], 12)),
+            "swin_large" => swin(SwinConfig::official(
+                192,
+                [2, 2, 18, 2],
+                [6, 12, 24, 48],
+                12,
+            )),
             "swin_micro" => Self {
                 encoder: EncoderConfig::Swin(SwinConfig {
                     img_size: 64,

@@ -36,7 +36,11 @@ fn format_mismatch(missing: &[String], unexpected: &[String], wrong_shape: &[Str
         ("wrong shape", wrong_shape),
     ] {
         if !keys.is_empty() {
-            out.push_str(&format!("\n  {label} ({}): {}", keys.len(), keys.join(", ")));
+            out.push_str(&format!(
+                "\n  {label} ({}): {}",
+                keys.len(),
+                keys.join(", ")
+            ));
         }
     }
     out

@@ -28,13 +28,13 @@ impl MaskGeometry {
         if mask_patch_size == 0 || model_patch_size == 0 {
             return Err(config_error("mask_patch_size", "must be at least 1"));
         }
-        if img_size % mask_patch_size != 0 {
+        if !img_size.is_multiple_of(mask_patch_size) {
             return Err(config_error(
                 "mask_patch_size",
                 format!("{mask_patch_size} does not divide img_size {img_size}"),
             ));
         }
-        if mask_patch_size % model_patch_size != 0 {
+        if !mask_patch_size.is_multiple_of(model_patch_size) {
             return Err(config_error(
                 "mask_patch_size",
                 format!(
@@ -42,7 +42,7 @@ impl MaskGeometry {
                 ),
             ));
         }
-        if !(ratio > 0.0 && ratio <= 1.0) {
+        if ratio.is_nan() || ratio <= 0.0 || ratio > 1.0 {
             return Err(config_error(
                 "mask_ratio",
                 format!("{ratio} is outside (0, 1]"),

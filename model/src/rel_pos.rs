@@ -20,9 +20,7 @@ pub fn vit_relative_position_index(grid: usize) -> Vec<i64> {
             index[(i + 1) * (n + 1) + j + 1] = inner[i * n + j];
         }
     }
-    for j in 0..=n {
-        index[j] = table - 3;
-    }
+    index[..=n].fill(table - 3);
     for i in 0..=n {
         index[i * (n + 1)] = table - 2;
     }

@@ -10,6 +10,8 @@ use crate::init::WeightInit;
 use crate::swin::Swin;
 use crate::vit::Vit;
 
+// One model holds one encoder for its whole life; boxing would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Encoder<B: Backend> {
     Swin(Swin<B>),
@@ -43,8 +45,8 @@ impl<B: Backend> PixelShuffleHead<B> {
         let [channels, ..] = self.weight.dims();
         let (r, c) = (self.stride, self.out_chans);
         let kernel = self.weight.val().reshape([channels, dim]).transpose();
-        let pixels = tokens.reshape([batch * count, dim]).matmul(kernel)
-            + self.bias.val().unsqueeze_dim(0);
+        let pixels =
+            tokens.reshape([batch * count, dim]).matmul(kernel) + self.bias.val().unsqueeze_dim(0);
         pixels
             .reshape([batch, side, side, c, r, r])
             .permute([0, 3, 1, 4, 2, 5])
@@ -99,9 +101,10 @@ impl<B: Backend> SimMim<B> {
     /// `images` `[B, C, H, W]` (normalised), `mask` `[B, H/patch, W/patch]` with 1 = masked.
     pub fn forward(&self, images: Tensor<B, 4>, mask: Tensor<B, 3>) -> SimMimOutput<B> {
         let [batch, rows, cols] = mask.dims();
-        let features = self
-            .encoder
-            .forward(images.clone(), Some(mask.clone().reshape([batch, rows * cols])));
+        let features = self.encoder.forward(
+            images.clone(),
+            Some(mask.clone().reshape([batch, rows * cols])),
+        );
         let reconstruction = self.decoder.forward(features);
         let loss = self.masked_l1(images, reconstruction.clone(), mask);
         SimMimOutput {

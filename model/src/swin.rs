@@ -9,8 +9,8 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use crate::config::SwinConfig;
 use crate::init::WeightInit;
 use crate::layers::{
-    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, relative_bias, Mlp,
-    PatchEmbed,
+    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, relative_bias,
+    Mlp, PatchEmbed,
 };
 use crate::rel_pos::{swin_relative_position_index, swin_shift_mask, swin_table_rows};
 
@@ -129,7 +129,11 @@ impl<B: Backend> SwinBlock<B> {
 
 /// Row indices of a `[batch * tokens, C]` matrix that apply the per-image permutation
 /// `order` to every image of the batch.
-fn batched_rows<B: Backend>(order: &Tensor<B, 1, Int>, batch: usize, tokens: usize) -> Tensor<B, 1, Int> {
+fn batched_rows<B: Backend>(
+    order: &Tensor<B, 1, Int>,
+    batch: usize,
+    tokens: usize,
+) -> Tensor<B, 1, Int> {
     if batch == 1 {
         return order.clone();
     }

@@ -10,8 +10,8 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use crate::config::VitConfig;
 use crate::init::{constant, WeightInit};
 use crate::layers::{
-    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, relative_bias, Mlp,
-    PatchEmbed,
+    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, relative_bias,
+    Mlp, PatchEmbed,
 };
 use crate::rel_pos::{vit_relative_position_index, vit_table_rows};
 
@@ -80,9 +80,10 @@ impl<B: Backend> VitAttention<B> {
 
         let scale = (head_dim as f64).powf(-0.5);
         let mut attn = q.mul_scalar(scale).matmul(k.swap_dims(2, 3));
-        if let (Some(table), Some(index)) =
-            (&self.relative_position_bias_table, &self.relative_position_index)
-        {
+        if let (Some(table), Some(index)) = (
+            &self.relative_position_bias_table,
+            &self.relative_position_index,
+        ) {
             attn = attn + relative_bias(table.val(), index.clone(), tokens).unsqueeze_dim(0);
         }
         if let Some(bias) = shared_bias {
@@ -113,7 +114,9 @@ impl<B: Backend> VitBlock<B> {
             Some(g) => branch * g.val().unsqueeze_dim::<2>(0).unsqueeze_dim(0),
             None => branch,
         };
-        let branch = self.attn.forward(self.norm1.forward(x.clone()), shared_bias);
+        let branch = self
+            .attn
+            .forward(self.norm1.forward(x.clone()), shared_bias);
         let x = x + drop_path(scale(branch, &self.gamma_1), self.drop_path);
         let branch = self.mlp.forward(self.norm2.forward(x.clone()));
         x + drop_path(scale(branch, &self.gamma_2), self.drop_path)
@@ -152,7 +155,9 @@ impl<B: Backend> Vit<B> {
                     .fc2
                     .weight
                     .map(|w| w.div_scalar(rescale).detach().require_grad());
-                let table = c.use_rpb.then(|| RelativePositionBias::new(grid, c.num_heads, device));
+                let table = c
+                    .use_rpb
+                    .then(|| RelativePositionBias::new(grid, c.num_heads, device));
                 VitBlock {
                     norm1: layer_norm(dim, VIT_LN_EPS, device),
                     attn: VitAttention {

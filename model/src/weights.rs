@@ -81,10 +81,16 @@ fn host_tensor(data: TensorData) -> Result<HostTensor, String> {
         DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U64 | DType::U32 | DType::U8
     );
     if int {
-        let values = data.convert::<i64>().to_vec::<i64>().map_err(|e| format!("{e:?}"))?;
+        let values = data
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .map_err(|e| format!("{e:?}"))?;
         Ok(HostTensor::I64 { shape, values })
     } else {
-        let values = data.convert::<f32>().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        let values = data
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
         Ok(HostTensor::F32 { shape, values })
     }
 }
@@ -178,7 +184,10 @@ pub fn official_buffers(config: &SimMimConfig) -> StateDict {
                 values: vit_relative_position_index(grid),
             };
             if c.use_shared_rpb {
-                buffers.insert("encoder.rel_pos_bias.relative_position_index".into(), index());
+                buffers.insert(
+                    "encoder.rel_pos_bias.relative_position_index".into(),
+                    index(),
+                );
             }
             if c.use_rpb {
                 for block in 0..c.depth {
@@ -266,11 +275,7 @@ pub fn load_state_dict<B: Backend>(
         }
     }
 
-    let device = model
-        .devices()
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let device = model.devices().into_iter().next().unwrap_or_default();
     let mut loader = Loader::<B> {
         tracker: PathTracker::default(),
         state,
@@ -373,7 +378,11 @@ pub fn config_from_safetensors(bytes: &[u8]) -> Result<Option<SimMimConfig>, Mod
         reason,
     };
     let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| read_err(e.to_string()))?;
-    match metadata.metadata().as_ref().and_then(|m| m.get(CONFIG_METADATA_KEY)) {
+    match metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(CONFIG_METADATA_KEY))
+    {
         Some(json) => serde_json::from_str(json)
             .map(Some)
             .map_err(|e| read_err(format!("metadata `{CONFIG_METADATA_KEY}`: {e}"))),
@@ -425,7 +434,8 @@ where
             let data = grad.into_data().convert::<f32>();
             let shape = data.shape.to_vec();
             let values = data.to_vec::<f32>().unwrap_or_default();
-            self.out.insert(official.name, HostTensor::F32 { shape, values });
+            self.out
+                .insert(official.name, HostTensor::F32 { shape, values });
         }
     }
     let mut collector = Collector {

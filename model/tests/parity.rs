@@ -183,23 +183,41 @@ fn check_case_bytes(bytes: &[u8]) -> Result<Vec<String>> {
     let err = relative_error(loss, want_loss[0] as f64);
     println!("  loss {loss:.7} vs {:.7} (rel {err:.2e})", want_loss[0]);
     if err > 1e-4 {
-        failures.push(format!("loss {loss} vs {} (rel {err:.2e} > 1e-4)", want_loss[0]));
+        failures.push(format!(
+            "loss {loss} vs {} (rel {err:.2e} > 1e-4)",
+            want_loss[0]
+        ));
     }
 
     // Reconstruction.
     let (_, want_rec) = f32_values(&state, "expected.reconstruction")?;
-    let rec = output.reconstruction.clone().into_data().to_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
+    let rec = output
+        .reconstruction
+        .clone()
+        .into_data()
+        .to_vec::<f32>()
+        .map_err(|e| anyhow!("{e:?}"))?;
     if rec.len() != want_rec.len() {
-        failures.push(format!("reconstruction has {} values, want {}", rec.len(), want_rec.len()));
+        failures.push(format!(
+            "reconstruction has {} values, want {}",
+            rec.len(),
+            want_rec.len()
+        ));
     } else {
         let max_ref = want_rec.iter().fold(0f32, |m, v| m.max(v.abs()));
         let max_err = rec
             .iter()
             .zip(want_rec)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        println!("  reconstruction max abs err {max_err:.2e} (bound {:.2e})", 1e-3 * max_ref);
+        println!(
+            "  reconstruction max abs err {max_err:.2e} (bound {:.2e})",
+            1e-3 * max_ref
+        );
         if max_err > 1e-3 * max_ref {
-            failures.push(format!("reconstruction max abs err {max_err} > {}", 1e-3 * max_ref));
+            failures.push(format!(
+                "reconstruction max abs err {max_err} > {}",
+                1e-3 * max_ref
+            ));
         }
     }
 
@@ -208,22 +226,39 @@ fn check_case_bytes(bytes: &[u8]) -> Result<Vec<String>> {
     let got = gradient_state_dict::<B, _>(&model, &grads);
     let mut worst = (0.0f64, String::new());
     let mut checked = 0;
-    for (key, tensor) in state.iter().filter(|(k, _)| k.starts_with("expected.grad.")) {
+    for (key, tensor) in state
+        .iter()
+        .filter(|(k, _)| k.starts_with("expected.grad."))
+    {
         let name = &key["expected.grad.".len()..];
-        let HostTensor::F32 { shape, values: want } = tensor else {
+        let HostTensor::F32 {
+            shape,
+            values: want,
+        } = tensor
+        else {
             bail!("`{key}` is not float");
         };
-        let Some(HostTensor::F32 { shape: got_shape, values: got_values }) = got.get(name) else {
+        let Some(HostTensor::F32 {
+            shape: got_shape,
+            values: got_values,
+        }) = got.get(name)
+        else {
             failures.push(format!("no gradient for `{name}`"));
             continue;
         };
         if got_shape != shape {
-            failures.push(format!("gradient `{name}` shape {got_shape:?} vs {shape:?}"));
+            failures.push(format!(
+                "gradient `{name}` shape {got_shape:?} vs {shape:?}"
+            ));
             continue;
         }
         let diff = norm(got_values.iter().zip(want).map(|(a, b)| (a - b) as f64));
         let reference = norm(want.iter().map(|&v| v as f64));
-        let rel = if reference == 0.0 { diff } else { diff / reference };
+        let rel = if reference == 0.0 {
+            diff
+        } else {
+            diff / reference
+        };
         if rel > worst.0 {
             worst = (rel, name.to_string());
         }
@@ -234,10 +269,15 @@ fn check_case_bytes(bytes: &[u8]) -> Result<Vec<String>> {
     }
     for name in got.keys() {
         if !state.contains_key(&format!("expected.grad.{name}")) {
-            failures.push(format!("model has gradient `{name}` that the case does not"));
+            failures.push(format!(
+                "model has gradient `{name}` that the case does not"
+            ));
         }
     }
-    println!("  {checked} gradients, worst relative error {:.2e} ({})", worst.0, worst.1);
+    println!(
+        "  {checked} gradients, worst relative error {:.2e} ({})",
+        worst.0, worst.1
+    );
     if checked == 0 {
         failures.push("no expected gradients in the case".into());
     }
@@ -262,7 +302,9 @@ fn check_case_bytes(bytes: &[u8]) -> Result<Vec<String>> {
         let err = relative_error(*got, *want as f64);
         println!("  step {step}: loss {got:.7} vs {want:.7} (rel {err:.2e})");
         if err > 1e-3 {
-            failures.push(format!("train loss {step}: {got} vs {want} (rel {err:.2e} > 1e-3)"));
+            failures.push(format!(
+                "train loss {step}: {got} vs {want} (rel {err:.2e} > 1e-3)"
+            ));
         }
     }
     if losses.len() != want_losses.len() {

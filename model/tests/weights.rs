@@ -7,8 +7,8 @@ use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
 use simmim_model::weights::{
-    config_from_safetensors, load_state_dict, read_state_dict, state_dict, state_dict_from_safetensors,
-    to_safetensors, HostTensor, StateDict,
+    config_from_safetensors, load_state_dict, read_state_dict, state_dict,
+    state_dict_from_safetensors, to_safetensors, HostTensor, StateDict,
 };
 use simmim_model::{mask_tensor, ModelError, SimMimConfig};
 
@@ -63,11 +63,21 @@ fn loss_of(model: &simmim_model::SimMim<B>, state: &StateDict) -> f32 {
 fn pytorch_checkpoint_with_model_key_loads_and_reproduces_the_loss() {
     let case = cases().join("vit_shared_and_block_rpb.safetensors");
     let config = case_config(&case);
-    let case_state = state_dict_from_safetensors(&std::fs::read(&case).expect("case")).expect("parse");
+    let case_state =
+        state_dict_from_safetensors(&std::fs::read(&case).expect("case")).expect("parse");
     let pth = read_state_dict(&cases().join("vit_shared_and_block_rpb.pth")).expect("read .pth");
-    assert_eq!(pth.len(), 61, "keys under `model`: {:?}", pth.keys().collect::<Vec<_>>());
+    assert_eq!(
+        pth.len(),
+        61,
+        "keys under `model`: {:?}",
+        pth.keys().collect::<Vec<_>>()
+    );
     for (name, tensor) in &pth {
-        assert_eq!(Some(tensor), case_state.get(name), "{name} differs between .pth and case");
+        assert_eq!(
+            Some(tensor),
+            case_state.get(name),
+            "{name} differs between .pth and case"
+        );
     }
     let model = config.init::<B>(5, &Default::default()).expect("init");
     let model = load_state_dict(model, &config, &pth).expect("load .pth");
@@ -75,7 +85,11 @@ fn pytorch_checkpoint_with_model_key_loads_and_reproduces_the_loss() {
         panic!("loss")
     };
     let loss = loss_of(&model, &case_state);
-    assert!((loss - values[0]).abs() / values[0] < 1e-4, "{loss} vs {}", values[0]);
+    assert!(
+        (loss - values[0]).abs() / values[0] < 1e-4,
+        "{loss} vs {}",
+        values[0]
+    );
 }
 
 #[test]
@@ -87,25 +101,41 @@ fn mismatched_weights_list_every_offending_key() {
     state.remove("encoder.blocks.1.mlp.fc1.bias");
     state.insert(
         "encoder.head.weight".into(),
-        HostTensor::F32 { shape: vec![1], values: vec![0.0] },
+        HostTensor::F32 {
+            shape: vec![1],
+            values: vec![0.0],
+        },
     );
     state.insert(
         "encoder.cls_token".into(),
-        HostTensor::F32 { shape: vec![1, 1, 7], values: vec![0.0; 7] },
+        HostTensor::F32 {
+            shape: vec![1, 1, 7],
+            values: vec![0.0; 7],
+        },
     );
     let model = config.init::<B>(0, &Default::default()).expect("init");
     let err = load_state_dict(model, &config, &state).expect_err("must not load");
     let text = err.to_string();
     match err {
-        ModelError::WeightMismatch { missing, unexpected, wrong_shape } => {
+        ModelError::WeightMismatch {
+            missing,
+            unexpected,
+            wrong_shape,
+        } => {
             assert_eq!(missing, vec!["encoder.blocks.1.mlp.fc1.bias".to_string()]);
             assert_eq!(unexpected, vec!["encoder.head.weight".to_string()]);
             assert_eq!(wrong_shape.len(), 1);
-            assert!(wrong_shape[0].starts_with("encoder.cls_token"), "{wrong_shape:?}");
+            assert!(
+                wrong_shape[0].starts_with("encoder.cls_token"),
+                "{wrong_shape:?}"
+            );
         }
         other => panic!("wrong error: {other}"),
     }
-    assert!(text.contains("missing (1)") && text.contains("unexpected (1)"), "{text}");
+    assert!(
+        text.contains("missing (1)") && text.contains("unexpected (1)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -145,17 +175,25 @@ fn safetensors_export_round_trips_with_official_keys_and_config() {
         let original = config.init::<B>(1, &device).expect("init");
         let state = state_dict(&original, &config);
         let bytes = to_safetensors(&state, &config).expect("serialise");
-        assert_eq!(config_from_safetensors(&bytes).expect("meta"), Some(config.clone()));
+        assert_eq!(
+            config_from_safetensors(&bytes).expect("meta"),
+            Some(config.clone())
+        );
         let read = state_dict_from_safetensors(&bytes).expect("parse");
         assert_eq!(read, state);
         assert!(read.contains_key("decoder.0.weight"));
-        assert!(read.keys().all(|k| k.starts_with("encoder.") || k.starts_with("decoder.0.")));
+        assert!(read
+            .keys()
+            .all(|k| k.starts_with("encoder.") || k.starts_with("decoder.0.")));
         let other = config.init::<B>(2, &device).expect("init");
         let restored = load_state_dict(other, &config, &read).expect("load");
         assert_eq!(state_dict(&restored, &config), state, "{preset}");
         if let Ok(dir) = std::env::var("SIMMIM_EXPORT_DIR") {
-            std::fs::write(Path::new(&dir).join(format!("{preset}.safetensors")), &bytes)
-                .expect("write export");
+            std::fs::write(
+                Path::new(&dir).join(format!("{preset}.safetensors")),
+                &bytes,
+            )
+            .expect("write export");
         }
     }
 }
