@@ -126,6 +126,30 @@ pub fn linear_tokens<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B
     out.reshape([batch, tokens, width])
 }
 
+/// One of the q/k/v projections of a fused `qkv` linear (`part` 0, 1 or 2), as per-head
+/// `[B, heads, N, head_dim]`. Multiplying by a column slice of the fused weight gives each
+/// part contiguous; slicing a fused `[.., 3C]` output instead costs a zero-filled
+/// scatter per part in backward.
+pub fn qkv_part<B: Backend>(
+    weight: &Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    rows: &Tensor<B, 2>,
+    part: usize,
+    shape: [usize; 3],
+) -> Tensor<B, 4> {
+    let [batch, tokens, heads] = shape;
+    let dim = weight.dims()[1] / 3;
+    let mut projected = rows
+        .clone()
+        .matmul(weight.clone().narrow(1, part * dim, dim));
+    if let Some(bias) = bias {
+        projected = projected + bias.unsqueeze_dim(0);
+    }
+    projected
+        .reshape([batch, tokens, heads, dim / heads])
+        .swap_dims(1, 2)
+}
+
 /// Stochastic depth on a residual branch `[B, ...]`: active only while gradients are being
 /// tracked (training), like `timm.DropPath` in train mode.
 pub fn drop_path<B: Backend>(branch: Tensor<B, 3>, rate: f64) -> Tensor<B, 3> {

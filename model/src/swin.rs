@@ -9,8 +9,8 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use crate::config::SwinConfig;
 use crate::init::WeightInit;
 use crate::layers::{
-    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, relative_bias,
-    Mlp, PatchEmbed,
+    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
+    relative_bias, Mlp, PatchEmbed,
 };
 use crate::rel_pos::{swin_relative_position_index, swin_shift_mask, swin_table_rows};
 
@@ -52,12 +52,18 @@ impl<B: Backend> WindowAttention<B> {
         let [batch_windows, tokens, dim] = windows.dims();
         let heads = self.num_heads;
         let head_dim = dim / heads;
-        let qkv = linear_tokens(&self.qkv, windows)
-            .reshape([batch_windows, tokens, 3, heads, head_dim])
-            .permute([2, 0, 3, 1, 4]);
-        let q = qkv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
-        let k = qkv.clone().narrow(0, 1, 1).squeeze_dim::<4>(0);
-        let v = qkv.narrow(0, 2, 1).squeeze_dim::<4>(0);
+        let rows = windows.reshape([batch_windows * tokens, dim]);
+        let weight = self.qkv.weight.val();
+        let shape = [batch_windows, tokens, heads];
+        let part = |i: usize| {
+            let bias = self
+                .qkv
+                .bias
+                .as_ref()
+                .map(|b| b.val().narrow(0, i * dim, dim));
+            qkv_part(&weight, bias, &rows, i, shape)
+        };
+        let (q, k, v) = (part(0), part(1), part(2));
 
         let scale = (head_dim as f64).powf(-0.5);
         // Scaling the product rather than q keeps the elementwise op on a contiguous tensor

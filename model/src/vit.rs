@@ -10,8 +10,8 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use crate::config::VitConfig;
 use crate::init::{constant, WeightInit};
 use crate::layers::{
-    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, relative_bias,
-    Mlp, PatchEmbed,
+    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
+    relative_bias, Mlp, PatchEmbed,
 };
 use crate::rel_pos::{vit_relative_position_index, vit_table_rows};
 
@@ -63,20 +63,25 @@ impl<B: Backend> VitAttention<B> {
         let [batch, tokens, dim] = x.dims();
         let heads = self.num_heads;
         let head_dim = dim / heads;
-        let mut qkv = linear_tokens(&self.qkv, x);
-        if let (Some(q_bias), Some(v_bias)) = (&self.q_bias, &self.v_bias) {
-            let bias = Tensor::cat(
-                vec![q_bias.val(), q_bias.val().zeros_like(), v_bias.val()],
-                0,
-            );
-            qkv = qkv + bias.unsqueeze_dim::<2>(0).unsqueeze_dim(0);
-        }
-        let qkv = qkv
-            .reshape([batch, tokens, 3, heads, head_dim])
-            .permute([2, 0, 3, 1, 4]);
-        let q = qkv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
-        let k = qkv.clone().narrow(0, 1, 1).squeeze_dim::<4>(0);
-        let v = qkv.narrow(0, 2, 1).squeeze_dim::<4>(0);
+        let rows = x.reshape([batch * tokens, dim]);
+        let weight = self.qkv.weight.val();
+        let shape = [batch, tokens, heads];
+        // k has no bias in BEiT's attention: `cat(q_bias, zeros, v_bias)`.
+        let q = qkv_part(
+            &weight,
+            self.q_bias.as_ref().map(|b| b.val()),
+            &rows,
+            0,
+            shape,
+        );
+        let k = qkv_part(&weight, None, &rows, 1, shape);
+        let v = qkv_part(
+            &weight,
+            self.v_bias.as_ref().map(|b| b.val()),
+            &rows,
+            2,
+            shape,
+        );
 
         let scale = (head_dim as f64).powf(-0.5);
         let mut attn = q.mul_scalar(scale).matmul(k.swap_dims(2, 3));
