@@ -127,21 +127,27 @@ pub fn linear_tokens<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B
 }
 
 /// One of the q/k/v projections of a fused `qkv` linear (`part` 0, 1 or 2), as per-head
-/// `[B, heads, N, head_dim]`. Multiplying by a column slice of the fused weight gives each
-/// part contiguous; slicing a fused `[.., 3C]` output instead costs a zero-filled
-/// scatter per part in backward.
+/// `[B, heads, N, head_dim]`, multiplied by `scale`. Multiplying by a column slice of the
+/// fused weight gives each part contiguous (slicing a fused `[.., 3C]` output instead costs
+/// a zero-filled scatter per part in backward), and scaling the `[C, C]` weight slice is far
+/// cheaper than scaling q or the attention logits.
 pub fn qkv_part<B: Backend>(
     weight: &Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
     rows: &Tensor<B, 2>,
     part: usize,
+    scale: f64,
     shape: [usize; 3],
 ) -> Tensor<B, 4> {
     let [batch, tokens, heads] = shape;
     let dim = weight.dims()[1] / 3;
-    let mut projected = rows
-        .clone()
-        .matmul(weight.clone().narrow(1, part * dim, dim));
+    let mut kernel = weight.clone().narrow(1, part * dim, dim);
+    let mut bias = bias;
+    if scale != 1.0 {
+        kernel = kernel.mul_scalar(scale);
+        bias = bias.map(|b| b.mul_scalar(scale));
+    }
+    let mut projected = rows.clone().matmul(kernel);
     if let Some(bias) = bias {
         projected = projected + bias.unsqueeze_dim(0);
     }

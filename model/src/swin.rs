@@ -55,37 +55,40 @@ impl<B: Backend> WindowAttention<B> {
         let rows = windows.reshape([batch_windows * tokens, dim]);
         let weight = self.qkv.weight.val();
         let shape = [batch_windows, tokens, heads];
-        let part = |i: usize| {
+        let scale = (head_dim as f64).powf(-0.5);
+        let part = |i: usize, scale: f64| {
             let bias = self
                 .qkv
                 .bias
                 .as_ref()
                 .map(|b| b.val().narrow(0, i * dim, dim));
-            qkv_part(&weight, bias, &rows, i, shape)
+            qkv_part(&weight, bias, &rows, i, scale, shape)
         };
-        let (q, k, v) = (part(0), part(1), part(2));
+        let (q, k, v) = (part(0, scale), part(1, 1.0), part(2, 1.0));
 
-        let scale = (head_dim as f64).powf(-0.5);
-        // Scaling the product rather than q keeps the elementwise op on a contiguous tensor
-        // (q is a strided view here), which is much faster on the CPU backend.
-        let mut attn = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let attn = q.matmul(k.swap_dims(2, 3));
         let bias = relative_bias(
             self.relative_position_bias_table.val(),
             self.relative_position_index.clone(),
             self.window * self.window,
         );
-        attn = attn + bias.unsqueeze_dim(0);
-        if let Some(mask) = mask {
-            let windows_per_image = mask.dims()[0];
-            attn = (attn.reshape([
-                batch_windows / windows_per_image,
-                windows_per_image,
-                heads,
-                tokens,
-                tokens,
-            ]) + mask.clone().unsqueeze_dim::<4>(1).unsqueeze_dim(0))
-            .reshape([batch_windows, heads, tokens, tokens]);
-        }
+        // Position bias and shift mask are summed while small ([nW, heads, N, N]) so the
+        // large logits tensor takes a single broadcast add.
+        let attn = match mask {
+            Some(mask) => {
+                let windows_per_image = mask.dims()[0];
+                let bias_and_mask = bias.unsqueeze_dim::<4>(0) + mask.clone().unsqueeze_dim(1);
+                (attn.reshape([
+                    batch_windows / windows_per_image,
+                    windows_per_image,
+                    heads,
+                    tokens,
+                    tokens,
+                ]) + bias_and_mask.unsqueeze_dim(0))
+                .reshape([batch_windows, heads, tokens, tokens])
+            }
+            None => attn + bias.unsqueeze_dim(0),
+        };
         let out = softmax(attn, 3)
             .matmul(v)
             .swap_dims(1, 2)

@@ -67,24 +67,14 @@ impl<B: Backend> VitAttention<B> {
         let weight = self.qkv.weight.val();
         let shape = [batch, tokens, heads];
         // k has no bias in BEiT's attention: `cat(q_bias, zeros, v_bias)`.
-        let q = qkv_part(
-            &weight,
-            self.q_bias.as_ref().map(|b| b.val()),
-            &rows,
-            0,
-            shape,
-        );
-        let k = qkv_part(&weight, None, &rows, 1, shape);
-        let v = qkv_part(
-            &weight,
-            self.v_bias.as_ref().map(|b| b.val()),
-            &rows,
-            2,
-            shape,
-        );
-
         let scale = (head_dim as f64).powf(-0.5);
-        let mut attn = q.mul_scalar(scale).matmul(k.swap_dims(2, 3));
+        let q_bias = self.q_bias.as_ref().map(|b| b.val());
+        let v_bias = self.v_bias.as_ref().map(|b| b.val());
+        let q = qkv_part(&weight, q_bias, &rows, 0, scale, shape);
+        let k = qkv_part(&weight, None, &rows, 1, 1.0, shape);
+        let v = qkv_part(&weight, v_bias, &rows, 2, 1.0, shape);
+
+        let mut attn = q.matmul(k.swap_dims(2, 3));
         if let (Some(table), Some(index)) = (
             &self.relative_position_bias_table,
             &self.relative_position_index,
