@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Side-by-side step benchmark: the Rust step (burn-flex, and burn-ndarray) alternating with the
+# PyTorch reference of ../shared/bench on the same cores, for the two configurations of the
+# model issue. Prints one JSON line per run and a summary table with the ratios.
+# Needs the reference's venv: python3 -m venv .venv-torchref && .venv-torchref/bin/pip install torch timm
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+rounds="${ROUNDS:-2}"
+py="${TORCH_PYTHON:-$root/.venv-torchref/bin/python}"
+ref="$root/../shared/bench/torch_simmim_step.py"
+export MIMALLOC_PURGE_DELAY=-1
+bin=$(cargo bench -p simmim-model --features ndarray --bench step --no-run 2>&1 |
+  grep -o 'target/release/deps/step-[0-9a-f]*' | tail -1)
+out=$(mktemp)
+configs=("swin_tiny 8 --img 192 --window 6" "swin_micro 64")
+for ((r = 0; r < rounds; r++)); do
+  for cfg in "${configs[@]}"; do
+    set -- $cfg
+    model=$1 batch=$2; shift 2
+    "$bin" --model "$model" --batch "$batch" --steps 5 --warmup 2 --json "$@" | tee -a "$out"
+    "$py" "$ref" --model "$model" --batch "$batch" --steps 5 --warmup 2 --threads 2 --json "$@" |
+      python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"impl":"torch","backend":"torch","model":d["model"],"batch":d["batch"],"step_s":d["step_s_median"],"fwd_s":d["fwd_s_mean"],"bwd_s":d["bwd_s_mean"],"opt_s":d["clip_opt_s_mean"],"images_per_s":d["batch"]/d["step_s_median"]}))' | tee -a "$out"
+    "$bin" --backend ndarray --model "$model" --batch "$batch" --steps 5 --warmup 2 --json "$@" | tee -a "$out"
+  done
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+print("\n| model | batch | torch img/s | burn-flex img/s | flex/torch | burn-ndarray img/s | ndarray/torch |")
+print("|---|---|---|---|---|---|---|")
+for model in dict.fromkeys(r["model"] for r in runs):
+    pick = lambda b: statistics.median(r["images_per_s"] for r in runs if r["model"] == model and r["backend"] == b)
+    t, f, n = pick("torch"), pick("flex"), pick("ndarray")
+    batch = next(r["batch"] for r in runs if r["model"] == model)
+    print(f"| {model} | {batch} | {t:.2f} | {f:.2f} | {f/t:.2f}x | {n:.2f} | {n/t:.2f}x |")
+PY
