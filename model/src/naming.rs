@@ -121,3 +121,70 @@ pub fn takes_weight_decay(name: &str, shape: &[usize]) -> bool {
         || name.ends_with(".bias")
         || NO_DECAY_KEYWORDS.iter().any(|k| name.contains(k)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SimMimConfig;
+    use burn_flex::Flex;
+
+    #[test]
+    fn official_names_and_weight_decay_groups() {
+        let config = SimMimConfig::preset("swin_micro").expect("preset");
+        let model = config.init::<Flex>(0, &Default::default()).expect("init");
+        let params = parameters::<Flex, _>(&model);
+        let find = |name: &str| {
+            params
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap_or_else(|| panic!("no parameter {name}"))
+        };
+        let qkv = find("encoder.layers.0.blocks.1.attn.qkv.weight");
+        assert_eq!(qkv.shape, vec![144, 48]);
+        assert!(qkv.transposed);
+        assert_eq!(find("decoder.0.weight").shape, vec![768, 384, 1, 1]);
+        assert_eq!(
+            find("encoder.layers.3.blocks.1.norm2.weight").shape,
+            vec![384]
+        );
+        let decays: Vec<(&str, bool)> = [
+            "encoder.patch_embed.proj.weight",
+            "encoder.patch_embed.proj.bias",
+            "encoder.patch_embed.norm.weight",
+            "encoder.mask_token",
+            "encoder.layers.0.blocks.0.attn.relative_position_bias_table",
+            "encoder.layers.0.blocks.0.mlp.fc1.weight",
+            "encoder.layers.0.downsample.reduction.weight",
+            "decoder.0.weight",
+            "decoder.0.bias",
+        ]
+        .into_iter()
+        .map(|n| (n, takes_weight_decay(n, &find(n).shape)))
+        .collect();
+        assert_eq!(
+            decays,
+            vec![
+                ("encoder.patch_embed.proj.weight", true),
+                ("encoder.patch_embed.proj.bias", false),
+                ("encoder.patch_embed.norm.weight", false),
+                ("encoder.mask_token", false),
+                (
+                    "encoder.layers.0.blocks.0.attn.relative_position_bias_table",
+                    false
+                ),
+                ("encoder.layers.0.blocks.0.mlp.fc1.weight", true),
+                ("encoder.layers.0.downsample.reduction.weight", true),
+                ("decoder.0.weight", true),
+                ("decoder.0.bias", false),
+            ]
+        );
+        // Every name is unique and official-looking.
+        let mut names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), params.len());
+        assert!(names
+            .iter()
+            .all(|n| !n.contains("gamma") && !n.contains("beta")));
+    }
+}

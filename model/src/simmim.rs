@@ -150,3 +150,54 @@ pub fn mask_tensor<B: Backend>(
     let values: Vec<f32> = masks.iter().map(|&m| m as f32).collect();
     Tensor::from_data(TensorData::new(values, [batch, side, side]), device)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EncoderConfig;
+    use burn::backend::Autodiff;
+    use burn_flex::Flex;
+
+    fn loss<B: Backend>(config: &SimMimConfig) -> Vec<f32> {
+        let device = Default::default();
+        let model = config.init::<B>(3, &device).expect("init");
+        let geometry = config.mask_geometry().expect("geometry");
+        let side = geometry.token_grid();
+        let masks: Vec<u8> = (0..2).flat_map(|i| geometry.generate(i)).collect();
+        let img = config.encoder.img_size();
+        let values: Vec<f32> = (0..2 * 3 * img * img)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        let images = Tensor::<B, 4>::from_data(TensorData::new(values, [2, 3, img, img]), &device);
+        (0..2)
+            .map(|_| {
+                model
+                    .forward(images.clone(), mask_tensor(&masks, 2, side, &device))
+                    .loss
+                    .into_scalar()
+                    .elem()
+            })
+            .collect()
+    }
+
+    use burn::tensor::ElementConversion;
+
+    #[test]
+    fn drop_path_is_random_in_training_and_off_in_inference() {
+        let mut config = SimMimConfig::preset("swin_micro").expect("preset");
+        if let EncoderConfig::Swin(c) = &mut config.encoder {
+            c.img_size = 32;
+            c.depths = vec![2, 2];
+            c.num_heads = vec![3, 6];
+            c.drop_path_rate = 0.5;
+        }
+        config.validate().expect("valid");
+        let train = loss::<Autodiff<Flex>>(&config);
+        assert_ne!(
+            train[0], train[1],
+            "drop path must vary between training passes"
+        );
+        let eval = loss::<Flex>(&config);
+        assert_eq!(eval[0], eval[1], "no drop path without autodiff");
+    }
+}

@@ -3,6 +3,7 @@
 //! its weights, and must reproduce the reference loss, reconstruction, every gradient and the
 //! losses of three AdamW steps within the tolerances of the fixtures' README.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -347,8 +348,10 @@ fn check_dir(dir: &Path) {
             }
         }
     }
-    println!(
-        "checked {} parity cases in {}, {} failed",
+    // Written to the stream directly so the count shows even when cargo captures output.
+    let _ = writeln!(
+        std::io::stderr(),
+        "parity: checked {} cases in {}, {} failed",
         cases.len(),
         dir.display(),
         failed.len()
