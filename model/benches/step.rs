@@ -64,7 +64,7 @@ fn median(values: &[f64]) -> f64 {
     sorted[sorted.len() / 2]
 }
 
-fn run<B: AutodiffBackend>(
+fn run<B: AutodiffBackend + simmim_model::SimMimBackend>(
     args: &Args,
     config: &SimMimConfig,
     batch: usize,

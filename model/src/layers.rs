@@ -2,8 +2,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
-use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData, TensorPrimitive};
+
+use crate::backend::SimMimBackend;
 
 use crate::init::{constant, WeightInit};
 
@@ -100,7 +101,7 @@ pub struct Mlp<B: Backend> {
     pub fc2: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: SimMimBackend> Mlp<B> {
     pub fn new(init: &mut WeightInit, dim: usize, ratio: f64, device: &B::Device) -> Self {
         let hidden = (dim as f64 * ratio) as usize;
         Self {
@@ -111,7 +112,10 @@ impl<B: Backend> Mlp<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, dim] = x.dims();
-        let hidden = gelu(self.fc1.forward(x.reshape([batch * tokens, dim])));
+        let hidden = self.fc1.forward(x.reshape([batch * tokens, dim]));
+        let hidden = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::gelu_exact(
+            hidden.into_primitive().tensor(),
+        )));
         self.fc2.forward(hidden).reshape([batch, tokens, dim])
     }
 }

@@ -1,6 +1,7 @@
 //! SimMIM on Burn: Swin and ViT encoders, the mask token, the linear pixel-shuffle head and
 //! the masked L1 loss, with weights under the official PyTorch names.
 
+pub mod backend;
 pub mod config;
 pub mod error;
 pub mod init;
@@ -15,6 +16,7 @@ pub mod swin;
 pub mod vit;
 pub mod weights;
 
+pub use backend::SimMimBackend;
 pub use config::{EncoderConfig, SimMimConfig, SwinConfig, VitConfig};
 pub use error::ModelError;
 pub use mask::MaskGeometry;

@@ -4,6 +4,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
+use crate::backend::SimMimBackend;
 use crate::config::{EncoderConfig, SimMimConfig};
 use crate::error::ModelError;
 use crate::init::WeightInit;
@@ -18,7 +19,7 @@ pub enum Encoder<B: Backend> {
     Vit(Vit<B>),
 }
 
-impl<B: Backend> Encoder<B> {
+impl<B: SimMimBackend> Encoder<B> {
     pub fn forward(&self, images: Tensor<B, 4>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
         match self {
             Self::Swin(swin) => swin.forward(images, mask),
@@ -37,7 +38,7 @@ pub struct PixelShuffleHead<B: Backend> {
     out_chans: usize,
 }
 
-impl<B: Backend> PixelShuffleHead<B> {
+impl<B: SimMimBackend> PixelShuffleHead<B> {
     /// Tokens `[B, h*w, C]` on a square grid to an image `[B, out_chans, h*stride, w*stride]`.
     pub fn forward(&self, tokens: Tensor<B, 3>) -> Tensor<B, 4> {
         let [batch, count, dim] = tokens.dims();
@@ -72,7 +73,11 @@ pub struct SimMimOutput<B: Backend> {
 impl SimMimConfig {
     /// Builds the model with the official initialisation, drawn from `seed` on the host so
     /// every process that builds with the same seed holds the same weights.
-    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Result<SimMim<B>, ModelError> {
+    pub fn init<B: SimMimBackend>(
+        &self,
+        seed: u64,
+        device: &B::Device,
+    ) -> Result<SimMim<B>, ModelError> {
         self.validate()?;
         let mut init = WeightInit::new(seed);
         let encoder = match &self.encoder {
@@ -97,7 +102,7 @@ impl SimMimConfig {
     }
 }
 
-impl<B: Backend> SimMim<B> {
+impl<B: SimMimBackend> SimMim<B> {
     /// `images` `[B, C, H, W]` (normalised), `mask` `[B, H/patch, W/patch]` with 1 = masked.
     pub fn forward(&self, images: Tensor<B, 4>, mask: Tensor<B, 3>) -> SimMimOutput<B> {
         let [batch, rows, cols] = mask.dims();
@@ -158,7 +163,7 @@ mod tests {
     use burn::backend::Autodiff;
     use burn_flex::Flex;
 
-    fn loss<B: Backend>(config: &SimMimConfig) -> Vec<f32> {
+    fn loss<B: SimMimBackend>(config: &SimMimConfig) -> Vec<f32> {
         let device = Default::default();
         let model = config.init::<B>(3, &device).expect("init");
         let geometry = config.mask_geometry().expect("geometry");

@@ -12,11 +12,12 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
+use crate::backend::SimMimBackend;
 use crate::simmim::SimMim;
 
 /// Loss (as a number) and gradients for `images` `[B, C, H, W]` and `mask` `[B, h, w]`,
 /// computed as `shards` sub-batches concurrently (`shards` is clamped to `1..=B`).
-pub fn loss_and_grads<B: AutodiffBackend>(
+pub fn loss_and_grads<B: AutodiffBackend + SimMimBackend>(
     model: &SimMim<B>,
     images: Tensor<B, 4>,
     mask: Tensor<B, 3>,

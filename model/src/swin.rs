@@ -6,6 +6,7 @@ use burn::nn::{LayerNorm, Linear};
 use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
+use crate::backend::SimMimBackend;
 use crate::config::SwinConfig;
 use crate::init::WeightInit;
 use crate::layers::{
@@ -24,7 +25,7 @@ pub struct WindowAttention<B: Backend> {
     window: usize,
 }
 
-impl<B: Backend> WindowAttention<B> {
+impl<B: SimMimBackend> WindowAttention<B> {
     fn new(
         init: &mut WeightInit,
         dim: usize,
@@ -113,7 +114,7 @@ pub struct SwinBlock<B: Backend> {
     drop_path: f64,
 }
 
-impl<B: Backend> SwinBlock<B> {
+impl<B: SimMimBackend> SwinBlock<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, dim] = x.dims();
         let win = self.window;
@@ -201,7 +202,7 @@ pub struct PatchMerging<B: Backend> {
     order: Tensor<B, 1, Int>,
 }
 
-impl<B: Backend> PatchMerging<B> {
+impl<B: SimMimBackend> PatchMerging<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, dim] = x.dims();
         let merged = x
@@ -227,7 +228,7 @@ pub struct Swin<B: Backend> {
     pub norm: LayerNorm<B>,
 }
 
-impl<B: Backend> Swin<B> {
+impl<B: SimMimBackend> Swin<B> {
     pub fn new(config: &SwinConfig, init: &mut WeightInit, device: &B::Device) -> Self {
         let c = config;
         let tokens = c.patches_resolution() * c.patches_resolution();

@@ -7,6 +7,7 @@ use burn::nn::{LayerNorm, Linear};
 use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Int, Tensor};
 
+use crate::backend::SimMimBackend;
 use crate::config::VitConfig;
 use crate::init::{constant, WeightInit};
 use crate::layers::{
@@ -25,7 +26,7 @@ pub struct RelativePositionBias<B: Backend> {
     tokens: usize,
 }
 
-impl<B: Backend> RelativePositionBias<B> {
+impl<B: SimMimBackend> RelativePositionBias<B> {
     fn new(grid: usize, heads: usize, device: &B::Device) -> Self {
         Self {
             // BEiT initialises these tables to zero.
@@ -58,7 +59,7 @@ pub struct VitAttention<B: Backend> {
     num_heads: usize,
 }
 
-impl<B: Backend> VitAttention<B> {
+impl<B: SimMimBackend> VitAttention<B> {
     fn forward(&self, x: Tensor<B, 3>, shared_bias: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
         let [batch, tokens, dim] = x.dims();
         let heads = self.num_heads;
@@ -103,7 +104,7 @@ pub struct VitBlock<B: Backend> {
     drop_path: f64,
 }
 
-impl<B: Backend> VitBlock<B> {
+impl<B: SimMimBackend> VitBlock<B> {
     fn forward(&self, x: Tensor<B, 3>, shared_bias: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
         let scale = |branch: Tensor<B, 3>, gamma: &Option<Param<Tensor<B, 1>>>| match gamma {
             Some(g) => branch * g.val().unsqueeze_dim::<2>(0).unsqueeze_dim(0),
@@ -129,7 +130,7 @@ pub struct Vit<B: Backend> {
     pub norm: LayerNorm<B>,
 }
 
-impl<B: Backend> Vit<B> {
+impl<B: SimMimBackend> Vit<B> {
     pub fn new(config: &VitConfig, init: &mut WeightInit, device: &B::Device) -> Self {
         let c = config;
         let grid = c.patches_resolution();
