@@ -1,13 +1,18 @@
-//! The backends the model runs on, and the one op it brings itself: exact (erf) GELU.
+//! The backends the model runs on, and the ops it brings itself.
 //!
-//! burn-flex evaluates GELU and its gradient element by element through a scalar `erff` and
-//! `expf` on one thread; on the Swin step that was the largest cost after the matmuls. The
-//! CPU kernel here uses a rational erf approximation and a range-reduced exp that the
-//! compiler vectorises, split across threads. Other backends keep their own GELU.
+//! - Exact (erf) GELU: burn-flex evaluates GELU and its gradient element by element through a
+//!   scalar `erff` and `expf` on one thread. The CPU kernel here uses a rational erf
+//!   approximation and a range-reduced exp that the compiler vectorises, split across threads.
+//! - LayerNorm with a fused backward: Burn's autodiff differentiates LayerNorm through its
+//!   decomposition (mean, subtract, square, mean, sqrt, divide, scale, shift), storing each
+//!   intermediate and running about fifteen passes backward. Here the forward is the
+//!   backend's fused LayerNorm and the backward one pass per row (two on the CPU kernel).
+//!
+//! Backends without their own kernels use Burn's ops through the trait's defaults.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{ActivationOps, FloatTensor};
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{DType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
@@ -25,6 +30,26 @@ pub trait SimMimBackend: Backend {
     /// `grad * d/dx[x * Φ(x)]`.
     fn gelu_exact_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::gelu_backward(x, grad)
+    }
+
+    /// LayerNorm over the last dimension (biased variance, as PyTorch).
+    fn layer_norm_affine(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        Self::layer_norm(x, gamma, Some(beta), epsilon)
+    }
+
+    /// Gradients of [`Self::layer_norm_affine`] with respect to `x`, `gamma` and `beta`.
+    fn layer_norm_affine_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> [FloatTensor<Self>; 3] {
+        layer_norm_backward_decomposed::<Self>(x, gamma, grad, epsilon)
     }
 }
 
@@ -57,6 +82,76 @@ impl SimMimBackend for Flex {
         let out = map_parallel(input, Some(upstream), |x, g| g * gelu_derivative(x));
         FlexTensor::from_data(TensorData::new(out, shape))
     }
+
+    fn layer_norm_affine_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> [FloatTensor<Self>; 3] {
+        let all_f32 = [&x, &gamma, &grad].iter().all(|t| t.dtype() == DType::F32);
+        let (x, gamma, grad) = (
+            x.to_contiguous(),
+            gamma.to_contiguous(),
+            grad.to_contiguous(),
+        );
+        let shape = x.layout().shape().clone();
+        let gamma_shape = gamma.layout().shape().clone();
+        let slices = (
+            x.as_slice::<f32>(),
+            gamma.as_slice::<f32>(),
+            grad.as_slice::<f32>(),
+        );
+        let (Some(xs), Some(gs), Some(ds)) = slices else {
+            return layer_norm_backward_decomposed::<Flex>(x, gamma, grad, epsilon);
+        };
+        if !all_f32 || gs.is_empty() || xs.len() != ds.len() || xs.len() % gs.len() != 0 {
+            return layer_norm_backward_decomposed::<Flex>(x, gamma, grad, epsilon);
+        }
+        let (dx, dgamma, dbeta) = layer_norm_backward_rows(xs, gs, ds, epsilon as f32);
+        [
+            FlexTensor::from_data(TensorData::new(dx, shape)),
+            FlexTensor::from_data(TensorData::new(dgamma, gamma_shape.clone())),
+            FlexTensor::from_data(TensorData::new(dbeta, gamma_shape)),
+        ]
+    }
+}
+
+/// LayerNorm backward from Burn tensor ops: the default for backends without a kernel.
+fn layer_norm_backward_decomposed<B: Backend>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    epsilon: f64,
+) -> [FloatTensor<B>; 3] {
+    let shape = x.shape();
+    let width = shape[shape.num_dims() - 1];
+    let rows = shape.num_elements() / width;
+    let matrix = |t: FloatTensor<B>| {
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t)).reshape([rows, width])
+    };
+    let (x, grad) = (matrix(x), matrix(grad));
+    let gamma = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(gamma));
+    let centered = x.clone() - x.mean_dim(1);
+    let rstd = centered
+        .clone()
+        .square()
+        .mean_dim(1)
+        .add_scalar(epsilon)
+        .sqrt()
+        .recip();
+    let normalized = centered * rstd.clone();
+    let d_normalized = grad.clone() * gamma.unsqueeze_dim(0);
+    let mean_d = d_normalized.clone().mean_dim(1);
+    let mean_d_dot = (d_normalized.clone() * normalized.clone()).mean_dim(1);
+    let dx = (d_normalized - mean_d - normalized.clone() * mean_d_dot) * rstd;
+    let dgamma = (grad.clone() * normalized).sum_dim(0).reshape([width]);
+    let dbeta = grad.sum_dim(0).reshape([width]);
+    [
+        B::float_reshape(dx.into_primitive().tensor(), shape),
+        dgamma.into_primitive().tensor(),
+        dbeta.into_primitive().tensor(),
+    ]
 }
 
 #[cfg(feature = "ndarray")]
@@ -70,6 +165,65 @@ impl SimMimBackend for burn_cuda::Cuda<burn::tensor::bf16> {}
 impl SimMimBackend for burn_cuda::Cuda<burn::tensor::f16> {}
 
 impl<B: SimMimBackend, C: CheckpointStrategy> SimMimBackend for Autodiff<B, C> {
+    fn layer_norm_affine(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormAffine;
+
+        impl<B: SimMimBackend> Backward<B, 3> for LayerNormAffine {
+            type State = (NodeId, NodeId, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (x_state, gamma_state, epsilon) = ops.state;
+                let [x_parent, gamma_parent, beta_parent] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let x: FloatTensor<B> = checkpointer.retrieve_node_output(x_state);
+                let gamma: FloatTensor<B> = checkpointer.retrieve_node_output(gamma_state);
+                let [dx, dgamma, dbeta] = B::layer_norm_affine_backward(x, gamma, grad, epsilon);
+                for (parent, gradient) in
+                    [(x_parent, dx), (gamma_parent, dgamma), (beta_parent, dbeta)]
+                {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, gradient);
+                    }
+                }
+            }
+        }
+
+        match LayerNormAffine
+            .prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let gamma_state = prep.checkpoint(&gamma);
+                let output = B::layer_norm_affine(
+                    x.primitive.clone(),
+                    gamma.primitive.clone(),
+                    beta.primitive.clone(),
+                    epsilon,
+                );
+                prep.finish((x_state, gamma_state, epsilon), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::layer_norm_affine(
+                x.primitive,
+                gamma.primitive,
+                beta.primitive,
+                epsilon,
+            )),
+        }
+    }
+
     fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct GeluExact;
@@ -102,6 +256,89 @@ impl<B: SimMimBackend, C: CheckpointStrategy> SimMimBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::gelu_exact(x.primitive)),
         }
     }
+}
+
+/// LayerNorm backward over rows of `gamma.len()`: `(dx, dgamma, dbeta)`. Mean and inverse
+/// deviation are recomputed per row (cheaper than storing them); rows are split across
+/// threads, each with its own `dgamma`/`dbeta` partial sums.
+fn layer_norm_backward_rows(
+    x: &[f32],
+    gamma: &[f32],
+    grad: &[f32],
+    epsilon: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let width = gamma.len();
+    let rows = x.len() / width;
+    let mut dx = vec![0f32; x.len()];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if rows * width < 1 << 16 { 1 } else { threads };
+    let rows_per_thread = rows.div_ceil(threads).max(1);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = dx
+            .chunks_mut(rows_per_thread * width)
+            .enumerate()
+            .map(|(index, dx)| {
+                let start = index * rows_per_thread * width;
+                let x = &x[start..start + dx.len()];
+                let grad = &grad[start..start + dx.len()];
+                scope.spawn(move || layer_norm_backward_block(x, gamma, grad, epsilon, dx))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(partial) => partial,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    });
+    let mut dgamma = vec![0f32; width];
+    let mut dbeta = vec![0f32; width];
+    for (pg, pb) in partials {
+        for k in 0..width {
+            dgamma[k] += pg[k];
+            dbeta[k] += pb[k];
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
+fn layer_norm_backward_block(
+    x: &[f32],
+    gamma: &[f32],
+    grad: &[f32],
+    epsilon: f32,
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let width = gamma.len();
+    let inv_width = 1.0 / width as f32;
+    let mut dgamma = vec![0f32; width];
+    let mut dbeta = vec![0f32; width];
+    for ((row, g), out) in x
+        .chunks_exact(width)
+        .zip(grad.chunks_exact(width))
+        .zip(dx.chunks_exact_mut(width))
+    {
+        let mean = row.iter().sum::<f32>() * inv_width;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() * inv_width;
+        let rstd = 1.0 / (var + epsilon).sqrt();
+        let (mut mean_d, mut mean_d_dot) = (0f32, 0f32);
+        for k in 0..width {
+            let normalized = (row[k] - mean) * rstd;
+            let d = g[k] * gamma[k];
+            mean_d += d;
+            mean_d_dot += d * normalized;
+            dgamma[k] += g[k] * normalized;
+            dbeta[k] += g[k];
+        }
+        mean_d *= inv_width;
+        mean_d_dot *= inv_width;
+        for k in 0..width {
+            let normalized = (row[k] - mean) * rstd;
+            out[k] = rstd * (g[k] * gamma[k] - mean_d - normalized * mean_d_dot);
+        }
+    }
+    (dgamma, dbeta)
 }
 
 /// Applies `op(x[i], g[i])` over chunks on all cores (`g` is 0 when absent).
@@ -219,6 +456,80 @@ mod tests {
             sum += f(i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 };
         }
         sum * h / 3.0 * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    /// The fused LayerNorm (Flex kernel, and the decomposed default on NdArray-free Flex
+    /// fallback) against Burn's LayerNorm differentiated through its decomposition.
+    #[test]
+    fn layer_norm_gradients_match_burns_decomposition() {
+        use burn::backend::Autodiff;
+        use burn::nn::LayerNormConfig;
+        use burn::tensor::Distribution;
+        type AD = Autodiff<Flex>;
+        let device = Default::default();
+        for rows in [300, 2000] {
+            let width = 48;
+            let x = Tensor::<AD, 2>::random([rows, width], Distribution::Normal(0.5, 2.0), &device)
+                .require_grad();
+            let upstream =
+                Tensor::<AD, 2>::random([rows, width], Distribution::Normal(0.0, 1.0), &device);
+            let mut reference = LayerNormConfig::new(width)
+                .with_epsilon(1e-5)
+                .init::<AD>(&device);
+            reference.gamma = reference.gamma.map(|g| {
+                Tensor::random([width], Distribution::Normal(1.0, 0.3), &device).require_grad()
+                    + g.zeros_like()
+            });
+            let ours = crate::layers::LayerNorm::<AD> {
+                gamma: reference.gamma.clone(),
+                beta: reference.beta.clone().expect("beta"),
+                epsilon: 1e-5,
+            };
+            let run = |y: Tensor<AD, 2>| {
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                let get = |t: Option<Tensor<Flex, 2>>| {
+                    t.expect("grad").into_data().to_vec::<f32>().expect("f32")
+                };
+                (
+                    y.into_data().to_vec::<f32>().expect("f32"),
+                    get(x.grad(&grads)),
+                )
+            };
+            let (y_ref, dx_ref) = run(reference.forward(x.clone()));
+            let (y_ours, dx_ours) = run(ours.forward(x.clone()));
+            let max_diff =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(max_diff(&y_ref, &y_ours) < 1e-5, "forward differs");
+            assert!(
+                max_diff(&dx_ref, &dx_ours) < 1e-4,
+                "dx differs: {}",
+                max_diff(&dx_ref, &dx_ours)
+            );
+
+            // Parameter gradients, and the decomposed default on the same inputs.
+            let xs = x.clone().inner();
+            let g = upstream.clone().inner();
+            let gamma = reference.gamma.val().inner();
+            let [_, dgamma, dbeta] = <Flex as SimMimBackend>::layer_norm_affine_backward(
+                xs.clone().into_primitive().tensor(),
+                gamma.clone().into_primitive().tensor(),
+                g.clone().into_primitive().tensor(),
+                1e-5,
+            );
+            let [dx_dec, dgamma_dec, dbeta_dec] = layer_norm_backward_decomposed::<Flex>(
+                xs.into_primitive().tensor(),
+                gamma.into_primitive().tensor(),
+                g.into_primitive().tensor(),
+                1e-5,
+            );
+            let vec = |t: FlexTensor| t.into_data().to_vec::<f32>().expect("f32");
+            assert!(max_diff(&vec(dx_dec), &dx_ref) < 1e-4);
+            let (dgamma, dgamma_dec) = (vec(dgamma), vec(dgamma_dec));
+            let (dbeta, dbeta_dec) = (vec(dbeta), vec(dbeta_dec));
+            let scale = dbeta_dec.iter().fold(1f32, |m, v| m.max(v.abs()));
+            assert!(max_diff(&dgamma, &dgamma_dec) < 1e-4 * scale, "dgamma");
+            assert!(max_diff(&dbeta, &dbeta_dec) < 1e-4 * scale, "dbeta");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Building blocks shared by the Swin and ViT encoders and the SimMIM head.
 
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData, TensorPrimitive};
 
 use crate::backend::SimMimBackend;
@@ -25,7 +25,33 @@ pub fn linear<B: Backend>(
 }
 
 pub fn layer_norm<B: Backend>(dim: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
-    LayerNormConfig::new(dim).with_epsilon(eps).init(device)
+    LayerNorm {
+        gamma: constant([dim], 1.0, device),
+        beta: constant([dim], 0.0, device),
+        epsilon: eps,
+    }
+}
+
+/// `nn.LayerNorm(dim, eps)` with its affine parameters, run through the backend's fused
+/// LayerNorm op (and its one-pass backward). Burn's own LayerNorm keeps epsilon private and
+/// is differentiated through its decomposition. The parameter names match Burn's (`gamma`,
+/// `beta`) so the naming layer maps both the same way.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub gamma: Param<Tensor<B, 1>>,
+    pub beta: Param<Tensor<B, 1>>,
+    pub(crate) epsilon: f64,
+}
+
+impl<B: SimMimBackend> LayerNorm<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm_affine(
+            x.into_primitive().tensor(),
+            self.gamma.val().into_primitive().tensor(),
+            self.beta.val().into_primitive().tensor(),
+            self.epsilon,
+        )))
+    }
 }
 
 /// A convolution with kernel = stride = `patch` (the patch embedding), computed as one
@@ -67,7 +93,7 @@ pub struct PatchEmbed<B: Backend> {
     pub norm: Option<LayerNorm<B>>,
 }
 
-impl<B: Backend> PatchEmbed<B> {
+impl<B: SimMimBackend> PatchEmbed<B> {
     pub fn new(
         init: &mut WeightInit,
         in_chans: usize,

@@ -2,7 +2,7 @@
 //! module tree (so parameter paths map one-to-one onto the official names), same math.
 
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
@@ -11,7 +11,7 @@ use crate::config::SwinConfig;
 use crate::init::WeightInit;
 use crate::layers::{
     drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
-    relative_bias, Mlp, PatchEmbed,
+    relative_bias, LayerNorm, Mlp, PatchEmbed,
 };
 use crate::rel_pos::{swin_relative_position_index, swin_shift_mask, swin_table_rows};
 

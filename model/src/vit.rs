@@ -3,7 +3,7 @@
 //! q and v biases only, LayerNorm eps 1e-6.
 
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Int, Tensor};
 
@@ -12,7 +12,7 @@ use crate::config::VitConfig;
 use crate::init::{constant, WeightInit};
 use crate::layers::{
     drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
-    relative_bias, Mlp, PatchEmbed,
+    relative_bias, LayerNorm, Mlp, PatchEmbed,
 };
 use crate::rel_pos::{vit_relative_position_index, vit_table_rows};
 
