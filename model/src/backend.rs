@@ -8,6 +8,9 @@
 //!   intermediate and running about fifteen passes backward. Here the forward is the
 //!   backend's fused LayerNorm and the backward one pass per row (two on the CPU kernel).
 //!
+//! - Softmax over the last dimension with a fused backward (`y * (g - sum(g * y))` per row)
+//!   instead of the decomposition's max, subtract, exp, sum and divide.
+//!
 //! Backends without their own kernels use Burn's ops through the trait's defaults.
 
 use burn::tensor::backend::Backend;
@@ -30,6 +33,17 @@ pub trait SimMimBackend: Backend {
     /// `grad * d/dx[x * Φ(x)]`.
     fn gelu_exact_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::gelu_backward(x, grad)
+    }
+
+    /// Softmax over the last dimension.
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let last = x.shape().num_dims() - 1;
+        Self::softmax(x, last)
+    }
+
+    /// Gradient of [`Self::softmax_last`] from its output `y`: `y * (grad - sum(grad * y))`.
+    fn softmax_last_backward(y: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        softmax_backward_decomposed::<Self>(y, grad)
     }
 
     /// LayerNorm over the last dimension (biased variance, as PyTorch).
@@ -83,6 +97,38 @@ impl SimMimBackend for Flex {
         FlexTensor::from_data(TensorData::new(out, shape))
     }
 
+    fn softmax_last_backward(y: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (y, grad) = (y.to_contiguous(), grad.to_contiguous());
+        let shape = y.layout().shape().clone();
+        let width = shape[shape.num_dims() - 1];
+        let f32s = y.dtype() == DType::F32 && grad.dtype() == DType::F32;
+        let (Some(ys), Some(gs)) = (y.as_slice::<f32>(), grad.as_slice::<f32>()) else {
+            return softmax_backward_decomposed::<Flex>(y, grad);
+        };
+        if !f32s || width == 0 || ys.len() != gs.len() {
+            return softmax_backward_decomposed::<Flex>(y, grad);
+        }
+        let mut out = vec![0f32; ys.len()];
+        let rows_per_task = (1usize << 15).div_ceil(width);
+        for_row_blocks(&mut out, width, rows_per_task, |start, block| {
+            let (ys, gs) = (
+                &ys[start..start + block.len()],
+                &gs[start..start + block.len()],
+            );
+            for ((o, y), g) in block
+                .chunks_exact_mut(width)
+                .zip(ys.chunks_exact(width))
+                .zip(gs.chunks_exact(width))
+            {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for k in 0..width {
+                    o[k] = y[k] * (g[k] - dot);
+                }
+            }
+        });
+        FlexTensor::from_data(TensorData::new(out, shape))
+    }
+
     fn layer_norm_affine_backward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -115,6 +161,44 @@ impl SimMimBackend for Flex {
             FlexTensor::from_data(TensorData::new(dbeta, gamma_shape)),
         ]
     }
+}
+
+/// Softmax backward from Burn tensor ops (for inputs the CPU kernel does not take).
+fn softmax_backward_decomposed<B: Backend>(
+    y: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let shape = y.shape();
+    let width = shape[shape.num_dims() - 1];
+    let rows = shape.num_elements() / width;
+    let matrix = |t: FloatTensor<B>| {
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t)).reshape([rows, width])
+    };
+    let (y, grad) = (matrix(y), matrix(grad));
+    let dot = (grad.clone() * y.clone()).sum_dim(1);
+    B::float_reshape((y * (grad - dot)).into_primitive().tensor(), shape)
+}
+
+/// Runs `work(first_element, block)` over blocks of whole rows of `out` on all cores.
+fn for_row_blocks(
+    out: &mut [f32],
+    width: usize,
+    rows_per_task: usize,
+    work: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rows = out.len() / width.max(1);
+    if threads == 1 || rows <= rows_per_task {
+        work(0, out);
+        return;
+    }
+    let block = rows.div_ceil(threads) * width;
+    std::thread::scope(|scope| {
+        for (index, chunk) in out.chunks_mut(block).enumerate() {
+            let work = &work;
+            scope.spawn(move || work(index * block, chunk));
+        }
+    });
 }
 
 /// LayerNorm backward from Burn tensor ops: the default for backends without a kernel.
@@ -165,6 +249,40 @@ impl SimMimBackend for burn_cuda::Cuda<burn::tensor::bf16> {}
 impl SimMimBackend for burn_cuda::Cuda<burn::tensor::f16> {}
 
 impl<B: SimMimBackend, C: CheckpointStrategy> SimMimBackend for Autodiff<B, C> {
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SoftmaxLast;
+
+        impl<B: SimMimBackend> Backward<B, 1> for SoftmaxLast {
+            /// The forward output, which is all the backward needs.
+            type State = FloatTensor<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let output = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    B::softmax_last_backward(output, grad)
+                });
+            }
+        }
+
+        match SoftmaxLast
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::softmax_last(x.primitive);
+                prep.finish(output.clone(), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::softmax_last(x.primitive)),
+        }
+    }
+
     fn layer_norm_affine(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -529,6 +647,33 @@ mod tests {
             let scale = dbeta_dec.iter().fold(1f32, |m, v| m.max(v.abs()));
             assert!(max_diff(&dgamma, &dgamma_dec) < 1e-4 * scale, "dgamma");
             assert!(max_diff(&dbeta, &dbeta_dec) < 1e-4 * scale, "dbeta");
+        }
+    }
+
+    #[test]
+    fn softmax_gradient_matches_burns_decomposition() {
+        use burn::backend::Autodiff;
+        use burn::tensor::{activation, Distribution};
+        type AD = Autodiff<Flex>;
+        let device = Default::default();
+        for shape in [[3, 2, 5, 7], [512, 3, 16, 16]] {
+            let x = Tensor::<AD, 4>::random(shape, Distribution::Normal(0.0, 3.0), &device)
+                .require_grad();
+            let upstream = Tensor::<AD, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let run = |y: Tensor<AD, 4>| {
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                let dx = x.grad(&grads).expect("grad");
+                (
+                    y.into_data().to_vec::<f32>().expect("f32"),
+                    dx.into_data().to_vec::<f32>().expect("f32"),
+                )
+            };
+            let (y_ref, dx_ref) = run(activation::softmax(x.clone(), 3));
+            let (y, dx) = run(crate::layers::softmax_last(x.clone()));
+            let max_diff =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(max_diff(&y, &y_ref) < 1e-6);
+            assert!(max_diff(&dx, &dx_ref) < 1e-5, "{}", max_diff(&dx, &dx_ref));
         }
     }
 

@@ -186,6 +186,13 @@ pub fn qkv_part<B: Backend>(
         .swap_dims(1, 2)
 }
 
+/// Softmax over the last dimension through the backend's fused op and backward.
+pub fn softmax_last<B: SimMimBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::softmax_last(
+        x.into_primitive().tensor(),
+    )))
+}
+
 /// Stochastic depth on a residual branch `[B, ...]`: active only while gradients are being
 /// tracked (training), like `timm.DropPath` in train mode.
 pub fn drop_path<B: Backend>(branch: Tensor<B, 3>, rate: f64) -> Tensor<B, 3> {

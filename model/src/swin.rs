@@ -3,7 +3,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::backend::SimMimBackend;
@@ -11,7 +10,7 @@ use crate::config::SwinConfig;
 use crate::init::WeightInit;
 use crate::layers::{
     drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
-    relative_bias, LayerNorm, Mlp, PatchEmbed,
+    relative_bias, softmax_last, LayerNorm, Mlp, PatchEmbed,
 };
 use crate::rel_pos::{swin_relative_position_index, swin_shift_mask, swin_table_rows};
 
@@ -90,10 +89,11 @@ impl<B: SimMimBackend> WindowAttention<B> {
             }
             None => attn + bias.unsqueeze_dim(0),
         };
-        let out = softmax(attn, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch_windows, tokens, dim]);
+        let out =
+            softmax_last(attn)
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([batch_windows, tokens, dim]);
         linear_tokens(&self.proj, out)
     }
 }

@@ -4,7 +4,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Int, Tensor};
 
 use crate::backend::SimMimBackend;
@@ -12,7 +11,7 @@ use crate::config::VitConfig;
 use crate::init::{constant, WeightInit};
 use crate::layers::{
     drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
-    relative_bias, LayerNorm, Mlp, PatchEmbed,
+    relative_bias, softmax_last, LayerNorm, Mlp, PatchEmbed,
 };
 use crate::rel_pos::{vit_relative_position_index, vit_table_rows};
 
@@ -85,7 +84,7 @@ impl<B: SimMimBackend> VitAttention<B> {
         if let Some(bias) = shared_bias {
             attn = attn + bias.clone().unsqueeze_dim(0);
         }
-        let out = softmax(attn, 3)
+        let out = softmax_last(attn)
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, tokens, dim]);
