@@ -5,4 +5,5 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
+export MIMALLOC_PURGE_DELAY="${MIMALLOC_PURGE_DELAY:--1}" MIMALLOC_RESERVE_OS_MEMORY="${MIMALLOC_RESERVE_OS_MEMORY:-4GiB}"
 exec cargo bench -p simmim-model --bench step -- "$@"
