@@ -465,22 +465,15 @@ fn map_parallel(
     other: Option<&[f32]>,
     op: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Vec<f32> {
-    const CHUNK: usize = 1 << 15;
     let mut out = vec![0f32; input.len()];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads == 1 || input.len() < 4 * CHUNK {
-        apply(&mut out, input, other, &op);
-        return out;
-    }
-    let per_thread = input.len().div_ceil(threads).div_ceil(CHUNK) * CHUNK;
-    std::thread::scope(|scope| {
-        for (index, out) in out.chunks_mut(per_thread).enumerate() {
-            let start = index * per_thread;
-            let input = &input[start..start + out.len()];
-            let other = other.map(|o| &o[start..start + out.len()]);
-            let op = &op;
-            scope.spawn(move || apply(out, input, other, op));
-        }
+    for_row_blocks(&mut out, 1, 1 << 17, |start, block| {
+        let end = start + block.len();
+        apply(
+            block,
+            &input[start..end],
+            other.map(|o| &o[start..end]),
+            &op,
+        );
     });
     out
 }
