@@ -3,111 +3,23 @@
 //! its weights, and must reproduce the reference loss, reconstruction, every gradient and the
 //! losses of three AdamW steps within the tolerances of the fixtures' README.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use burn::backend::Autodiff;
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
-use serde::Deserialize;
+use common::Case;
 use simmim_model::weights::{
     gradient_state_dict, load_state_dict, state_dict_from_safetensors, HostTensor, StateDict,
 };
-use simmim_model::{AdamW, AdamWConfig, EncoderConfig, SimMimConfig, SwinConfig, VitConfig};
+use simmim_model::{AdamW, AdamWConfig};
 
 type B = Autodiff<Flex>;
-
-#[derive(Deserialize)]
-struct Case {
-    #[serde(rename = "type")]
-    kind: String,
-    img_size: usize,
-    patch_size: usize,
-    mask_patch_size: usize,
-    mask_ratio: f64,
-    batch: usize,
-    encoder_stride: usize,
-    mlp_ratio: f64,
-    qkv_bias: bool,
-    embed_dim: usize,
-    depths: Option<Vec<usize>>,
-    num_heads: serde_json::Value,
-    window_size: Option<usize>,
-    ape: Option<bool>,
-    patch_norm: Option<bool>,
-    depth: Option<usize>,
-    init_values: Option<f64>,
-    use_ape: Option<bool>,
-    use_rpb: Option<bool>,
-    use_shared_rpb: Option<bool>,
-    train: Train,
-}
-
-#[derive(Deserialize)]
-struct Train {
-    steps: usize,
-    lr: f64,
-    betas: (f64, f64),
-    eps: f64,
-    weight_decay: f64,
-    clip_grad: f64,
-}
-
-fn need<T>(value: Option<T>, field: &str) -> Result<T> {
-    value.ok_or_else(|| anyhow!("case metadata lacks `{field}`"))
-}
-
-impl Case {
-    fn model_config(&self) -> Result<SimMimConfig> {
-        let encoder = match self.kind.as_str() {
-            "swin" => EncoderConfig::Swin(SwinConfig {
-                img_size: self.img_size,
-                patch_size: self.patch_size,
-                in_chans: 3,
-                embed_dim: self.embed_dim,
-                depths: need(self.depths.clone(), "depths")?,
-                num_heads: serde_json::from_value(self.num_heads.clone())?,
-                window_size: need(self.window_size, "window_size")?,
-                mlp_ratio: self.mlp_ratio,
-                qkv_bias: self.qkv_bias,
-                ape: need(self.ape, "ape")?,
-                patch_norm: need(self.patch_norm, "patch_norm")?,
-                drop_path_rate: 0.0,
-            }),
-            "vit" => EncoderConfig::Vit(VitConfig {
-                img_size: self.img_size,
-                patch_size: self.patch_size,
-                in_chans: 3,
-                embed_dim: self.embed_dim,
-                depth: need(self.depth, "depth")?,
-                num_heads: serde_json::from_value(self.num_heads.clone())?,
-                mlp_ratio: self.mlp_ratio,
-                qkv_bias: self.qkv_bias,
-                init_values: self.init_values,
-                use_ape: need(self.use_ape, "use_ape")?,
-                use_rpb: need(self.use_rpb, "use_rpb")?,
-                use_shared_rpb: need(self.use_shared_rpb, "use_shared_rpb")?,
-                drop_path_rate: 0.0,
-            }),
-            other => bail!("unknown case type `{other}`"),
-        };
-        let config = SimMimConfig {
-            encoder,
-            mask_patch_size: self.mask_patch_size,
-            mask_ratio: self.mask_ratio,
-        };
-        if config.encoder.encoder_stride() != self.encoder_stride {
-            bail!(
-                "encoder_stride {} in the case, {} derived from the config",
-                self.encoder_stride,
-                config.encoder.encoder_stride()
-            );
-        }
-        Ok(config)
-    }
-}
 
 fn parity_dir() -> PathBuf {
     match std::env::var_os("SIMMIM_PARITY_DIR") {
@@ -138,13 +50,7 @@ fn check_case(path: &Path) -> Result<Vec<String>> {
 }
 
 fn check_case_bytes(bytes: &[u8]) -> Result<Vec<String>> {
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)?;
-    let case_json = metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("case"))
-        .ok_or_else(|| anyhow!("no `case` metadata"))?;
-    let case: Case = serde_json::from_str(case_json).context("parsing case metadata")?;
+    let case = Case::from_safetensors(bytes)?;
     let config = case.model_config()?;
     let state = state_dict_from_safetensors(bytes)?;
 

@@ -1,7 +1,11 @@
 //! Weights under the official names: PyTorch `.pth` import, strict key checking with every
 //! offending key listed, buffer checks, and a lossless safetensors round trip.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::Case;
 
 use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
@@ -20,29 +24,9 @@ fn cases() -> PathBuf {
 
 fn case_config(path: &Path) -> SimMimConfig {
     let bytes = std::fs::read(path).expect("case file");
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("metadata");
-    let case: serde_json::Value =
-        serde_json::from_str(&meta.metadata().as_ref().expect("metadata")["case"]).expect("json");
-    let vit = simmim_model::VitConfig {
-        img_size: case["img_size"].as_u64().expect("img") as usize,
-        patch_size: case["patch_size"].as_u64().expect("patch") as usize,
-        in_chans: 3,
-        embed_dim: case["embed_dim"].as_u64().expect("dim") as usize,
-        depth: case["depth"].as_u64().expect("depth") as usize,
-        num_heads: case["num_heads"].as_u64().expect("heads") as usize,
-        mlp_ratio: 4.0,
-        qkv_bias: case["qkv_bias"].as_bool().expect("qkv_bias"),
-        init_values: case["init_values"].as_f64(),
-        use_ape: case["use_ape"].as_bool().expect("ape"),
-        use_rpb: case["use_rpb"].as_bool().expect("rpb"),
-        use_shared_rpb: case["use_shared_rpb"].as_bool().expect("shared"),
-        drop_path_rate: 0.0,
-    };
-    SimMimConfig {
-        encoder: simmim_model::EncoderConfig::Vit(vit),
-        mask_patch_size: case["mask_patch_size"].as_u64().expect("mask patch") as usize,
-        mask_ratio: 0.6,
-    }
+    Case::from_safetensors(&bytes)
+        .and_then(|case| case.model_config())
+        .expect("case config")
 }
 
 fn loss_of(model: &simmim_model::SimMim<B>, state: &StateDict) -> f32 {
@@ -81,6 +65,37 @@ fn pytorch_checkpoint_with_model_key_loads_and_reproduces_the_loss() {
     }
     let model = config.init::<B>(5, &Default::default()).expect("init");
     let model = load_state_dict(model, &config, &pth).expect("load .pth");
+    let HostTensor::F32 { values, .. } = &case_state["expected.loss"] else {
+        panic!("loss")
+    };
+    let loss = loss_of(&model, &case_state);
+    assert!(
+        (loss - values[0]).abs() / values[0] < 1e-4,
+        "{loss} vs {}",
+        values[0]
+    );
+}
+
+#[test]
+fn plain_pytorch_state_dict_loads_with_its_buffers() {
+    let case = cases().join("swin_window6_depth13_batch3.safetensors");
+    let config = case_config(&case);
+    let case_state = read_state_dict(&case).expect("case");
+    let pth =
+        read_state_dict(&cases().join("swin_window6_depth13_batch3.plain.pth")).expect("read .pth");
+    // Parameters and the relative_position_index / attn_mask buffers, as torch.save wrote them.
+    assert_eq!(pth.len(), 69);
+    assert!(pth.contains_key("encoder.layers.0.blocks.0.attn.relative_position_index"));
+    assert!(pth.contains_key("encoder.layers.1.blocks.1.attn_mask"));
+    for (name, tensor) in &pth {
+        assert_eq!(
+            Some(tensor),
+            case_state.get(name),
+            "{name} differs between .pth and case"
+        );
+    }
+    let model = config.init::<B>(9, &Default::default()).expect("init");
+    let model = load_state_dict(model, &config, &pth).expect("load plain .pth");
     let HostTensor::F32 { values, .. } = &case_state["expected.loss"] else {
         panic!("loss")
     };
