@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::naming::{takes_weight_decay, PathTracker};
+use crate::error::ModelError;
+use crate::naming::{parameters, takes_weight_decay, PathTracker};
+use crate::weights::{HostTensor, StateDict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +69,135 @@ impl<B: Backend> AdamW<B> {
 
     pub fn steps_taken(&self) -> u64 {
         self.steps
+    }
+
+    /// The optimizer state for a checkpoint: `<param>.exp_avg` and `<param>.exp_avg_sq` under
+    /// the official parameter names and layouts (as `torch.optim.AdamW` calls its moments),
+    /// and `step`.
+    pub fn state_dict<AB, M>(&self, module: &M) -> StateDict
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let mut out = StateDict::new();
+        out.insert(
+            "step".to_string(),
+            HostTensor::I64 {
+                shape: vec![1],
+                values: vec![self.steps as i64],
+            },
+        );
+        for info in parameters::<AB, M>(module) {
+            let Some(moments) = self.moments.get(&info.id) else {
+                continue;
+            };
+            for (suffix, moment) in [("exp_avg", &moments.first), ("exp_avg_sq", &moments.second)] {
+                let mut values = moment
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .unwrap_or_default();
+                if info.transposed {
+                    // Burn keeps Linear weights [in, out]; the official layout is [out, in].
+                    let (rows, cols) = (info.shape[1], info.shape[0]);
+                    values = transpose(&values, rows, cols);
+                }
+                out.insert(
+                    format!("{}.{suffix}", info.name),
+                    HostTensor::F32 {
+                        shape: info.shape.clone(),
+                        values,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// Restores what [`Self::state_dict`] wrote, for `module`'s parameters on `device`.
+    /// Moments for unknown parameters or of the wrong size fail the whole load, listed.
+    pub fn load_state_dict<AB, M>(
+        &mut self,
+        module: &M,
+        state: &StateDict,
+        device: &B::Device,
+    ) -> Result<(), ModelError>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let params = parameters::<AB, M>(module);
+        let mut moments = HashMap::new();
+        let (mut missing, mut wrong_shape) = (Vec::new(), Vec::new());
+        let mut expected: Vec<String> = vec!["step".to_string()];
+        for info in &params {
+            let first = state.get(&format!("{}.exp_avg", info.name));
+            let second = state.get(&format!("{}.exp_avg_sq", info.name));
+            expected.push(format!("{}.exp_avg", info.name));
+            expected.push(format!("{}.exp_avg_sq", info.name));
+            let (first, second) = match (first, second) {
+                (
+                    Some(HostTensor::F32 {
+                        shape: s1,
+                        values: v1,
+                    }),
+                    Some(HostTensor::F32 {
+                        shape: s2,
+                        values: v2,
+                    }),
+                ) if *s1 == info.shape && *s2 == info.shape => (v1, v2),
+                (None, None) => continue, // a parameter the optimizer has not stepped yet
+                (None, _) | (_, None) => {
+                    missing.push(info.name.clone());
+                    continue;
+                }
+                _ => {
+                    wrong_shape.push(info.name.clone());
+                    continue;
+                }
+            };
+            let to_burn = |values: &[f32]| {
+                let values = if info.transposed {
+                    transpose(values, info.shape[0], info.shape[1])
+                } else {
+                    values.to_vec()
+                };
+                let len = values.len();
+                Tensor::<B, 1>::from_data(TensorData::new(values, [len]), device)
+            };
+            moments.insert(
+                info.id,
+                Moments {
+                    first: to_burn(first),
+                    second: to_burn(second),
+                },
+            );
+        }
+        let unexpected: Vec<String> = state
+            .keys()
+            .filter(|k| !expected.contains(k))
+            .cloned()
+            .collect();
+        let steps = match state.get("step") {
+            Some(HostTensor::I64 { values, .. }) if values.len() == 1 && values[0] >= 0 => {
+                values[0] as u64
+            }
+            _ => {
+                missing.push("step".to_string());
+                0
+            }
+        };
+        if !(missing.is_empty() && unexpected.is_empty() && wrong_shape.is_empty()) {
+            return Err(ModelError::WeightMismatch {
+                missing,
+                unexpected,
+                wrong_shape,
+            });
+        }
+        self.steps = steps;
+        self.moments = moments;
+        Ok(())
     }
 
     /// Global L2 norm of all gradients of `module`'s parameters; one device sync.
@@ -201,3 +332,14 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB::InnerBackend> {
 }
 
 use burn::tensor::ElementConversion;
+
+/// A row-major `[rows, cols]` matrix transposed to `[cols, rows]`.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
