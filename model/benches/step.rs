@@ -151,6 +151,12 @@ fn main() -> Result<()> {
         }
         #[cfg(feature = "cuda")]
         ("cuda", dtype) => {
+            if !simmim_model::backend::cuda_driver_present() {
+                bail!(
+                    "--backend cuda: the CUDA driver library (libcuda.so) cannot be loaded; \
+                     run on a machine with an NVIDIA driver, or use --backend flex"
+                );
+            }
             let device = burn_cuda::CudaDevice::default();
             match dtype {
                 "f32" => run::<Autodiff<burn_cuda::Cuda<f32>>>(&args, &config, batch, &device)?,

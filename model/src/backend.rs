@@ -241,6 +241,14 @@ fn layer_norm_backward_decomposed<B: Backend>(
 #[cfg(feature = "ndarray")]
 impl SimMimBackend for burn_ndarray::NdArray {}
 
+/// Whether the CUDA driver library can be loaded. burn-cuda (through cudarc) panics on first
+/// use when it cannot, so callers check first and report a clear error instead.
+#[cfg(feature = "cuda")]
+pub fn cuda_driver_present() -> bool {
+    // SAFETY: only attempts to load the shared library; no CUDA call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
 #[cfg(feature = "cuda")]
 impl SimMimBackend for burn_cuda::Cuda<f32> {}
 #[cfg(feature = "cuda")]
