@@ -212,3 +212,23 @@ fn safetensors_export_round_trips_with_official_keys_and_config() {
         }
     }
 }
+
+#[test]
+fn truncated_checkpoints_are_errors_that_name_the_file() {
+    let dir = std::env::temp_dir().join(format!("simmim-truncated-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for name in [
+        "vit_shared_and_block_rpb.safetensors",
+        "vit_shared_and_block_rpb.pth",
+    ] {
+        let bytes = std::fs::read(cases().join(name)).expect("case");
+        let truncated = dir.join(name);
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
+        let err = read_state_dict(&truncated).expect_err("a truncated file must not load");
+        assert!(
+            matches!(&err, ModelError::Read { path, .. } if path.ends_with(name)),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
