@@ -5,18 +5,17 @@ use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
 use simmim_model::weights::{load_state_dict, state_dict, HostTensor};
-use simmim_model::{
-    loss_and_grads, mask_tensor, AdamW, AdamWConfig, EncoderConfig, ModelError, SimMimConfig,
-};
+use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, ModelError};
+
+mod common;
+
+use common::small_swin_config;
 
 type B = Autodiff<Flex>;
 
 #[test]
 fn saved_and_restored_adamw_continues_identically() {
-    let mut config = SimMimConfig::preset("swin_micro").expect("preset");
-    if let EncoderConfig::Swin(c) = &mut config.encoder {
-        (c.img_size, c.depths, c.num_heads) = (32, vec![2, 2], vec![3, 6]);
-    }
+    let config = small_swin_config();
     let device = Default::default();
     let geometry = config.mask_geometry().expect("geometry");
     let masks: Vec<u8> = (0..2).flat_map(|i| geometry.generate(i)).collect();

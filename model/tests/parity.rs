@@ -13,7 +13,7 @@ use burn::backend::Autodiff;
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
-use common::Case;
+use common::{weights_of, Case};
 use simmim_model::weights::{
     gradient_state_dict, load_state_dict, state_dict_from_safetensors, HostTensor, StateDict,
 };
@@ -55,11 +55,7 @@ fn check_case_bytes(bytes: &[u8]) -> Result<Vec<String>> {
     let state = state_dict_from_safetensors(bytes)?;
 
     // Weights: everything that is not an input or an expectation.
-    let weights: StateDict = state
-        .iter()
-        .filter(|(k, _)| !k.starts_with("expected.") && *k != "input" && *k != "mask")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let weights = weights_of(state.clone());
     let device = Default::default();
     let model = config.init::<B>(0, &device)?;
     let mut model = load_state_dict(model, &config, &weights)?;

@@ -4,19 +4,17 @@ use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
 use simmim_model::weights::{gradient_state_dict, HostTensor};
-use simmim_model::{loss_and_grads, mask_tensor, EncoderConfig, SimMimConfig};
+use simmim_model::{loss_and_grads, mask_tensor};
+
+mod common;
+
+use common::small_swin_config;
 
 type B = Autodiff<Flex>;
 
 #[test]
 fn sharded_gradients_equal_the_full_batch() {
-    let mut config = SimMimConfig::preset("swin_micro").expect("preset");
-    if let EncoderConfig::Swin(c) = &mut config.encoder {
-        c.img_size = 32;
-        c.depths = vec![2, 2];
-        c.num_heads = vec![3, 6];
-    }
-    config.validate().expect("valid");
+    let config = small_swin_config();
     let device = Default::default();
     let model = config.init::<B>(11, &device).expect("init");
     let batch = 4;

@@ -4,6 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
+use simmim_model::weights::StateDict;
 use simmim_model::{EncoderConfig, SimMimConfig, SwinConfig, VitConfig};
 
 #[derive(Deserialize)]
@@ -105,4 +106,20 @@ impl Case {
         }
         Ok(config)
     }
+}
+
+/// A parity case's tensors without its inputs and expectations: the model's state dict.
+pub fn weights_of(mut state: StateDict) -> StateDict {
+    state.retain(|k, _| !k.starts_with("expected.") && k != "input" && k != "mask");
+    state
+}
+
+/// swin_micro cut to 32 px and two stages: every Swin code path, milliseconds per step.
+pub fn small_swin_config() -> SimMimConfig {
+    let mut config = SimMimConfig::preset("swin_micro").expect("preset");
+    if let EncoderConfig::Swin(c) = &mut config.encoder {
+        (c.img_size, c.depths, c.num_heads) = (32, vec![2, 2], vec![3, 6]);
+    }
+    config.validate().expect("valid");
+    config
 }
