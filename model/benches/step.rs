@@ -18,7 +18,9 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
-use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, EncoderConfig, SimMimConfig};
+use simmim_model::{
+    loss_and_grads, mask_tensor, AdamW, AdamWConfig, EncoderConfig, InitModel, SimMimConfig,
+};
 
 #[derive(Parser, Debug)]
 struct Args {

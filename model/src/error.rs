@@ -46,9 +46,11 @@ fn format_mismatch(missing: &[String], unexpected: &[String], wrong_shape: &[Str
     out
 }
 
-pub(crate) fn config_error(field: &str, reason: impl Into<String>) -> ModelError {
-    ModelError::Config {
-        field: field.to_string(),
-        reason: reason.into(),
+impl From<simmim_proto::ConfigError> for ModelError {
+    fn from(e: simmim_proto::ConfigError) -> Self {
+        ModelError::Config {
+            field: e.field,
+            reason: e.reason,
+        }
     }
 }

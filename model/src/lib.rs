@@ -7,7 +7,9 @@
 //! use burn::backend::Autodiff;
 //! use burn::tensor::{Distribution, Tensor};
 //! use burn_flex::Flex;
-//! use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, EncoderConfig, SimMimConfig};
+//! use simmim_model::{
+//!     loss_and_grads, mask_tensor, AdamW, AdamWConfig, EncoderConfig, InitModel, SimMimConfig,
+//! };
 //!
 //! # fn main() -> Result<(), simmim_model::ModelError> {
 //! let mut config = SimMimConfig::preset("swin_micro").expect("preset");
@@ -50,5 +52,5 @@ pub use config::{EncoderConfig, SimMimConfig, SwinConfig, VitConfig};
 pub use error::ModelError;
 pub use mask::MaskGeometry;
 pub use optim::{AdamW, AdamWConfig};
-pub use simmim::{mask_tensor, Encoder, SimMim, SimMimOutput};
+pub use simmim::{mask_tensor, Encoder, InitModel, SimMim, SimMimOutput};
 pub use step::loss_and_grads;

@@ -125,7 +125,7 @@ pub fn takes_weight_decay(name: &str, shape: &[usize]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::SimMimConfig;
+    use crate::{InitModel, SimMimConfig};
     use burn_flex::Flex;
 
     #[test]

@@ -70,10 +70,17 @@ pub struct SimMimOutput<B: Backend> {
     pub reconstruction: Tensor<B, 4>,
 }
 
-impl SimMimConfig {
+/// Building a model from its config. A trait because the config type lives in `simmim-proto`,
+/// which must not depend on Burn.
+pub trait InitModel {
     /// Builds the model with the official initialisation, drawn from `seed` on the host so
     /// every process that builds with the same seed holds the same weights.
-    pub fn init<B: SimMimBackend>(
+    fn init<B: SimMimBackend>(&self, seed: u64, device: &B::Device)
+        -> Result<SimMim<B>, ModelError>;
+}
+
+impl InitModel for SimMimConfig {
+    fn init<B: SimMimBackend>(
         &self,
         seed: u64,
         device: &B::Device,

@@ -5,7 +5,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
 use simmim_model::weights::{load_state_dict, state_dict, HostTensor};
-use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, ModelError};
+use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, ModelError};
 
 mod common;
 

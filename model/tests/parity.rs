@@ -17,7 +17,7 @@ use common::{weights_of, Case};
 use simmim_model::weights::{
     gradient_state_dict, load_state_dict, state_dict_from_safetensors, HostTensor, StateDict,
 };
-use simmim_model::{AdamW, AdamWConfig};
+use simmim_model::{AdamW, AdamWConfig, InitModel};
 
 type B = Autodiff<Flex>;
 

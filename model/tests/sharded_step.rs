@@ -4,7 +4,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
 use simmim_model::weights::{gradient_state_dict, HostTensor};
-use simmim_model::{loss_and_grads, mask_tensor};
+use simmim_model::{loss_and_grads, mask_tensor, InitModel};
 
 mod common;
 

@@ -14,7 +14,7 @@ use simmim_model::weights::{
     config_from_safetensors, load_state_dict, read_state_dict, state_dict,
     state_dict_from_safetensors, to_safetensors, HostTensor, StateDict,
 };
-use simmim_model::{mask_tensor, ModelError, SimMimConfig};
+use simmim_model::{mask_tensor, InitModel, ModelError, SimMimConfig};
 
 type B = Autodiff<Flex>;
 

@@ -1,0 +1,26 @@
+//! The contract between simmim-rs processes: the gRPC service (`pb`), the run config and its
+//! validation, the model config, the checkpoint manifest and the data plan. Nothing here
+//! depends on Burn, so the coordinator can validate and plan a run without linking it.
+
+pub mod error;
+pub mod manifest;
+pub mod mask;
+pub mod model_config;
+pub mod plan;
+pub mod run_config;
+pub mod status;
+
+pub use error::ConfigError;
+pub use manifest::{Manifest, ManifestFile};
+pub use plan::DataPlan;
+pub use run_config::RunConfig;
+pub use status::RunStatus;
+
+/// Generated gRPC messages and service stubs (`proto/simmim.proto`).
+#[cfg(feature = "grpc")]
+pub mod pb {
+    tonic::include_proto!("simmim.v1");
+}
+
+#[cfg(feature = "store")]
+pub mod store;

@@ -1,0 +1,437 @@
+//! Model configuration: serde structs that mirror the official SimMIM YAML fields, presets at
+//! the official pretraining settings, and validation that names the offending field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{config_error, ConfigError};
+
+/// Swin Transformer v1 encoder settings (official names: `MODEL.SWIN.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwinConfig {
+    pub img_size: usize,
+    pub patch_size: usize,
+    #[serde(default = "default_in_chans")]
+    pub in_chans: usize,
+    pub embed_dim: usize,
+    pub depths: Vec<usize>,
+    pub num_heads: Vec<usize>,
+    pub window_size: usize,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default = "default_true")]
+    pub qkv_bias: bool,
+    #[serde(default)]
+    pub ape: bool,
+    #[serde(default = "default_true")]
+    pub patch_norm: bool,
+    #[serde(default)]
+    pub drop_path_rate: f64,
+}
+
+/// BEiT-style ViT encoder as SimMIM uses it (official names: `MODEL.VIT.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitConfig {
+    pub img_size: usize,
+    pub patch_size: usize,
+    #[serde(default = "default_in_chans")]
+    pub in_chans: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default = "default_true")]
+    pub qkv_bias: bool,
+    /// Layer-scale init (`gamma_1/2`); `None` disables layer scale.
+    #[serde(default)]
+    pub init_values: Option<f64>,
+    #[serde(default)]
+    pub use_ape: bool,
+    /// A relative position bias table in every block.
+    #[serde(default)]
+    pub use_rpb: bool,
+    /// One relative position bias table shared by all blocks.
+    #[serde(default)]
+    pub use_shared_rpb: bool,
+    #[serde(default)]
+    pub drop_path_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum EncoderConfig {
+    Swin(SwinConfig),
+    Vit(VitConfig),
+}
+
+/// The whole SimMIM model: encoder plus masking geometry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimMimConfig {
+    pub encoder: EncoderConfig,
+    #[serde(default = "default_mask_patch")]
+    pub mask_patch_size: usize,
+    #[serde(default = "default_mask_ratio")]
+    pub mask_ratio: f64,
+}
+
+fn default_in_chans() -> usize {
+    3
+}
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_mask_patch() -> usize {
+    32
+}
+fn default_mask_ratio() -> f64 {
+    0.6
+}
+
+impl SwinConfig {
+    fn official(embed_dim: usize, depths: [usize; 4], heads: [usize; 4], window: usize) -> Self {
+        Self {
+            img_size: 192,
+            patch_size: 4,
+            in_chans: 3,
+            embed_dim,
+            depths: depths.to_vec(),
+            num_heads: heads.to_vec(),
+            window_size: window,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            ape: false,
+            patch_norm: true,
+            drop_path_rate: 0.0,
+        }
+    }
+
+    /// Token grid side after the patch embedding.
+    pub fn patches_resolution(&self) -> usize {
+        self.img_size / self.patch_size
+    }
+
+    /// Token grid side of stage `i`.
+    pub fn stage_resolution(&self, stage: usize) -> usize {
+        self.patches_resolution() >> stage
+    }
+
+    pub fn stage_dim(&self, stage: usize) -> usize {
+        self.embed_dim << stage
+    }
+
+    pub fn num_features(&self) -> usize {
+        self.stage_dim(self.depths.len() - 1)
+    }
+
+    /// Effective window and shift of stage `stage`: the official code clips the window to the
+    /// stage resolution and turns shifting off when the resolution is not larger than it.
+    pub fn stage_window(&self, stage: usize) -> (usize, usize) {
+        let res = self.stage_resolution(stage);
+        if res <= self.window_size {
+            (res, 0)
+        } else {
+            (self.window_size, self.window_size / 2)
+        }
+    }
+
+    pub fn encoder_stride(&self) -> usize {
+        self.patch_size << (self.depths.len() - 1)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("encoder.img_size", self.img_size)?;
+        positive("encoder.patch_size", self.patch_size)?;
+        positive("encoder.embed_dim", self.embed_dim)?;
+        positive("encoder.window_size", self.window_size)?;
+        positive("encoder.in_chans", self.in_chans)?;
+        if self.depths.is_empty() {
+            return Err(config_error("encoder.depths", "needs at least one stage"));
+        }
+        if self.depths.len() != self.num_heads.len() {
+            return Err(config_error(
+                "encoder.num_heads",
+                format!(
+                    "has {} entries but `depths` has {} stages",
+                    self.num_heads.len(),
+                    self.depths.len()
+                ),
+            ));
+        }
+        if !self.img_size.is_multiple_of(self.patch_size) {
+            return Err(config_error(
+                "encoder.patch_size",
+                format!(
+                    "{} does not divide img_size {}",
+                    self.patch_size, self.img_size
+                ),
+            ));
+        }
+        let stages = self.depths.len();
+        if !self.patches_resolution().is_multiple_of(1 << (stages - 1)) {
+            return Err(config_error(
+                "encoder.depths",
+                format!(
+                    "{stages} stages halve the {0}x{0} token grid {1} times; it must stay even",
+                    self.patches_resolution(),
+                    stages - 1
+                ),
+            ));
+        }
+        for (stage, (&depth, &heads)) in self.depths.iter().zip(&self.num_heads).enumerate() {
+            positive(&format!("encoder.depths[{stage}]"), depth)?;
+            positive(&format!("encoder.num_heads[{stage}]"), heads)?;
+            if !self.stage_dim(stage).is_multiple_of(heads) {
+                return Err(config_error(
+                    &format!("encoder.num_heads[{stage}]"),
+                    format!(
+                        "{heads} heads do not divide the stage width {}",
+                        self.stage_dim(stage)
+                    ),
+                ));
+            }
+            let (window, _) = self.stage_window(stage);
+            if !self.stage_resolution(stage).is_multiple_of(window) {
+                return Err(config_error(
+                    "encoder.window_size",
+                    format!(
+                        "window {window} does not divide the {0}x{0} token grid of stage {stage}",
+                        self.stage_resolution(stage)
+                    ),
+                ));
+            }
+        }
+        unit_interval("encoder.drop_path_rate", self.drop_path_rate)?;
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
+            return Err(config_error("encoder.mlp_ratio", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+impl VitConfig {
+    pub fn patches_resolution(&self) -> usize {
+        self.img_size / self.patch_size
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("encoder.img_size", self.img_size)?;
+        positive("encoder.patch_size", self.patch_size)?;
+        positive("encoder.embed_dim", self.embed_dim)?;
+        positive("encoder.depth", self.depth)?;
+        positive("encoder.num_heads", self.num_heads)?;
+        positive("encoder.in_chans", self.in_chans)?;
+        if !self.img_size.is_multiple_of(self.patch_size) {
+            return Err(config_error(
+                "encoder.patch_size",
+                format!(
+                    "{} does not divide img_size {}",
+                    self.patch_size, self.img_size
+                ),
+            ));
+        }
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
+            return Err(config_error(
+                "encoder.num_heads",
+                format!(
+                    "{} heads do not divide embed_dim {}",
+                    self.num_heads, self.embed_dim
+                ),
+            ));
+        }
+        unit_interval("encoder.drop_path_rate", self.drop_path_rate)?;
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
+            return Err(config_error("encoder.mlp_ratio", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+impl EncoderConfig {
+    pub fn img_size(&self) -> usize {
+        match self {
+            Self::Swin(c) => c.img_size,
+            Self::Vit(c) => c.img_size,
+        }
+    }
+
+    pub fn patch_size(&self) -> usize {
+        match self {
+            Self::Swin(c) => c.patch_size,
+            Self::Vit(c) => c.patch_size,
+        }
+    }
+
+    pub fn in_chans(&self) -> usize {
+        match self {
+            Self::Swin(c) => c.in_chans,
+            Self::Vit(c) => c.in_chans,
+        }
+    }
+
+    /// Downsampling from pixels to the encoder's output grid; the head's pixel-shuffle factor.
+    pub fn encoder_stride(&self) -> usize {
+        match self {
+            Self::Swin(c) => c.encoder_stride(),
+            Self::Vit(c) => c.patch_size,
+        }
+    }
+
+    /// Channels of the encoder's output feature map.
+    pub fn num_features(&self) -> usize {
+        match self {
+            Self::Swin(c) => c.num_features(),
+            Self::Vit(c) => c.embed_dim,
+        }
+    }
+}
+
+impl SimMimConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match &self.encoder {
+            EncoderConfig::Swin(c) => c.validate()?,
+            EncoderConfig::Vit(c) => c.validate()?,
+        }
+        crate::mask::MaskGeometry::new(
+            self.encoder.img_size(),
+            self.mask_patch_size,
+            self.encoder.patch_size(),
+            self.mask_ratio,
+        )?;
+        Ok(())
+    }
+
+    pub fn mask_geometry(&self) -> Result<crate::mask::MaskGeometry, ConfigError> {
+        crate::mask::MaskGeometry::new(
+            self.encoder.img_size(),
+            self.mask_patch_size,
+            self.encoder.patch_size(),
+            self.mask_ratio,
+        )
+    }
+
+    /// Presets at the official SimMIM pretraining settings, plus the small ones the benchmarks
+    /// and the demo use. Returns `None` for an unknown name.
+    pub fn preset(name: &str) -> Option<Self> {
+        let swin = |c: SwinConfig| Self {
+            encoder: EncoderConfig::Swin(c),
+            mask_patch_size: 32,
+            mask_ratio: 0.6,
+        };
+        Some(match name {
+            "swin_tiny" => swin(SwinConfig::official(96, [2, 2, 6, 2], [3, 6, 12, 24], 6)),
+            "swin_small" => swin(SwinConfig::official(96, [2, 2, 18, 2], [3, 6, 12, 24], 6)),
+            "swin_base" => swin(SwinConfig::official(128, [2, 2, 18, 2], [4, 8, 16, 32], 6)),
+            "swin_large" => swin(SwinConfig::official(
+                192,
+                [2, 2, 18, 2],
+                [6, 12, 24, 48],
+                12,
+            )),
+            "swin_micro" => Self {
+                encoder: EncoderConfig::Swin(SwinConfig {
+                    img_size: 64,
+                    patch_size: 2,
+                    window_size: 4,
+                    ..SwinConfig::official(48, [2, 2, 2, 2], [3, 6, 12, 24], 4)
+                }),
+                mask_patch_size: 8,
+                mask_ratio: 0.6,
+            },
+            "vit_base" => Self {
+                encoder: EncoderConfig::Vit(VitConfig {
+                    img_size: 224,
+                    patch_size: 16,
+                    in_chans: 3,
+                    embed_dim: 768,
+                    depth: 12,
+                    num_heads: 12,
+                    mlp_ratio: 4.0,
+                    qkv_bias: true,
+                    init_values: Some(0.1),
+                    use_ape: false,
+                    use_rpb: false,
+                    use_shared_rpb: true,
+                    drop_path_rate: 0.1,
+                }),
+                mask_patch_size: 32,
+                mask_ratio: 0.6,
+            },
+            _ => return None,
+        })
+    }
+
+    pub const PRESETS: &'static [&'static str] = &[
+        "swin_tiny",
+        "swin_small",
+        "swin_base",
+        "swin_large",
+        "swin_micro",
+        "vit_base",
+    ];
+}
+
+fn positive(field: &str, value: usize) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(config_error(field, "must be at least 1"))
+    } else {
+        Ok(())
+    }
+}
+
+fn unit_interval(field: &str, value: f64) -> Result<(), ConfigError> {
+    if (0.0..1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(config_error(field, format!("{value} is outside [0, 1)")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate_and_have_official_strides() {
+        for name in SimMimConfig::PRESETS {
+            let cfg = SimMimConfig::preset(name).expect("preset exists");
+            cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let base = SimMimConfig::preset("swin_base").expect("preset");
+        assert_eq!(base.encoder.encoder_stride(), 32);
+        assert_eq!(base.encoder.num_features(), 1024);
+        let vit = SimMimConfig::preset("vit_base").expect("preset");
+        assert_eq!(vit.encoder.encoder_stride(), 16);
+    }
+
+    #[test]
+    fn window_is_clipped_when_the_stage_is_small() {
+        let EncoderConfig::Swin(c) = SimMimConfig::preset("swin_tiny").expect("preset").encoder
+        else {
+            unreachable!()
+        };
+        assert_eq!(c.stage_window(0), (6, 3));
+        assert_eq!(c.stage_window(3), (6, 0));
+        let EncoderConfig::Swin(c) = SimMimConfig::preset("swin_large").expect("preset").encoder
+        else {
+            unreachable!()
+        };
+        assert_eq!(c.stage_window(2), (12, 0));
+        assert_eq!(c.stage_window(3), (6, 0));
+    }
+
+    #[test]
+    fn bad_heads_name_the_field() {
+        let mut cfg = SimMimConfig::preset("swin_tiny").expect("preset");
+        if let EncoderConfig::Swin(c) = &mut cfg.encoder {
+            c.num_heads = vec![3, 6, 12];
+        }
+        let err = cfg.validate().expect_err("must fail").to_string();
+        assert!(err.contains("encoder.num_heads"), "{err}");
+    }
+}

@@ -1,0 +1,495 @@
+//! The run config: one YAML file that says what to train, on what, for how long, and where
+//! to keep the results. Field names follow the official SimMIM config where one exists
+//! (`base_lr`, `warmup_lr`, `min_lr`, ...). Validation names the offending field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{config_error, ConfigError};
+use crate::model_config::SimMimConfig;
+
+/// The demo run `coordinator start` uses when no config is given: a small Swin on CIFAR-10.
+pub const DEMO_CONFIG: &str = include_str!("../../deploy/configs/demo.yaml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub output: OutputSection,
+    #[serde(default)]
+    pub workers: WorkersSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// The run's directory name under `root`.
+    pub name: String,
+    /// Where runs live: a local path or an object-store URL (`file:///...`, `s3://bucket/prefix`).
+    #[serde(default = "default_root")]
+    pub root: String,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Either a named preset or a full model config (`encoder`, `mask_patch_size`, `mask_ratio`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub config: Option<SimMimConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// An ImageFolder directory (`<class>/<image>`), or a shard index (`index.json` written by
+    /// `worker pack-shards`), as a local path or object-store URL.
+    pub train: String,
+    /// Use only the first N samples (in the dataset's sorted order): quick trials and tests.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Decoding threads per worker; default: the machine's cores.
+    #[serde(default)]
+    pub loader_threads: Option<usize>,
+    /// Micro-batches decoded ahead of the step.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "lowercase", deny_unknown_fields)]
+pub enum LrSchedule {
+    /// timm's CosineLRScheduler as the official code builds it: cosine over all steps from
+    /// `base_lr` to `min_lr`, after a linear warmup from `warmup_lr`.
+    Cosine,
+    /// Multiply by `gamma` at each milestone (in epochs), after the linear warmup.
+    Multistep {
+        milestones: Vec<f64>,
+        #[serde(default = "default_gamma")]
+        gamma: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub epochs: f64,
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    /// Images per worker per forward/backward.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub accumulation: usize,
+    /// Learning rate per 512 images of global batch; the actual one is scaled by
+    /// `global batch / 512` as the official `main_simmim.py` does (likewise the other two).
+    pub base_lr: f64,
+    #[serde(default = "default_warmup_lr")]
+    pub warmup_lr: f64,
+    #[serde(default = "default_min_lr")]
+    pub min_lr: f64,
+    #[serde(default = "default_schedule")]
+    pub lr_schedule: LrSchedule,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: (f64, f64),
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Max global gradient norm; `null` disables clipping.
+    #[serde(default = "default_clip")]
+    pub clip_grad: Option<f64>,
+    /// Stop after this many optimizer steps (the schedule still spans `epochs`).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Sub-batches computed concurrently on CPU; default: twice the cores.
+    #[serde(default)]
+    pub compute_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Optimizer steps between checkpoints (one is always written at the end).
+    #[serde(default = "default_checkpoint_every")]
+    pub every_steps: u64,
+    /// Also checkpoint when this many minutes passed since the last one; `null`: never.
+    #[serde(default = "default_checkpoint_minutes")]
+    pub every_minutes: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Steps between reconstruction pictures under `recon/`; 0 disables them.
+    #[serde(default = "default_recon_every")]
+    pub recon_every_steps: u64,
+    /// Images in each reconstruction picture.
+    #[serde(default = "default_recon_images")]
+    pub recon_images: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Workers the coordinator waits for before training starts.
+    #[serde(default = "one")]
+    pub min: usize,
+    #[serde(default = "one")]
+    pub max: usize,
+    /// `cpu`, or `cuda` (each worker takes `cuda:<local rank>`).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Times a failed worker generation is restarted from the last checkpoint.
+    #[serde(default = "default_restarts")]
+    pub max_restarts: u32,
+    /// A worker silent for this long is considered dead.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_s: f64,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            every_steps: default_checkpoint_every(),
+            every_minutes: default_checkpoint_minutes(),
+        }
+    }
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            recon_every_steps: default_recon_every(),
+            recon_images: default_recon_images(),
+        }
+    }
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        Self {
+            min: 1,
+            max: 1,
+            device: default_device(),
+            max_restarts: default_restarts(),
+            heartbeat_timeout_s: default_heartbeat_timeout(),
+        }
+    }
+}
+
+fn default_root() -> String {
+    "./runs".into()
+}
+fn default_prefetch() -> usize {
+    4
+}
+fn default_gamma() -> f64 {
+    0.1
+}
+fn one() -> usize {
+    1
+}
+fn default_warmup_lr() -> f64 {
+    5e-7
+}
+fn default_min_lr() -> f64 {
+    5e-6
+}
+fn default_schedule() -> LrSchedule {
+    LrSchedule::Cosine
+}
+fn default_weight_decay() -> f64 {
+    0.05
+}
+fn default_betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> Option<f64> {
+    Some(5.0)
+}
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+fn default_checkpoint_minutes() -> Option<f64> {
+    Some(10.0)
+}
+fn default_recon_every() -> u64 {
+    500
+}
+fn default_recon_images() -> usize {
+    8
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_restarts() -> u32 {
+    3
+}
+fn default_heartbeat_timeout() -> f64 {
+    30.0
+}
+
+/// A config could not be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum RunConfigError {
+    #[error("cannot parse run config {source_name}: {message}")]
+    Parse {
+        source_name: String,
+        message: String,
+    },
+    #[error("run config {source_name}: {error}")]
+    Invalid {
+        source_name: String,
+        error: ConfigError,
+    },
+}
+
+impl RunConfig {
+    /// Parses and validates YAML; `source_name` (a file path, "the embedded demo config")
+    /// appears in every error.
+    pub fn from_yaml(text: &str, source_name: &str) -> Result<Self, RunConfigError> {
+        let config: RunConfig =
+            serde_yaml::from_str(text).map_err(|e| RunConfigError::Parse {
+                source_name: source_name.to_string(),
+                message: e.to_string(),
+            })?;
+        config.validate().map_err(|error| RunConfigError::Invalid {
+            source_name: source_name.to_string(),
+            error,
+        })?;
+        Ok(config)
+    }
+
+    pub fn demo() -> Self {
+        // The embedded demo is checked by a unit test, so this cannot fail at run time.
+        Self::from_yaml(DEMO_CONFIG, "the embedded demo config")
+            .unwrap_or_else(|e| panic!("embedded demo config is invalid: {e}"))
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_default()
+    }
+
+    /// The model this run trains: the preset, or the explicit config.
+    pub fn model_config(&self) -> Result<SimMimConfig, ConfigError> {
+        match (&self.model.preset, &self.model.config) {
+            (Some(_), Some(_)) => Err(config_error(
+                "model",
+                "give either `preset` or `config`, not both",
+            )),
+            (None, None) => Err(config_error(
+                "model",
+                "needs `preset` (one of the presets) or `config`",
+            )),
+            (Some(name), None) => SimMimConfig::preset(name).ok_or_else(|| {
+                config_error(
+                    "model.preset",
+                    format!(
+                        "unknown preset `{name}`; known: {}",
+                        SimMimConfig::PRESETS.join(", ")
+                    ),
+                )
+            }),
+            (None, Some(config)) => Ok(config.clone()),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.run.name.is_empty()
+            || !self
+                .run
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || self.run.name.starts_with('.')
+        {
+            return Err(config_error(
+                "run.name",
+                format!(
+                    "`{}` must be non-empty and use only letters, digits, `-`, `_`, `.`",
+                    self.run.name
+                ),
+            ));
+        }
+        if self.run.root.is_empty() {
+            return Err(config_error("run.root", "must not be empty"));
+        }
+        self.model_config()?
+            .validate()
+            .map_err(|e| e.within("model.config"))?;
+        if self.data.train.is_empty() {
+            return Err(config_error("data.train", "must name a dataset"));
+        }
+        if self.data.limit == Some(0) {
+            return Err(config_error("data.limit", "must be at least 1"));
+        }
+        if self.data.loader_threads == Some(0) {
+            return Err(config_error("data.loader_threads", "must be at least 1"));
+        }
+        if self.data.prefetch == 0 {
+            return Err(config_error("data.prefetch", "must be at least 1"));
+        }
+        let t = &self.train;
+        positive_f("train.epochs", t.epochs)?;
+        if !(t.warmup_epochs >= 0.0 && t.warmup_epochs < t.epochs) {
+            return Err(config_error(
+                "train.warmup_epochs",
+                format!("{} must be in [0, epochs = {})", t.warmup_epochs, t.epochs),
+            ));
+        }
+        if t.micro_batch == 0 {
+            return Err(config_error("train.micro_batch", "must be at least 1"));
+        }
+        if t.accumulation == 0 {
+            return Err(config_error("train.accumulation", "must be at least 1"));
+        }
+        positive_f("train.base_lr", t.base_lr)?;
+        non_negative_f("train.warmup_lr", t.warmup_lr)?;
+        non_negative_f("train.min_lr", t.min_lr)?;
+        non_negative_f("train.weight_decay", t.weight_decay)?;
+        positive_f("train.eps", t.eps)?;
+        for (i, beta) in [t.betas.0, t.betas.1].into_iter().enumerate() {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(config_error(
+                    &format!("train.betas[{i}]"),
+                    format!("{beta} is outside [0, 1)"),
+                ));
+            }
+        }
+        if let Some(clip) = t.clip_grad {
+            positive_f("train.clip_grad", clip)?;
+        }
+        if t.max_steps == Some(0) {
+            return Err(config_error("train.max_steps", "must be at least 1"));
+        }
+        if t.compute_threads == Some(0) {
+            return Err(config_error("train.compute_threads", "must be at least 1"));
+        }
+        if let LrSchedule::Multistep { milestones, gamma } = &t.lr_schedule {
+            positive_f("train.lr_schedule.gamma", *gamma)?;
+            if milestones.windows(2).any(|w| w[0] > w[1]) {
+                return Err(config_error(
+                    "train.lr_schedule.milestones",
+                    "must be in increasing order",
+                ));
+            }
+        }
+        if self.checkpoint.every_steps == 0 {
+            return Err(config_error("checkpoint.every_steps", "must be at least 1"));
+        }
+        if let Some(minutes) = self.checkpoint.every_minutes {
+            positive_f("checkpoint.every_minutes", minutes)?;
+        }
+        let w = &self.workers;
+        if w.min == 0 {
+            return Err(config_error("workers.min", "must be at least 1"));
+        }
+        if w.max < w.min {
+            return Err(config_error(
+                "workers.max",
+                format!("{} is below workers.min = {}", w.max, w.min),
+            ));
+        }
+        if w.device != "cpu" && w.device != "cuda" {
+            return Err(config_error(
+                "workers.device",
+                format!("`{}` is not one of: cpu, cuda", w.device),
+            ));
+        }
+        positive_f("workers.heartbeat_timeout_s", w.heartbeat_timeout_s)?;
+        Ok(())
+    }
+
+    /// `global batch / 512`: the factor the official code applies to every learning rate.
+    pub fn lr_scale(&self, world_size: usize) -> f64 {
+        (self.train.micro_batch * self.train.accumulation * world_size) as f64 / 512.0
+    }
+}
+
+fn positive_f(field: &str, value: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(config_error(field, format!("{value} must be a positive number")))
+    }
+}
+
+fn non_negative_f(field: &str, value: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(config_error(field, format!("{value} must be zero or positive")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_is_valid() {
+        let demo = RunConfig::demo();
+        assert_eq!(demo.workers.device, "cpu");
+        demo.model_config().expect("model");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad = DEMO_CONFIG.replace("micro_batch: ", "micro_batch: 0 #");
+        let err = RunConfig::from_yaml(&bad, "x.yaml").expect_err("invalid").to_string();
+        assert!(err.contains("train.micro_batch") && err.contains("x.yaml"), "{err}");
+
+        let mut c = RunConfig::demo();
+        c.model.preset = Some("swin_huge".into());
+        c.model.config = None;
+        let err = c.validate().expect_err("invalid").to_string();
+        assert!(err.contains("model.preset") && err.contains("swin_tiny"), "{err}");
+
+        let mut c = RunConfig::demo();
+        c.train.warmup_epochs = c.train.epochs;
+        assert!(c.validate().expect_err("invalid").to_string().contains("train.warmup_epochs"));
+    }
+
+    #[test]
+    fn nested_model_errors_carry_the_section() {
+        let mut c = RunConfig::demo();
+        let mut model = c.model_config().expect("model");
+        model.mask_ratio = 1.5;
+        c.model = ModelSection {
+            preset: None,
+            config: Some(model),
+        };
+        let err = c.validate().expect_err("invalid").to_string();
+        assert!(err.contains("model.config.mask_ratio"), "{err}");
+    }
+
+    #[test]
+    fn unknown_and_mistyped_fields_are_parse_errors_naming_them() {
+        let bad = DEMO_CONFIG.replace("micro_batch:", "micro_bach:");
+        let err = RunConfig::from_yaml(&bad, "x.yaml").expect_err("unknown").to_string();
+        assert!(err.contains("micro_bach"), "{err}");
+        let bad = DEMO_CONFIG.replace("base_lr: ", "base_lr: fast #");
+        let err = RunConfig::from_yaml(&bad, "x.yaml").expect_err("mistyped").to_string();
+        assert!(err.contains("base_lr") || err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn lr_scale_is_global_batch_over_512() {
+        let mut c = RunConfig::demo();
+        c.train.micro_batch = 128;
+        c.train.accumulation = 2;
+        assert_eq!(c.lr_scale(16), 8.0);
+    }
+}

@@ -1,0 +1,31 @@
+//! Where a run stands, as the coordinator reports it (`coordinator status`).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub rank: u32,
+    pub worker_id: String,
+    pub hostname: String,
+    pub device: String,
+    pub step: u64,
+    pub last_heartbeat_ms_ago: u64,
+    pub step_seconds: f64,
+    pub data_wait_share: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunStatus {
+    pub run: String,
+    pub run_url: String,
+    pub state: String,
+    pub generation: u64,
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub last_loss: Option<f64>,
+    pub images_per_sec: Option<f64>,
+    pub last_checkpoint_step: Option<u64>,
+    pub restarts: u32,
+    pub workers: Vec<WorkerStatus>,
+}
