@@ -81,8 +81,9 @@ pub fn loss_and_grads<B: AutodiffBackend + SimMimBackend>(
     (loss, weighted_sum::<B>(model, parts, &weights))
 }
 
-/// `sum_i weights[i] * grads[i]`, parameter by parameter.
-fn weighted_sum<B: AutodiffBackend>(
+/// `sum_i weights[i] * grads[i]`, parameter by parameter: sub-batch gradients into the
+/// batch's, or accumulation micro-steps into the optimizer step's.
+pub fn weighted_sum<B: AutodiffBackend>(
     model: &SimMim<B>,
     mut parts: Vec<GradientsParams>,
     weights: &[f64],

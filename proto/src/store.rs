@@ -271,6 +271,21 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Hash of what determines a run's numbers (seed, model, data, optimisation), leaving out what
+/// may change on resume (`max_steps`, thread counts, output cadence, worker counts).
+pub fn config_hash(config: &crate::RunConfig) -> String {
+    let mut train = config.train.clone();
+    train.max_steps = None;
+    train.compute_threads = None;
+    let key = serde_json::json!({
+        "seed": config.run.seed,
+        "model": config.model_config().ok(),
+        "data": [&config.data.train, &config.data.limit],
+        "train": train,
+    });
+    sha256_hex(key.to_string().as_bytes())[..16].to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

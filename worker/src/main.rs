@@ -1,0 +1,197 @@
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::backend::Autodiff;
+use burn::tensor::{Tensor, TensorData};
+use burn_flex::Flex;
+use clap::{Parser, Subcommand};
+use simmim_model::weights::{config_from_safetensors, load_state_dict, state_dict_from_safetensors};
+use simmim_model::{mask_tensor, InitModel};
+use simmim_proto::store::{location_url, RunStore};
+use simmim_worker::data::augment::Augment;
+use simmim_worker::session::Session;
+use simmim_worker::train::{train, Permanent};
+use simmim_worker::{checkpoint, data, recon, EXIT_DO_NOT_RETRY};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A simmim-rs worker: joins a run through its coordinator and trains what the plan says.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The coordinator's URL, e.g. http://head-node:50051.
+    #[arg(long, env = "SIMMIM_COORDINATOR")]
+    coordinator: Option<String>,
+    /// `cpu`, or `cuda` / `cuda:N` (builds with the `cuda` feature).
+    #[arg(long, env = "SIMMIM_DEVICE", default_value = "cpu")]
+    device: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pack an ImageFolder tree into tar shards plus `index.json` (use the index as `data.train`).
+    PackShards {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        per_shard: usize,
+    },
+    /// Picture of what a checkpoint reconstructs for one image (original | masked | prediction).
+    Reconstruct {
+        /// A run directory or URL (its newest checkpoint), or a model.safetensors file.
+        #[arg(long)]
+        checkpoint: String,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the random mask.
+        #[arg(long, default_value_t = 0)]
+        mask_seed: u64,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("worker: error: {e:#}");
+            if e.downcast_ref::<Permanent>().is_some() {
+                EXIT_DO_NOT_RETRY
+            } else {
+                1
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::PackShards {
+            input,
+            output,
+            per_shard,
+        }) => {
+            let index = data::shards::pack(&input, &output, per_shard)?;
+            println!(
+                "packed {} samples of {} classes into {} shards; use data.train: {}",
+                index.samples.len(),
+                index.classes.len(),
+                index.shards.len(),
+                output.join("index.json").display()
+            );
+            Ok(())
+        }
+        Some(Command::Reconstruct {
+            checkpoint,
+            image,
+            out,
+            mask_seed,
+        }) => reconstruct(&checkpoint, &image, &out, mask_seed),
+        None => {
+            let url = cli.coordinator.ok_or_else(|| {
+                anyhow!("give --coordinator URL (or SIMMIM_COORDINATOR), or a subcommand; see --help")
+            })?;
+            join(&url, &cli.device)
+        }
+    }
+}
+
+fn join(url: &str, device: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let session = Session::join(&runtime, url, device)?;
+    let result = match device {
+        "cpu" => train::<Autodiff<Flex>>(&session, Default::default()),
+        other => train_cuda(&session, other),
+    };
+    match result {
+        Ok(step) => {
+            session.done(step)?;
+            Ok(())
+        }
+        Err(e) => {
+            let permanent = e.downcast_ref::<Permanent>().is_some();
+            session.fail(&format!("{e:#}"), !permanent);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn train_cuda(session: &Session, device: &str) -> Result<u64> {
+    let index = match device.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .trim_start_matches(':')
+            .parse()
+            .map_err(|_| Permanent(format!("--device `{device}`: expected cpu, cuda or cuda:N")))?,
+        None => return Err(Permanent(format!("--device `{device}`: expected cpu, cuda or cuda:N")).into()),
+    };
+    if !simmim_model::backend::cuda_driver_present() {
+        return Err(Permanent("--device cuda: the CUDA driver library is not present".into()).into());
+    }
+    train::<Autodiff<burn_cuda::Cuda>>(session, burn_cuda::CudaDevice::new(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_cuda(_session: &Session, device: &str) -> Result<u64> {
+    Err(Permanent(format!(
+        "--device `{device}`: this worker was built without the `cuda` feature; use cpu"
+    ))
+    .into())
+}
+
+fn reconstruct(checkpoint_location: &str, image: &std::path::Path, out: &std::path::Path, mask_seed: u64) -> Result<()> {
+    let weights_bytes = if checkpoint_location.ends_with(".safetensors") {
+        std::fs::read(checkpoint_location).with_context(|| format!("reading {checkpoint_location}"))?
+    } else {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let url = location_url(checkpoint_location)?;
+        let store = RunStore::open(url.as_str())?;
+        let Some((key, _)) = runtime.block_on(store.latest_manifest())? else {
+            bail!("{}: no committed checkpoint (no `latest`)", store.url());
+        };
+        let (_, pieces) = runtime.block_on(checkpoint::read(&store, &key))?;
+        pieces.model
+    };
+    let config = config_from_safetensors(&weights_bytes)?
+        .ok_or_else(|| anyhow!("{checkpoint_location}: the safetensors carry no simmim_config metadata"))?;
+    let device = Default::default();
+    let model = config.init::<Flex>(0, &device)?;
+    let model = load_state_dict(model, &config, &state_dict_from_safetensors(&weights_bytes)?)?;
+    let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let geometry = config.mask_geometry()?;
+    let side = config.encoder.img_size();
+    let prepared = Augment::new(side, geometry.clone()).center(&bytes, &image.display().to_string(), mask_seed)?;
+    let grid = geometry.token_grid();
+    let output = model.forward(
+        Tensor::<Flex, 4>::from_data(TensorData::new(prepared.pixels.clone(), [1, 3, side, side]), &device),
+        mask_tensor::<Flex>(&prepared.mask, 1, grid, &device),
+    );
+    let predicted: Vec<f32> = output
+        .reconstruction
+        .into_data()
+        .to_vec()
+        .map_err(|e| anyhow!("reading the reconstruction: {e:?}"))?;
+    std::fs::write(out, recon::grid_png(&prepared.pixels, &predicted, &prepared.mask, side, grid))
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! The worker's side of the coordinator contract: join the run, keep the heartbeat going,
+//! forward metrics in the background, commit checkpoints, report the end.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use simmim_proto::pb::coordinator_client::CoordinatorClient;
+use simmim_proto::pb::{
+    CommitRequest, DoneRequest, FailureRequest, HeartbeatRequest, MetricsReport, RegisterReply,
+    RegisterRequest, StepMetrics,
+};
+use simmim_proto::{Manifest, RunConfig};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// How long a starting worker keeps trying to reach the coordinator.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
+pub struct Session {
+    pub client: CoordinatorClient<Channel>,
+    pub runtime: tokio::runtime::Handle,
+    pub joined: RegisterReply,
+    pub config: RunConfig,
+    /// Set by the heartbeat when the coordinator asks the run to stop.
+    pub stop: Arc<AtomicBool>,
+    /// Set by the heartbeat when the coordinator is gone or has moved on without us.
+    pub lost: Arc<std::sync::Mutex<Option<String>>>,
+    pub step: Arc<AtomicU64>,
+    metrics: mpsc::UnboundedSender<StepMetrics>,
+    /// Metrics queued but not yet delivered.
+    pending: Arc<AtomicU64>,
+}
+
+impl Session {
+    pub fn join(runtime: &tokio::runtime::Runtime, url: &str, device: &str) -> Result<Self> {
+        let handle = runtime.handle().clone();
+        let mut client = runtime.block_on(connect(url))?;
+        let request = RegisterRequest {
+            worker_id: std::env::var("SIMMIM_WORKER_ID")
+                .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+            hostname: hostname(),
+            pid: std::process::id(),
+            device: device.to_string(),
+        };
+        let joined = runtime
+            .block_on(client.register(request))
+            .map_err(|s| anyhow!("the coordinator at {url} refused registration: {}", s.message()))?
+            .into_inner();
+        let config = RunConfig::from_yaml(&joined.run_config_yaml, "the coordinator's run config")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(std::sync::Mutex::new(None));
+        let step = Arc::new(AtomicU64::new(joined.resume.as_ref().map_or(0, |r| r.step)));
+        let (metrics, queue) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicU64::new(0));
+        runtime.spawn(forward_metrics(
+            client.clone(),
+            joined.generation,
+            joined.rank,
+            queue,
+            pending.clone(),
+        ));
+        runtime.spawn(heartbeat(
+            client.clone(),
+            joined.clone(),
+            Duration::from_secs_f64(config.workers.heartbeat_timeout_s),
+            stop.clone(),
+            lost.clone(),
+            step.clone(),
+        ));
+        Ok(Self {
+            client,
+            runtime: handle,
+            joined,
+            config,
+            stop,
+            lost,
+            step,
+            metrics,
+            pending,
+        })
+    }
+
+    pub fn report(&self, metrics: StepMetrics) {
+        self.step.store(metrics.step, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.metrics.send(metrics).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    pub fn lost_reason(&self) -> Option<String> {
+        self.lost.lock().ok().and_then(|l| l.clone())
+    }
+
+    pub fn commit(&self, manifest: &Manifest) -> Result<String> {
+        let request = CommitRequest {
+            generation: self.joined.generation,
+            rank: self.joined.rank,
+            manifest_json: serde_json::to_string(manifest)?,
+        };
+        let reply = self
+            .runtime
+            .block_on(self.client.clone().commit_checkpoint(request))
+            .map_err(|s| anyhow!("checkpoint at step {} not committed: {}", manifest.step, s.message()))?;
+        Ok(reply.into_inner().manifest)
+    }
+
+    pub fn done(&self, final_step: u64) -> Result<()> {
+        // Let queued metrics go out first (bounded wait).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.pending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let request = DoneRequest {
+            generation: self.joined.generation,
+            rank: self.joined.rank,
+            final_step,
+        };
+        self.runtime
+            .block_on(self.client.clone().report_done(request))
+            .map_err(|s| anyhow!("reporting the end: {}", s.message()))?;
+        Ok(())
+    }
+
+    pub fn fail(&self, message: &str, retryable: bool) {
+        let request = FailureRequest {
+            generation: self.joined.generation,
+            rank: self.joined.rank,
+            message: message.to_string(),
+            retryable,
+        };
+        let mut client = self.client.clone();
+        let _ = self.runtime.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(5), client.report_failure(request)).await
+        });
+    }
+}
+
+async fn connect(url: &str) -> Result<CoordinatorClient<Channel>> {
+    let endpoint = Channel::from_shared(url.to_string())
+        .with_context(|| format!("`{url}` is not a coordinator URL (expected http://host:port)"))?
+        .connect_timeout(Duration::from_secs(5));
+    let started = Instant::now();
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(CoordinatorClient::new(channel)),
+            Err(e) if started.elapsed() < CONNECT_PATIENCE => {
+                tracing::debug!("coordinator at {url} not reachable yet: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(anyhow!("cannot reach the coordinator at {url} for {CONNECT_PATIENCE:?}: {e}")),
+        }
+    }
+}
+
+/// Sends queued step metrics in batches, in order.
+async fn forward_metrics(
+    mut client: CoordinatorClient<Channel>,
+    generation: u64,
+    rank: u32,
+    mut queue: mpsc::UnboundedReceiver<StepMetrics>,
+    pending: Arc<AtomicU64>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut steps = vec![first];
+        while let Ok(more) = queue.try_recv() {
+            steps.push(more);
+        }
+        let count = steps.len() as u64;
+        let report = MetricsReport {
+            generation,
+            rank,
+            steps,
+        };
+        if let Err(status) = client.report_metrics(report).await {
+            tracing::warn!("metrics not delivered: {}", status.message());
+        }
+        pending.fetch_sub(count, Ordering::SeqCst);
+    }
+}
+
+async fn heartbeat(
+    mut client: CoordinatorClient<Channel>,
+    joined: RegisterReply,
+    timeout: Duration,
+    stop: Arc<AtomicBool>,
+    lost: Arc<std::sync::Mutex<Option<String>>>,
+    step: Arc<AtomicU64>,
+) {
+    let interval = Duration::from_millis(joined.heartbeat_interval_ms.max(100));
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(interval).await;
+        let request = HeartbeatRequest {
+            generation: joined.generation,
+            rank: joined.rank,
+            step: step.load(Ordering::Relaxed),
+        };
+        match tokio::time::timeout(timeout, client.heartbeat(request)).await {
+            Ok(Ok(reply)) => {
+                last_ok = Instant::now();
+                if reply.into_inner().stop {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                set_lost(&lost, format!("the coordinator ended this worker's generation: {}", status.message()));
+                return;
+            }
+            _ if last_ok.elapsed() > timeout => {
+                set_lost(&lost, format!("no answer from the coordinator for {:.0} s", timeout.as_secs_f64()));
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn set_lost(lost: &std::sync::Mutex<Option<String>>, reason: String) {
+    if let Ok(mut slot) = lost.lock() {
+        slot.get_or_insert(reason);
+    }
+}
+
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "localhost".into())
+}

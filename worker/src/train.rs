@@ -1,0 +1,268 @@
+//! The train loop, reading like the design's six steps: plan, load, compute, reduce (here:
+//! accumulate, clip, AdamW), report, checkpoint.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use simmim_model::step::weighted_sum;
+use simmim_model::weights::{load_state_dict, state_dict, state_dict_from_safetensors, to_safetensors};
+use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend, SimMimConfig};
+use simmim_proto::pb::StepMetrics;
+use simmim_proto::plan::DataPlan;
+use simmim_proto::store::{config_hash, RunStore};
+
+use crate::checkpoint::{self, CheckpointBytes, TrainerState};
+use crate::data::augment::Augment;
+use crate::data::dataset::Dataset;
+use crate::data::loader::{Batch, Loader, LoaderSpec};
+use crate::recon;
+use crate::schedule::Schedule;
+use crate::session::Session;
+
+/// An error a restart cannot fix (bad config, missing dataset): the worker exits with
+/// [`crate::EXIT_DO_NOT_RETRY`] so supervisors stop retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+pub fn train<B: AutodiffBackend + SimMimBackend>(session: &Session, device: B::Device) -> Result<u64> {
+    let config = &session.config;
+    let joined = &session.joined;
+    let (rank, world) = (joined.rank as usize, joined.world_size as usize);
+    let model_config = config.model_config().map_err(|e| Permanent(e.to_string()))?;
+    let store = RunStore::open(&joined.run_url)?;
+
+    let dataset = Dataset::open(&config.data.train, session.runtime.clone())
+        .map_err(|e| Permanent(e.to_string()))?;
+    let dataset_len = config.data.limit.map_or(dataset.len(), |l| l.min(dataset.len()));
+    let plan = DataPlan {
+        seed: config.run.seed,
+        dataset_len,
+        world_size: world,
+        micro_batch: config.train.micro_batch,
+        accumulation: config.train.accumulation,
+    };
+    if plan.steps_per_epoch() == 0 {
+        return Err(Permanent(format!(
+            "data.train: {dataset_len} samples are fewer than one global batch of {} \
+             (train.micro_batch x train.accumulation x workers)",
+            plan.global_batch()
+        ))
+        .into());
+    }
+    let schedule = Schedule::new(&config.train, plan.steps_per_epoch(), config.lr_scale(world));
+    let end_step = config
+        .train
+        .max_steps
+        .map_or(schedule.total_steps, |m| m.min(schedule.total_steps));
+    let hash = config_hash(config);
+
+    let adamw = AdamWConfig {
+        betas: config.train.betas,
+        eps: config.train.eps,
+        weight_decay: config.train.weight_decay,
+        clip_grad: config.train.clip_grad,
+    };
+    let mut model: SimMim<B> = model_config.init(config.run.seed, &device)?;
+    let mut optimizer = AdamW::<B::InnerBackend>::new(adamw);
+    let mut start_step = 0;
+    let mut skipped_before = 0;
+    if let Some(resume) = &joined.resume {
+        let (manifest, pieces) = session
+            .runtime
+            .block_on(checkpoint::read(&store, &resume.manifest))
+            .with_context(|| format!("loading checkpoint {}", store.url_of(&resume.manifest)))?;
+        if manifest.config_hash != hash {
+            return Err(Permanent(format!(
+                "checkpoint {} was made with another config (hash {} vs {hash}); \
+                 resume with the run's own config or start a new run name",
+                store.url_of(&resume.manifest),
+                manifest.config_hash
+            ))
+            .into());
+        }
+        let weights = state_dict_from_safetensors(&pieces.model)?;
+        model = load_state_dict(model, &model_config, &weights)?;
+        let moments = state_dict_from_safetensors(&pieces.optimizer)?;
+        optimizer.load_state_dict(&model, &moments, &device)?;
+        start_step = pieces.trainer.step;
+        skipped_before = pieces.trainer.samples_skipped;
+        tracing::info!(step = start_step, "resumed from {}", store.url_of(&resume.manifest));
+    }
+    if start_step >= end_step {
+        return Ok(start_step);
+    }
+
+    let geometry = model_config.mask_geometry()?;
+    let img_size = model_config.encoder.img_size();
+    let augment = Arc::new(Augment::new(img_size, geometry.clone()));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let loader = Loader::start(
+        Arc::new(dataset),
+        augment,
+        LoaderSpec {
+            plan,
+            rank,
+            first_step: start_step,
+            end_step,
+            threads: config.data.loader_threads.unwrap_or(cores),
+            prefetch: config.data.prefetch,
+        },
+    )?;
+    let shards = config.train.compute_threads.unwrap_or(2 * cores);
+    let grid = geometry.token_grid();
+
+    let mut last_checkpoint = Instant::now();
+    let mut step = start_step;
+    while step < end_step {
+        if let Some(reason) = session.lost_reason() {
+            bail!("{reason}");
+        }
+        let started = Instant::now();
+        let mut waited = 0.0;
+        let mut parts = Vec::with_capacity(plan.accumulation);
+        let mut loss_sum = 0.0;
+        let mut last_batch: Option<Batch> = None;
+        let mut epoch = plan.epoch_of(step);
+        for _ in 0..plan.accumulation {
+            let wait_started = Instant::now();
+            let batch = loader
+                .next()
+                .ok_or_else(|| anyhow!("the data loader stopped early at step {step}"))??;
+            waited += wait_started.elapsed().as_secs_f64();
+            epoch = batch.epoch;
+            let b = batch.ids.len();
+            let images = Tensor::<B, 4>::from_data(
+                TensorData::new(batch.pixels.clone(), [b, 3, img_size, img_size]),
+                &device,
+            );
+            let mask = mask_tensor::<B>(&batch.masks, b, grid, &device);
+            let (loss, grads) = loss_and_grads(&model, images, mask, shards);
+            loss_sum += loss;
+            parts.push(grads);
+            last_batch = Some(batch);
+        }
+        let loss = loss_sum / plan.accumulation as f64;
+        if !loss.is_finite() {
+            bail!("the loss is {loss} at step {step}; lower train.base_lr or check the data");
+        }
+        let grads = if parts.len() == 1 {
+            parts.pop().unwrap_or_default()
+        } else {
+            let weights = vec![1.0 / parts.len() as f64; parts.len()];
+            weighted_sum(&model, parts, &weights)
+        };
+        let lr = schedule.lr(step);
+        let (next, stats) = optimizer.step(lr, model, grads);
+        model = next;
+        step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        session.report(StepMetrics {
+            step,
+            epoch,
+            loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            images_per_sec: plan.global_batch() as f64 / seconds,
+            data_wait_share: waited / seconds,
+            step_seconds: seconds,
+            samples_skipped: skipped_before + loader.skipped(),
+        });
+
+        let recon_every = config.output.recon_every_steps;
+        if rank == 0 && recon_every > 0 && (step % recon_every == 0 || step == end_step) {
+            if let Some(batch) = &last_batch {
+                write_recon(session, &store, &model, batch, img_size, grid, config.output.recon_images, step, &device)?;
+            }
+        }
+        let stop = session.stop.load(Ordering::Relaxed);
+        let due = step % config.checkpoint.every_steps == 0
+            || step == end_step
+            || stop
+            || config
+                .checkpoint
+                .every_minutes
+                .is_some_and(|m| last_checkpoint.elapsed().as_secs_f64() > m * 60.0);
+        if due && rank == 0 {
+            let trainer = TrainerState {
+                step,
+                epoch: plan.epoch_of(step),
+                samples_seen: step * plan.global_batch() as u64,
+                world_size: world as u32,
+                micro_batch: plan.micro_batch,
+                accumulation: plan.accumulation,
+                seed: plan.seed,
+                samples_skipped: skipped_before + loader.skipped(),
+                config_hash: hash.clone(),
+                randomness: "every draw derives from (seed, epoch, sample id); nothing else to restore".into(),
+            };
+            save(session, &store, &model, &model_config, &optimizer, trainer)?;
+            last_checkpoint = Instant::now();
+        }
+        if stop {
+            tracing::info!(step, "stopping as the coordinator asked");
+            break;
+        }
+    }
+    Ok(step)
+}
+
+fn save<B: AutodiffBackend + SimMimBackend>(
+    session: &Session,
+    store: &RunStore,
+    model: &SimMim<B>,
+    model_config: &SimMimConfig,
+    optimizer: &AdamW<B::InnerBackend>,
+    trainer: TrainerState,
+) -> Result<()> {
+    let step = trainer.step;
+    let pieces = CheckpointBytes {
+        model: to_safetensors(&state_dict(model, model_config), model_config)?,
+        optimizer: to_safetensors(&optimizer.state_dict(model), model_config)?,
+        trainer,
+    };
+    let manifest = session.runtime.block_on(checkpoint::write(
+        store,
+        &session.config.run.name,
+        session.joined.generation,
+        pieces,
+    ))?;
+    let key = session.commit(&manifest)?;
+    tracing::info!(step, "checkpoint committed: {}", store.url_of(&key));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_recon<B: AutodiffBackend + SimMimBackend>(
+    session: &Session,
+    store: &RunStore,
+    model: &SimMim<B>,
+    batch: &Batch,
+    img_size: usize,
+    grid: usize,
+    count: usize,
+    step: u64,
+    device: &B::Device,
+) -> Result<()> {
+    let n = count.min(batch.ids.len()).max(1);
+    let per_image = 3 * img_size * img_size;
+    let pixels = batch.pixels[..n * per_image].to_vec();
+    let masks = batch.masks[..n * grid * grid].to_vec();
+    let images = Tensor::<B, 4>::from_data(TensorData::new(pixels.clone(), [n, 3, img_size, img_size]), device);
+    let output = model.forward(images, mask_tensor::<B>(&masks, n, grid, device));
+    let predicted: Vec<f32> = output
+        .reconstruction
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| anyhow!("reading the reconstruction: {e:?}"))?;
+    let _: f32 = output.loss.into_scalar().elem();
+    let png = recon::grid_png(&pixels, &predicted, &masks, img_size, grid);
+    let key = format!("recon/step_{step:08}.png");
+    session.runtime.block_on(store.put(&key, png.into()))?;
+    Ok(())
+}
