@@ -171,6 +171,7 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(session: &Session, device: B::D
             data_wait_share: waited / seconds,
             step_seconds: seconds,
             samples_skipped: skipped_before + loader.skipped(),
+            end_step,
         });
 
         let recon_every = config.output.recon_every_steps;

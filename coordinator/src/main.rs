@@ -1,0 +1,355 @@
+mod membership;
+mod metrics;
+mod service;
+mod status;
+mod supervisor;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use simmim_proto::pb::coordinator_server::CoordinatorServer;
+use simmim_proto::pb::ResumePoint;
+use simmim_proto::run_config::DEMO_CONFIG;
+use simmim_proto::store::{config_hash, run_url, RunStore};
+use simmim_proto::{RunConfig, RunStatus};
+use tokio::sync::mpsc;
+
+use membership::Membership;
+use metrics::MetricsSink;
+use service::{Event, Service, Shared};
+use supervisor::LocalWorkers;
+
+/// Exit status for failures a restart cannot fix (config errors): the same as the worker's.
+const EXIT_DO_NOT_RETRY: i32 = 2;
+
+/// The simmim-rs coordinator: runs SimMIM pretraining with local and remote workers.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start (or resume) a run. Without --config: the embedded demo (small Swin, CIFAR-10, CPU).
+    Start {
+        /// Run config (YAML); see deploy/configs/.
+        #[arg(long, env = "SIMMIM_CONFIG")]
+        config: Option<PathBuf>,
+        /// Worker processes to start on this machine (default: workers.max from the config).
+        #[arg(long, env = "SIMMIM_LOCAL_WORKERS")]
+        local_workers: Option<usize>,
+        /// gRPC address to serve (default 127.0.0.1 on a free port; use 0.0.0.0:PORT for
+        /// remote workers).
+        #[arg(long, env = "SIMMIM_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Require an existing checkpoint to resume from (an existing run resumes anyway).
+        #[arg(long)]
+        resume: bool,
+        /// Override train.max_steps (stop early; the schedule still spans the epochs).
+        #[arg(long)]
+        max_steps: Option<u64>,
+        /// Override run.root (where runs live).
+        #[arg(long)]
+        root: Option<String>,
+        /// Print the run config the coordinator would use, and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Where a run stands: its newest checkpoint, last metrics and, if it is running, its workers.
+    Status {
+        /// The run directory or URL (e.g. ./runs/demo, s3://bucket/runs/demo).
+        #[arg(long)]
+        run: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("coordinator: error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Cmd::Start {
+                config,
+                local_workers,
+                listen,
+                resume,
+                max_steps,
+                root,
+                print_config,
+            } => start(StartArgs { config, local_workers, listen, resume, max_steps, root, print_config }).await,
+            Cmd::Status { run, json } => status::print(&run, json).await.map(|()| 0),
+        }
+    });
+    supervisor::kill_all();
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("coordinator: error: {e:#}");
+            let code = if e.downcast_ref::<ConfigProblem>().is_some() { EXIT_DO_NOT_RETRY } else { 1 };
+            std::process::exit(code);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ConfigProblem(String);
+
+struct StartArgs {
+    config: Option<PathBuf>,
+    local_workers: Option<usize>,
+    listen: Option<SocketAddr>,
+    resume: bool,
+    max_steps: Option<u64>,
+    root: Option<String>,
+    print_config: bool,
+}
+
+fn load_config(args: &StartArgs) -> Result<RunConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigProblem(format!("cannot read run config {}: {e}", path.display())))?;
+            RunConfig::from_yaml(&text, &path.display().to_string()).map_err(|e| ConfigProblem(e.to_string()))?
+        }
+        None => RunConfig::from_yaml(DEMO_CONFIG, "the embedded demo config").map_err(|e| ConfigProblem(e.to_string()))?,
+    };
+    if let Some(steps) = args.max_steps {
+        config.train.max_steps = Some(steps);
+    }
+    if let Some(root) = &args.root {
+        config.run.root = root.clone();
+    }
+    config.validate().map_err(|e| ConfigProblem(e.to_string()))?;
+    // A local dataset path must exist before workers are started; say how to get the demo's.
+    let data = &config.data.train;
+    if !data.contains("://") && !std::path::Path::new(data).exists() {
+        let hint = if args.config.is_none() { "; run scripts/setup.sh to unpack the demo dataset" } else { "" };
+        return Err(ConfigProblem(format!("data.train: {data} does not exist{hint}")).into());
+    }
+    Ok(config)
+}
+
+async fn start(args: StartArgs) -> Result<i32> {
+    let config = load_config(&args)?;
+    if args.print_config {
+        print!("{}", config.to_yaml());
+        return Ok(0);
+    }
+    let url = run_url(&config.run.root, &config.run.name)?;
+    let store = RunStore::open(url.as_str())?;
+    let hash = config_hash(&config);
+
+    // An existing run: same config or refuse; resume from its newest checkpoint.
+    if let Some(previous) = store.get_opt("config.yaml").await? {
+        let previous = RunConfig::from_yaml(&String::from_utf8_lossy(&previous), &store.url_of("config.yaml"))
+            .map_err(|e| anyhow!("the existing run's config is unreadable: {e}"))?;
+        if config_hash(&previous) != hash {
+            return Err(ConfigProblem(format!(
+                "{} already holds a run with a different config; use its config to resume it, or give run.name a new value",
+                store.url()
+            ))
+            .into());
+        }
+    }
+    store.put("config.yaml", Bytes::from(config.to_yaml())).await?;
+    let resume = find_resume(&store).await?;
+    if args.resume && resume.is_none() {
+        bail!("--resume: {} has no committed checkpoint", store.url());
+    }
+    match &resume {
+        Some(r) => tracing::info!("resuming {} from step {}", store.url(), r.step),
+        None => tracing::info!("starting {}", store.url()),
+    }
+
+    let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    let advertised = if address.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", address.port())
+    } else {
+        format!("http://{address}")
+    };
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let shared = Arc::new(Shared {
+        membership: Mutex::new(Membership::new(config.workers.min, config.workers.max, Duration::from_secs(10))),
+        events: events_tx,
+        config_yaml: config.to_yaml(),
+        run_name: config.run.name.clone(),
+        store: store.clone(),
+        heartbeat_interval: Duration::from_secs_f64((config.workers.heartbeat_timeout_s / 6.0).clamp(0.2, 5.0)),
+        resume: Mutex::new(resume.clone()),
+        stop: Default::default(),
+        metrics: Mutex::new(MetricsSink::new(&store, progress)?),
+        status: Mutex::new(RunStatus {
+            run: config.run.name.clone(),
+            run_url: store.url().to_string(),
+            state: "running".into(),
+            step: resume.as_ref().map_or(0, |r| r.step),
+            last_checkpoint_step: resume.as_ref().map(|r| r.step),
+            ..Default::default()
+        }),
+    });
+    let server = tonic::transport::Server::builder()
+        .add_service(CoordinatorServer::new(Service { shared: shared.clone() }))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!("gRPC server stopped: {e}");
+        }
+    });
+    let info = serde_json::json!({ "address": advertised, "pid": std::process::id() });
+    store.put("coordinator.json", Bytes::from(info.to_string())).await?;
+    tracing::info!("coordinator serving on {advertised}; run directory {}", store.url());
+
+    let local = args.local_workers.unwrap_or(config.workers.max);
+    let log_dir = store.local_dir().unwrap_or_else(std::env::temp_dir).join("logs");
+    let timeout = Duration::from_secs_f64(config.workers.heartbeat_timeout_s);
+    let mut restarts = 0u32;
+    let mut interrupts = 0u32;
+
+    let outcome: Result<i32> = 'generations: loop {
+        let generation = shared.membership.lock().map(|m| m.generation).unwrap_or(0);
+        let mut workers = LocalWorkers::spawn(local, &advertised, &config.workers.device, &log_dir, generation)?;
+        let logs = workers.logs.clone();
+        let mut exits = workers.watch();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let failure: (String, bool) = loop {
+            tokio::select! {
+                Some(exit) = exits.recv() => {
+                    if exit.code == Some(0) { continue; }
+                    let permanent = exit.code == Some(EXIT_DO_NOT_RETRY);
+                    // Give the worker's own failure report a moment to arrive first.
+                    if let Ok(Some(Event::Failed { message, retryable, .. })) =
+                        tokio::time::timeout(Duration::from_millis(500), events.recv()).await
+                    {
+                        break (message, !retryable || permanent);
+                    }
+                    let log = logs.get(exit.index).map(|p| supervisor::tail(p, 15)).unwrap_or_default();
+                    break (format!("local worker {} exited with {:?}; its log ends:\n{log}", exit.index, exit.code), permanent);
+                }
+                Some(event) = events.recv() => match event {
+                    Event::AllDone { step } => break 'generations Ok(finish(&shared, step)),
+                    Event::Failed { rank, message, retryable } => break (format!("rank {rank}: {message}"), !retryable),
+                },
+                _ = tick.tick() => {
+                    let silent = shared.membership.lock().map(|m| m.silent(Instant::now(), timeout)).unwrap_or_default();
+                    if let Some(rank) = silent.first() {
+                        break (format!("rank {rank} sent no heartbeat for {:.0} s", timeout.as_secs_f64()), false);
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    interrupts += 1;
+                    if interrupts == 1 {
+                        eprintln!("\ncoordinator: stopping after the next checkpoint (Ctrl-C again to abort without it)");
+                        shared.stop.store(true, Ordering::Relaxed);
+                        shared.status.lock().map(|mut s| s.state = "stopping".into()).ok();
+                    } else {
+                        break 'generations Ok(130);
+                    }
+                }
+            }
+        };
+        supervisor::kill_all();
+        let (message, permanent) = failure;
+        if permanent {
+            break Err(ConfigProblem(message).into());
+        }
+        if restarts >= config.workers.max_restarts {
+            break Err(anyhow!("giving up after {restarts} restarts (workers.max_restarts); last failure: {message}"));
+        }
+        restarts += 1;
+        let resume = find_resume(&store).await?;
+        tracing::warn!(
+            "generation {generation} failed ({message}); restart {restarts}/{} from step {}",
+            config.workers.max_restarts,
+            resume.as_ref().map_or(0, |r| r.step)
+        );
+        if let Ok(mut m) = shared.membership.lock() {
+            m.next_generation();
+        }
+        if let Ok(mut r) = shared.resume.lock() {
+            *r = resume;
+        }
+        if let Ok(mut s) = shared.status.lock() {
+            s.restarts = restarts;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    if let Ok(mut sink) = shared.metrics.lock() {
+        sink.finish();
+    }
+    let state = match &outcome {
+        Ok(0) => "finished",
+        Ok(_) => "interrupted",
+        Err(_) => "failed",
+    };
+    if let Ok(mut s) = shared.status.lock() {
+        s.state = state.into();
+    }
+    let _ = store.put("coordinator.json", Bytes::from(serde_json::json!({"state": state}).to_string())).await;
+    outcome
+}
+
+fn finish(shared: &Shared, step: u64) -> i32 {
+    let status = shared.snapshot();
+    eprintln!(
+        "coordinator: run {} finished at step {step}; last loss {}; checkpoint at step {}; results in {}",
+        shared.run_name,
+        status.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        status.last_checkpoint_step.map_or("-".into(), |s| s.to_string()),
+        shared.store.url()
+    );
+    0
+}
+
+/// The newest committed checkpoint whose objects are all present.
+async fn find_resume(store: &RunStore) -> Result<Option<ResumePoint>> {
+    match store.latest_manifest().await {
+        Ok(Some((key, manifest))) => match store.verify_sizes(&manifest).await {
+            Ok(()) => return Ok(Some(ResumePoint { step: manifest.step, manifest: key })),
+            Err(e) => tracing::warn!("latest checkpoint unusable ({e}); looking for an older one"),
+        },
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cannot read `latest` ({e}); looking for the newest manifest"),
+    }
+    for key in store.manifests().await? {
+        match store.read_manifest(&key).await {
+            Ok(manifest) => match store.verify_sizes(&manifest).await {
+                Ok(()) => return Ok(Some(ResumePoint { step: manifest.step, manifest: key })),
+                Err(e) => tracing::warn!("skipping checkpoint {key}: {e}"),
+            },
+            Err(e) => tracing::warn!("skipping checkpoint {key}: {e}"),
+        }
+    }
+    Ok(None)
+}
