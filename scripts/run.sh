@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The main job on its embedded default. Until `coordinator start` lands (issue: pretraining end
-# to end), this runs what exists: one SimMIM pretraining step, timed, on the CPU backend.
+# The main job on its embedded default: SimMIM pretraining of a small Swin on CIFAR-10, on CPU,
+# through the coordinator and one local worker; results in ./runs/demo (metrics.jsonl,
+# recon/*.png, checkpoints/). Arguments go to `coordinator start` (e.g. --config FILE,
+# --local-workers N, --max-steps N). Running it again resumes the run where it stopped.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
-export MIMALLOC_PURGE_DELAY="${MIMALLOC_PURGE_DELAY:--1}" MIMALLOC_RESERVE_OS_MEMORY="${MIMALLOC_RESERVE_OS_MEMORY:-4GiB}"
-exec cargo bench -p simmim-model --bench step -- "$@"
+cargo build --release -p simmim-coordinator -p simmim-worker
+exec target/release/coordinator start "$@"

@@ -11,8 +11,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build --release (the binaries the system tests run)"
+cargo build --release --workspace --bins
 echo "== cargo test --release"
 cargo test --workspace --release
 echo "== cargo check --features cuda"
-cargo check -p simmim-model --all-targets --features cuda
+cargo check -p simmim-model -p simmim-worker --all-targets --features cuda
 echo "== all checks passed"

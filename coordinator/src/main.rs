@@ -81,9 +81,14 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("coordinator: error: cannot start the async runtime: {e}");
@@ -100,7 +105,18 @@ fn main() {
                 max_steps,
                 root,
                 print_config,
-            } => start(StartArgs { config, local_workers, listen, resume, max_steps, root, print_config }).await,
+            } => {
+                start(StartArgs {
+                    config,
+                    local_workers,
+                    listen,
+                    resume,
+                    max_steps,
+                    root,
+                    print_config,
+                })
+                .await
+            }
             Cmd::Status { run, json } => status::print(&run, json).await.map(|()| 0),
         }
     });
@@ -110,7 +126,11 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("coordinator: error: {e:#}");
-            let code = if e.downcast_ref::<ConfigProblem>().is_some() { EXIT_DO_NOT_RETRY } else { 1 };
+            let code = if e.downcast_ref::<ConfigProblem>().is_some() {
+                EXIT_DO_NOT_RETRY
+            } else {
+                1
+            };
             std::process::exit(code);
         }
     }
@@ -133,11 +153,14 @@ struct StartArgs {
 fn load_config(args: &StartArgs) -> Result<RunConfig> {
     let mut config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigProblem(format!("cannot read run config {}: {e}", path.display())))?;
-            RunConfig::from_yaml(&text, &path.display().to_string()).map_err(|e| ConfigProblem(e.to_string()))?
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigProblem(format!("cannot read run config {}: {e}", path.display()))
+            })?;
+            RunConfig::from_yaml(&text, &path.display().to_string())
+                .map_err(|e| ConfigProblem(e.to_string()))?
         }
-        None => RunConfig::from_yaml(DEMO_CONFIG, "the embedded demo config").map_err(|e| ConfigProblem(e.to_string()))?,
+        None => RunConfig::from_yaml(DEMO_CONFIG, "the embedded demo config")
+            .map_err(|e| ConfigProblem(e.to_string()))?,
     };
     if let Some(steps) = args.max_steps {
         config.train.max_steps = Some(steps);
@@ -145,11 +168,17 @@ fn load_config(args: &StartArgs) -> Result<RunConfig> {
     if let Some(root) = &args.root {
         config.run.root = root.clone();
     }
-    config.validate().map_err(|e| ConfigProblem(e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| ConfigProblem(e.to_string()))?;
     // A local dataset path must exist before workers are started; say how to get the demo's.
     let data = &config.data.train;
     if !data.contains("://") && !std::path::Path::new(data).exists() {
-        let hint = if args.config.is_none() { "; run scripts/setup.sh to unpack the demo dataset" } else { "" };
+        let hint = if args.config.is_none() {
+            "; run scripts/setup.sh to unpack the demo dataset"
+        } else {
+            ""
+        };
         return Err(ConfigProblem(format!("data.train: {data} does not exist{hint}")).into());
     }
     Ok(config)
@@ -167,8 +196,11 @@ async fn start(args: StartArgs) -> Result<i32> {
 
     // An existing run: same config or refuse; resume from its newest checkpoint.
     if let Some(previous) = store.get_opt("config.yaml").await? {
-        let previous = RunConfig::from_yaml(&String::from_utf8_lossy(&previous), &store.url_of("config.yaml"))
-            .map_err(|e| anyhow!("the existing run's config is unreadable: {e}"))?;
+        let previous = RunConfig::from_yaml(
+            &String::from_utf8_lossy(&previous),
+            &store.url_of("config.yaml"),
+        )
+        .map_err(|e| anyhow!("the existing run's config is unreadable: {e}"))?;
         if config_hash(&previous) != hash {
             return Err(ConfigProblem(format!(
                 "{} already holds a run with a different config; use its config to resume it, or give run.name a new value",
@@ -177,7 +209,9 @@ async fn start(args: StartArgs) -> Result<i32> {
             .into());
         }
     }
-    store.put("config.yaml", Bytes::from(config.to_yaml())).await?;
+    store
+        .put("config.yaml", Bytes::from(config.to_yaml()))
+        .await?;
     let resume = find_resume(&store).await?;
     if args.resume && resume.is_none() {
         bail!("--resume: {} has no committed checkpoint", store.url());
@@ -187,7 +221,9 @@ async fn start(args: StartArgs) -> Result<i32> {
         None => tracing::info!("starting {}", store.url()),
     }
 
-    let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -201,12 +237,18 @@ async fn start(args: StartArgs) -> Result<i32> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let shared = Arc::new(Shared {
-        membership: Mutex::new(Membership::new(config.workers.min, config.workers.max, Duration::from_secs(10))),
+        membership: Mutex::new(Membership::new(
+            config.workers.min,
+            config.workers.max,
+            Duration::from_secs(10),
+        )),
         events: events_tx,
         config_yaml: config.to_yaml(),
         run_name: config.run.name.clone(),
         store: store.clone(),
-        heartbeat_interval: Duration::from_secs_f64((config.workers.heartbeat_timeout_s / 6.0).clamp(0.2, 5.0)),
+        heartbeat_interval: Duration::from_secs_f64(
+            (config.workers.heartbeat_timeout_s / 6.0).clamp(0.2, 5.0),
+        ),
         resume: Mutex::new(resume.clone()),
         stop: Default::default(),
         metrics: Mutex::new(MetricsSink::new(&store, progress)?),
@@ -220,7 +262,9 @@ async fn start(args: StartArgs) -> Result<i32> {
         }),
     });
     let server = tonic::transport::Server::builder()
-        .add_service(CoordinatorServer::new(Service { shared: shared.clone() }))
+        .add_service(CoordinatorServer::new(Service {
+            shared: shared.clone(),
+        }))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     tokio::spawn(async move {
         if let Err(e) = server.await {
@@ -228,18 +272,32 @@ async fn start(args: StartArgs) -> Result<i32> {
         }
     });
     let info = serde_json::json!({ "address": advertised, "pid": std::process::id() });
-    store.put("coordinator.json", Bytes::from(info.to_string())).await?;
-    tracing::info!("coordinator serving on {advertised}; run directory {}", store.url());
+    store
+        .put("coordinator.json", Bytes::from(info.to_string()))
+        .await?;
+    tracing::info!(
+        "coordinator serving on {advertised}; run directory {}",
+        store.url()
+    );
 
     let local = args.local_workers.unwrap_or(config.workers.max);
-    let log_dir = store.local_dir().unwrap_or_else(std::env::temp_dir).join("logs");
+    let log_dir = store
+        .local_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("logs");
     let timeout = Duration::from_secs_f64(config.workers.heartbeat_timeout_s);
     let mut restarts = 0u32;
     let mut interrupts = 0u32;
 
     let outcome: Result<i32> = 'generations: loop {
         let generation = shared.membership.lock().map(|m| m.generation).unwrap_or(0);
-        let mut workers = LocalWorkers::spawn(local, &advertised, &config.workers.device, &log_dir, generation)?;
+        let mut workers = LocalWorkers::spawn(
+            local,
+            &advertised,
+            &config.workers.device,
+            &log_dir,
+            generation,
+        )?;
         let logs = workers.logs.clone();
         let mut exits = workers.watch();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -316,7 +374,12 @@ async fn start(args: StartArgs) -> Result<i32> {
     if let Ok(mut s) = shared.status.lock() {
         s.state = state.into();
     }
-    let _ = store.put("coordinator.json", Bytes::from(serde_json::json!({"state": state}).to_string())).await;
+    let _ = store
+        .put(
+            "coordinator.json",
+            Bytes::from(serde_json::json!({"state": state}).to_string()),
+        )
+        .await;
     outcome
 }
 
@@ -336,7 +399,12 @@ fn finish(shared: &Shared, step: u64) -> i32 {
 async fn find_resume(store: &RunStore) -> Result<Option<ResumePoint>> {
     match store.latest_manifest().await {
         Ok(Some((key, manifest))) => match store.verify_sizes(&manifest).await {
-            Ok(()) => return Ok(Some(ResumePoint { step: manifest.step, manifest: key })),
+            Ok(()) => {
+                return Ok(Some(ResumePoint {
+                    step: manifest.step,
+                    manifest: key,
+                }))
+            }
             Err(e) => tracing::warn!("latest checkpoint unusable ({e}); looking for an older one"),
         },
         Ok(None) => {}
@@ -345,7 +413,12 @@ async fn find_resume(store: &RunStore) -> Result<Option<ResumePoint>> {
     for key in store.manifests().await? {
         match store.read_manifest(&key).await {
             Ok(manifest) => match store.verify_sizes(&manifest).await {
-                Ok(()) => return Ok(Some(ResumePoint { step: manifest.step, manifest: key })),
+                Ok(()) => {
+                    return Ok(Some(ResumePoint {
+                        step: manifest.step,
+                        manifest: key,
+                    }))
+                }
                 Err(e) => tracing::warn!("skipping checkpoint {key}: {e}"),
             },
             Err(e) => tracing::warn!("skipping checkpoint {key}: {e}"),

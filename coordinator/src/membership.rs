@@ -68,7 +68,13 @@ impl Membership {
     }
 
     /// Adds a worker to the forming generation and returns its rank.
-    pub fn register(&mut self, worker_id: &str, hostname: &str, device: &str, now: Instant) -> Result<u32, Refusal> {
+    pub fn register(
+        &mut self,
+        worker_id: &str,
+        hostname: &str,
+        device: &str,
+        now: Instant,
+    ) -> Result<u32, Refusal> {
         if let Some(m) = self.members.values().find(|m| m.worker_id == worker_id) {
             return Ok(m.rank);
         }
@@ -122,7 +128,13 @@ impl Membership {
         Ok(())
     }
 
-    pub fn heartbeat(&mut self, generation: u64, rank: u32, step: u64, now: Instant) -> Result<(), Refusal> {
+    pub fn heartbeat(
+        &mut self,
+        generation: u64,
+        rank: u32,
+        step: u64,
+        now: Instant,
+    ) -> Result<(), Refusal> {
         self.check(generation, rank)?;
         if let Some(m) = self.members.get_mut(&rank) {
             m.last_heartbeat = now;
@@ -170,10 +182,18 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Membership::new(2, 3, Duration::from_secs(10));
         assert_eq!(m.register("a", "h", "cpu", t0), Ok(0));
-        assert_eq!(m.register("a", "h", "cpu", t0), Ok(0), "re-registering keeps the rank");
+        assert_eq!(
+            m.register("a", "h", "cpu", t0),
+            Ok(0),
+            "re-registering keeps the rank"
+        );
         assert_eq!(m.try_form(t0), None);
         assert_eq!(m.register("b", "h", "cpu", t0), Ok(1));
-        assert_eq!(m.try_form(t0 + Duration::from_secs(1)), None, "waits for the last call");
+        assert_eq!(
+            m.try_form(t0 + Duration::from_secs(1)),
+            None,
+            "waits for the last call"
+        );
         assert_eq!(m.try_form(t0 + Duration::from_secs(11)), Some(2));
         assert_eq!(m.register("c", "h", "cpu", t0), Err(Refusal::Full));
 
@@ -190,13 +210,24 @@ mod tests {
         m.register("a", "h", "cpu", t0).expect("a");
         m.try_form(t0);
         assert!(m.heartbeat(0, 0, 5, t0 + Duration::from_secs(1)).is_ok());
-        assert_eq!(m.silent(t0 + Duration::from_secs(5), Duration::from_secs(3)), vec![0]);
+        assert_eq!(
+            m.silent(t0 + Duration::from_secs(5), Duration::from_secs(3)),
+            vec![0]
+        );
         m.next_generation();
         assert_eq!(
             m.heartbeat(0, 0, 6, t0),
-            Err(Refusal::Stale { sent: 0, current: 1 })
+            Err(Refusal::Stale {
+                sent: 0,
+                current: 1
+            })
         );
-        assert!(Refusal::Stale { sent: 0, current: 1 }.to_string().contains("generation 0 has ended"));
+        assert!(Refusal::Stale {
+            sent: 0,
+            current: 1
+        }
+        .to_string()
+        .contains("generation 0 has ended"));
         m.register("a", "h", "cpu", t0).expect("rejoin");
         m.try_form(t0);
         assert_eq!(m.mark_done(1, 0), Ok(true));

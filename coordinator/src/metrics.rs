@@ -30,10 +30,18 @@ impl MetricsSink {
             ),
             None => None,
         };
-        let remote = if local.is_none() { Some((store.clone(), Vec::new())) } else { None };
+        let remote = if local.is_none() {
+            Some((store.clone(), Vec::new()))
+        } else {
+            None
+        };
         let bar = ProgressBar::with_draw_target(
             None,
-            if progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+            if progress {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
         );
         bar.set_style(
             ProgressStyle::with_template(

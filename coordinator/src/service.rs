@@ -24,8 +24,14 @@ use crate::metrics::MetricsSink;
 /// What the supervisor needs to hear about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Failed { rank: u32, message: String, retryable: bool },
-    AllDone { step: u64 },
+    Failed {
+        rank: u32,
+        message: String,
+        retryable: bool,
+    },
+    AllDone {
+        step: u64,
+    },
 }
 
 pub struct Shared {
@@ -57,7 +63,10 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[tonic::async_trait]
 impl Coordinator for Service {
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
         let req = request.into_inner();
         let (generation, rank) = {
             let mut m = locked(&self.shared.membership);
@@ -74,14 +83,19 @@ impl Coordinator for Service {
             {
                 let mut m = locked(&self.shared.membership);
                 if m.generation != generation {
-                    return Err(refused(Refusal::Stale { sent: generation, current: m.generation }));
+                    return Err(refused(Refusal::Stale {
+                        sent: generation,
+                        current: m.generation,
+                    }));
                 }
                 if let Some(world) = m.try_form(Instant::now()) {
                     break world;
                 }
             }
             if Instant::now() > deadline {
-                return Err(Status::deadline_exceeded("the generation did not form in time"));
+                return Err(Status::deadline_exceeded(
+                    "the generation did not form in time",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -96,7 +110,10 @@ impl Coordinator for Service {
         }))
     }
 
-    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
         let req = request.into_inner();
         locked(&self.shared.membership)
             .heartbeat(req.generation, req.rank, req.step, Instant::now())
@@ -106,7 +123,10 @@ impl Coordinator for Service {
         }))
     }
 
-    async fn report_metrics(&self, request: Request<MetricsReport>) -> Result<Response<Ack>, Status> {
+    async fn report_metrics(
+        &self,
+        request: Request<MetricsReport>,
+    ) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
         {
             let mut m = locked(&self.shared.membership);
@@ -133,7 +153,10 @@ impl Coordinator for Service {
         Ok(Response::new(Ack {}))
     }
 
-    async fn commit_checkpoint(&self, request: Request<CommitRequest>) -> Result<Response<CommitReply>, Status> {
+    async fn commit_checkpoint(
+        &self,
+        request: Request<CommitRequest>,
+    ) -> Result<Response<CommitReply>, Status> {
         let req = request.into_inner();
         locked(&self.shared.membership)
             .check(req.generation, req.rank)
@@ -146,7 +169,8 @@ impl Coordinator for Service {
             .await
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let key = Manifest::path_for(manifest.step);
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Status::internal(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| Status::internal(e.to_string()))?;
         let created = store
             .put_new(&key, Bytes::from(json))
             .await
@@ -163,7 +187,11 @@ impl Coordinator for Service {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         locked(&self.shared.status).last_checkpoint_step = Some(manifest.step);
         locked(&self.shared.metrics).flush();
-        tracing::info!(step = manifest.step, "checkpoint committed: {}", store.url_of(&key));
+        tracing::info!(
+            step = manifest.step,
+            "checkpoint committed: {}",
+            store.url_of(&key)
+        );
         Ok(Response::new(CommitReply { manifest: key }))
     }
 
@@ -173,12 +201,17 @@ impl Coordinator for Service {
             .mark_done(req.generation, req.rank)
             .map_err(refused)?;
         if all {
-            let _ = self.shared.events.send(Event::AllDone { step: req.final_step });
+            let _ = self.shared.events.send(Event::AllDone {
+                step: req.final_step,
+            });
         }
         Ok(Response::new(Ack {}))
     }
 
-    async fn report_failure(&self, request: Request<FailureRequest>) -> Result<Response<Ack>, Status> {
+    async fn report_failure(
+        &self,
+        request: Request<FailureRequest>,
+    ) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
         locked(&self.shared.membership)
             .check(req.generation, req.rank)
@@ -191,8 +224,12 @@ impl Coordinator for Service {
         Ok(Response::new(Ack {}))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let json = serde_json::to_string(&self.shared.snapshot()).map_err(|e| Status::internal(e.to_string()))?;
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        let json = serde_json::to_string(&self.shared.snapshot())
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(StatusReply { status_json: json }))
     }
 }

@@ -18,15 +18,12 @@ pub async fn print(run: &str, json: bool) -> Result<()> {
         anyhow::bail!("{}: not a run directory (no config.yaml)", store.url());
     }
     let latest = store.latest_manifest().await?;
-    let last_metrics = store
-        .get_opt(METRICS_FILE)
-        .await?
-        .and_then(|bytes| {
-            String::from_utf8_lossy(&bytes)
-                .lines()
-                .last()
-                .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        });
+    let last_metrics = store.get_opt(METRICS_FILE).await?.and_then(|bytes| {
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    });
     let live = live_status(&store).await;
     if json {
         let out = serde_json::json!({
@@ -40,7 +37,12 @@ pub async fn print(run: &str, json: bool) -> Result<()> {
     }
     println!("run        {}", store.url());
     match &latest {
-        Some((key, m)) => println!("checkpoint step {} (epoch {}) at {}", m.step, m.epoch, store.url_of(key)),
+        Some((key, m)) => println!(
+            "checkpoint step {} (epoch {}) at {}",
+            m.step,
+            m.epoch,
+            store.url_of(key)
+        ),
         None => println!("checkpoint none committed yet"),
     }
     if let Some(m) = &last_metrics {
@@ -51,7 +53,10 @@ pub async fn print(run: &str, json: bool) -> Result<()> {
     }
     match live {
         Some(s) => {
-            println!("state      {} (generation {}, restarts {}), step {}/{}", s.state, s.generation, s.restarts, s.step, s.total_steps);
+            println!(
+                "state      {} (generation {}, restarts {}), step {}/{}",
+                s.state, s.generation, s.restarts, s.step, s.total_steps
+            );
             for w in &s.workers {
                 println!(
                     "  rank {} {} on {} ({}): step {}, {:.3} s/step, data wait {:.0}%, heartbeat {} ms ago",
@@ -69,10 +74,17 @@ async fn live_status(store: &RunStore) -> Option<RunStatus> {
     let info: serde_json::Value = serde_json::from_slice(&info).ok()?;
     let address = info["address"].as_str()?.to_string();
     let ask = async {
-        let channel = tonic::transport::Channel::from_shared(address).ok()?.connect().await.ok()?;
+        let channel = tonic::transport::Channel::from_shared(address)
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
         let mut client = CoordinatorClient::new(channel);
         let reply = client.status(StatusRequest {}).await.ok()?.into_inner();
         serde_json::from_str::<RunStatus>(&reply.status_json).ok()
     };
-    tokio::time::timeout(Duration::from_secs(3), ask).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(3), ask)
+        .await
+        .ok()
+        .flatten()
 }

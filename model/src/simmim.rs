@@ -75,8 +75,11 @@ pub struct SimMimOutput<B: Backend> {
 pub trait InitModel {
     /// Builds the model with the official initialisation, drawn from `seed` on the host so
     /// every process that builds with the same seed holds the same weights.
-    fn init<B: SimMimBackend>(&self, seed: u64, device: &B::Device)
-        -> Result<SimMim<B>, ModelError>;
+    fn init<B: SimMimBackend>(
+        &self,
+        seed: u64,
+        device: &B::Device,
+    ) -> Result<SimMim<B>, ModelError>;
 }
 
 impl InitModel for SimMimConfig {

@@ -51,7 +51,8 @@ impl DataPlan {
         micro: usize,
     ) -> &'a [u32] {
         let within = (step % self.steps_per_epoch().max(1)) as usize;
-        let start = within * self.global_batch() + (micro * self.world_size + rank) * self.micro_batch;
+        let start =
+            within * self.global_batch() + (micro * self.world_size + rank) * self.micro_batch;
         &order[start..start + self.micro_batch]
     }
 }

@@ -260,11 +260,10 @@ impl RunConfig {
     /// Parses and validates YAML; `source_name` (a file path, "the embedded demo config")
     /// appears in every error.
     pub fn from_yaml(text: &str, source_name: &str) -> Result<Self, RunConfigError> {
-        let config: RunConfig =
-            serde_yaml::from_str(text).map_err(|e| RunConfigError::Parse {
-                source_name: source_name.to_string(),
-                message: e.to_string(),
-            })?;
+        let config: RunConfig = serde_yaml::from_str(text).map_err(|e| RunConfigError::Parse {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
         config.validate().map_err(|error| RunConfigError::Invalid {
             source_name: source_name.to_string(),
             error,
@@ -422,7 +421,10 @@ fn positive_f(field: &str, value: f64) -> Result<(), ConfigError> {
     if value.is_finite() && value > 0.0 {
         Ok(())
     } else {
-        Err(config_error(field, format!("{value} must be a positive number")))
+        Err(config_error(
+            field,
+            format!("{value} must be a positive number"),
+        ))
     }
 }
 
@@ -430,7 +432,10 @@ fn non_negative_f(field: &str, value: f64) -> Result<(), ConfigError> {
     if value.is_finite() && value >= 0.0 {
         Ok(())
     } else {
-        Err(config_error(field, format!("{value} must be zero or positive")))
+        Err(config_error(
+            field,
+            format!("{value} must be zero or positive"),
+        ))
     }
 }
 
@@ -448,18 +453,30 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let bad = DEMO_CONFIG.replace("micro_batch: ", "micro_batch: 0 #");
-        let err = RunConfig::from_yaml(&bad, "x.yaml").expect_err("invalid").to_string();
-        assert!(err.contains("train.micro_batch") && err.contains("x.yaml"), "{err}");
+        let err = RunConfig::from_yaml(&bad, "x.yaml")
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            err.contains("train.micro_batch") && err.contains("x.yaml"),
+            "{err}"
+        );
 
         let mut c = RunConfig::demo();
         c.model.preset = Some("swin_huge".into());
         c.model.config = None;
         let err = c.validate().expect_err("invalid").to_string();
-        assert!(err.contains("model.preset") && err.contains("swin_tiny"), "{err}");
+        assert!(
+            err.contains("model.preset") && err.contains("swin_tiny"),
+            "{err}"
+        );
 
         let mut c = RunConfig::demo();
         c.train.warmup_epochs = c.train.epochs;
-        assert!(c.validate().expect_err("invalid").to_string().contains("train.warmup_epochs"));
+        assert!(c
+            .validate()
+            .expect_err("invalid")
+            .to_string()
+            .contains("train.warmup_epochs"));
     }
 
     #[test]
@@ -478,10 +495,14 @@ mod tests {
     #[test]
     fn unknown_and_mistyped_fields_are_parse_errors_naming_them() {
         let bad = DEMO_CONFIG.replace("micro_batch:", "micro_bach:");
-        let err = RunConfig::from_yaml(&bad, "x.yaml").expect_err("unknown").to_string();
+        let err = RunConfig::from_yaml(&bad, "x.yaml")
+            .expect_err("unknown")
+            .to_string();
         assert!(err.contains("micro_bach"), "{err}");
         let bad = DEMO_CONFIG.replace("base_lr: ", "base_lr: fast #");
-        let err = RunConfig::from_yaml(&bad, "x.yaml").expect_err("mistyped").to_string();
+        let err = RunConfig::from_yaml(&bad, "x.yaml")
+            .expect_err("mistyped")
+            .to_string();
         assert!(err.contains("base_lr") || err.contains("line"), "{err}");
     }
 
@@ -491,5 +512,31 @@ mod tests {
         c.train.micro_batch = 128;
         c.train.accumulation = 2;
         assert_eq!(c.lr_scale(16), 8.0);
+    }
+}
+
+#[cfg(test)]
+mod shipped_configs {
+    use super::*;
+
+    /// Every config in deploy/configs parses and validates.
+    #[test]
+    fn deploy_configs_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configs");
+        let mut count = 0;
+        for entry in std::fs::read_dir(&dir).expect("deploy/configs") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).expect("read");
+                let config = RunConfig::from_yaml(&text, &path.display().to_string())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                config.model_config().expect("model");
+                count += 1;
+            }
+        }
+        assert!(
+            count >= 4,
+            "expected the demo and three official configs, found {count}"
+        );
     }
 }

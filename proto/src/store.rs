@@ -132,7 +132,11 @@ impl RunStore {
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let result = self.store.get(&self.path(key)).await.map_err(self.io(key))?;
+        let result = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(self.io(key))?;
         result.bytes().await.map_err(self.io(key))
     }
 
@@ -145,7 +149,11 @@ impl RunStore {
         }
     }
 
-    pub async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
+    pub async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, StoreError> {
         self.store
             .get_range(&self.path(key), range)
             .await
@@ -313,23 +321,54 @@ mod tests {
         };
         for step in [10u64, 20] {
             store
-                .put(&format!("{}/model.safetensors", Manifest::dir_for(step)), data.clone())
+                .put(
+                    &format!("{}/model.safetensors", Manifest::dir_for(step)),
+                    data.clone(),
+                )
                 .await
                 .expect("put");
-            let json = serde_json::to_vec(&Manifest { step, ..manifest.clone() }).expect("json");
-            assert!(store.put_new(&Manifest::path_for(step), json.clone().into()).await.expect("put"));
-            assert!(!store.put_new(&Manifest::path_for(step), json.into()).await.expect("put"));
+            let json = serde_json::to_vec(&Manifest {
+                step,
+                ..manifest.clone()
+            })
+            .expect("json");
+            assert!(store
+                .put_new(&Manifest::path_for(step), json.clone().into())
+                .await
+                .expect("put"));
+            assert!(!store
+                .put_new(&Manifest::path_for(step), json.into())
+                .await
+                .expect("put"));
         }
         let keys = store.manifests().await.expect("list");
         assert_eq!(keys, vec![Manifest::path_for(20), Manifest::path_for(10)]);
         store.verify_sizes(&manifest).await.expect("sizes");
-        assert_eq!(store.read_checked(&manifest, "model.safetensors").await.expect("read"), data);
+        assert_eq!(
+            store
+                .read_checked(&manifest, "model.safetensors")
+                .await
+                .expect("read"),
+            data
+        );
 
         let key = format!("{}/model.safetensors", Manifest::dir_for(20));
-        store.put(&key, Bytes::from_static(b"weightz")).await.expect("put");
-        let err = store.read_checked(&manifest, "model.safetensors").await.expect_err("corrupt");
-        assert!(err.to_string().contains("corrupt") && err.to_string().contains(&key), "{err}");
-        store.put(&key, Bytes::from_static(b"weigh")).await.expect("put");
+        store
+            .put(&key, Bytes::from_static(b"weightz"))
+            .await
+            .expect("put");
+        let err = store
+            .read_checked(&manifest, "model.safetensors")
+            .await
+            .expect_err("corrupt");
+        assert!(
+            err.to_string().contains("corrupt") && err.to_string().contains(&key),
+            "{err}"
+        );
+        store
+            .put(&key, Bytes::from_static(b"weigh"))
+            .await
+            .expect("put");
         assert!(store.verify_sizes(&manifest).await.is_err());
     }
 

@@ -53,7 +53,9 @@ pub async fn write(
             size: bytes.len() as u64,
             sha256: sha256_hex(&bytes),
         });
-        store.put(&format!("{dir}/{name}"), Bytes::from(bytes)).await?;
+        store
+            .put(&format!("{dir}/{name}"), Bytes::from(bytes))
+            .await?;
     }
     Ok(Manifest {
         format_version: FORMAT_VERSION,
@@ -73,14 +75,23 @@ pub async fn write(
 }
 
 /// Reads a committed checkpoint, verifying every object against its manifest.
-pub async fn read(store: &RunStore, manifest_key: &str) -> Result<(Manifest, CheckpointBytes), StoreError> {
+pub async fn read(
+    store: &RunStore,
+    manifest_key: &str,
+) -> Result<(Manifest, CheckpointBytes), StoreError> {
     let manifest = store.read_manifest(manifest_key).await?;
     let model = store.read_checked(&manifest, MODEL_FILE).await?.to_vec();
-    let optimizer = store.read_checked(&manifest, OPTIMIZER_FILE).await?.to_vec();
+    let optimizer = store
+        .read_checked(&manifest, OPTIMIZER_FILE)
+        .await?
+        .to_vec();
     let trainer_bytes = store.read_checked(&manifest, TRAINER_FILE).await?;
     let trainer: TrainerState =
         serde_json::from_slice(&trainer_bytes).map_err(|e| StoreError::Invalid {
-            url: store.url_of(&format!("{}/{TRAINER_FILE}", Manifest::dir_for(manifest.step))),
+            url: store.url_of(&format!(
+                "{}/{TRAINER_FILE}",
+                Manifest::dir_for(manifest.step)
+            )),
             reason: e.to_string(),
         })?;
     Ok((

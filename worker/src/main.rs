@@ -5,7 +5,9 @@ use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
 use clap::{Parser, Subcommand};
-use simmim_model::weights::{config_from_safetensors, load_state_dict, state_dict_from_safetensors};
+use simmim_model::weights::{
+    config_from_safetensors, load_state_dict, state_dict_from_safetensors,
+};
 use simmim_model::{mask_tensor, InitModel};
 use simmim_proto::store::{location_url, RunStore};
 use simmim_worker::data::augment::Augment;
@@ -63,6 +65,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let code = match run(cli) {
@@ -104,7 +107,9 @@ fn run(cli: Cli) -> Result<()> {
         }) => reconstruct(&checkpoint, &image, &out, mask_seed),
         None => {
             let url = cli.coordinator.ok_or_else(|| {
-                anyhow!("give --coordinator URL (or SIMMIM_COORDINATOR), or a subcommand; see --help")
+                anyhow!(
+                    "give --coordinator URL (or SIMMIM_COORDINATOR), or a subcommand; see --help"
+                )
             })?;
             join(&url, &cli.device)
         }
@@ -142,10 +147,16 @@ fn train_cuda(session: &Session, device: &str) -> Result<u64> {
             .trim_start_matches(':')
             .parse()
             .map_err(|_| Permanent(format!("--device `{device}`: expected cpu, cuda or cuda:N")))?,
-        None => return Err(Permanent(format!("--device `{device}`: expected cpu, cuda or cuda:N")).into()),
+        None => {
+            return Err(
+                Permanent(format!("--device `{device}`: expected cpu, cuda or cuda:N")).into(),
+            )
+        }
     };
     if !simmim_model::backend::cuda_driver_present() {
-        return Err(Permanent("--device cuda: the CUDA driver library is not present".into()).into());
+        return Err(
+            Permanent("--device cuda: the CUDA driver library is not present".into()).into(),
+        );
     }
     train::<Autodiff<burn_cuda::Cuda>>(session, burn_cuda::CudaDevice::new(index))
 }
@@ -158,11 +169,19 @@ fn train_cuda(_session: &Session, device: &str) -> Result<u64> {
     .into())
 }
 
-fn reconstruct(checkpoint_location: &str, image: &std::path::Path, out: &std::path::Path, mask_seed: u64) -> Result<()> {
+fn reconstruct(
+    checkpoint_location: &str,
+    image: &std::path::Path,
+    out: &std::path::Path,
+    mask_seed: u64,
+) -> Result<()> {
     let weights_bytes = if checkpoint_location.ends_with(".safetensors") {
-        std::fs::read(checkpoint_location).with_context(|| format!("reading {checkpoint_location}"))?
+        std::fs::read(checkpoint_location)
+            .with_context(|| format!("reading {checkpoint_location}"))?
     } else {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let url = location_url(checkpoint_location)?;
         let store = RunStore::open(url.as_str())?;
         let Some((key, _)) = runtime.block_on(store.latest_manifest())? else {
@@ -171,18 +190,27 @@ fn reconstruct(checkpoint_location: &str, image: &std::path::Path, out: &std::pa
         let (_, pieces) = runtime.block_on(checkpoint::read(&store, &key))?;
         pieces.model
     };
-    let config = config_from_safetensors(&weights_bytes)?
-        .ok_or_else(|| anyhow!("{checkpoint_location}: the safetensors carry no simmim_config metadata"))?;
+    let config = config_from_safetensors(&weights_bytes)?.ok_or_else(|| {
+        anyhow!("{checkpoint_location}: the safetensors carry no simmim_config metadata")
+    })?;
     let device = Default::default();
     let model = config.init::<Flex>(0, &device)?;
-    let model = load_state_dict(model, &config, &state_dict_from_safetensors(&weights_bytes)?)?;
+    let model = load_state_dict(
+        model,
+        &config,
+        &state_dict_from_safetensors(&weights_bytes)?,
+    )?;
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     let geometry = config.mask_geometry()?;
     let side = config.encoder.img_size();
-    let prepared = Augment::new(side, geometry.clone()).center(&bytes, &image.display().to_string(), mask_seed)?;
+    let prepared =
+        Augment::new(side, geometry).center(&bytes, &image.display().to_string(), mask_seed)?;
     let grid = geometry.token_grid();
     let output = model.forward(
-        Tensor::<Flex, 4>::from_data(TensorData::new(prepared.pixels.clone(), [1, 3, side, side]), &device),
+        Tensor::<Flex, 4>::from_data(
+            TensorData::new(prepared.pixels.clone(), [1, 3, side, side]),
+            &device,
+        ),
         mask_tensor::<Flex>(&prepared.mask, 1, grid, &device),
     );
     let predicted: Vec<f32> = output
@@ -190,8 +218,11 @@ fn reconstruct(checkpoint_location: &str, image: &std::path::Path, out: &std::pa
         .into_data()
         .to_vec()
         .map_err(|e| anyhow!("reading the reconstruction: {e:?}"))?;
-    std::fs::write(out, recon::grid_png(&prepared.pixels, &predicted, &prepared.mask, side, grid))
-        .with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(
+        out,
+        recon::grid_png(&prepared.pixels, &predicted, &prepared.mask, side, grid),
+    )
+    .with_context(|| format!("writing {}", out.display()))?;
     println!("wrote {}", out.display());
     Ok(())
 }

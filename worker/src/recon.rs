@@ -7,13 +7,23 @@ use image::{imageops, ImageEncoder, Rgb, RgbImage};
 use crate::data::augment::denormalise;
 
 /// `pixels` and `predicted` are `[n, 3, side, side]` normalised; `masks` `[n, grid, grid]`.
-pub fn grid_png(pixels: &[f32], predicted: &[f32], masks: &[u8], side: usize, grid: usize) -> Vec<u8> {
+pub fn grid_png(
+    pixels: &[f32],
+    predicted: &[f32],
+    masks: &[u8],
+    side: usize,
+    grid: usize,
+) -> Vec<u8> {
     let per_image = 3 * side * side;
     let n = pixels.len() / per_image.max(1);
     let zoom = 128usize.div_ceil(side).max(1) as u32;
     let tile = side as u32 * zoom;
     let gap = 4u32;
-    let mut canvas = RgbImage::from_pixel(3 * tile + 4 * gap, n as u32 * (tile + gap) + gap, Rgb([255, 255, 255]));
+    let mut canvas = RgbImage::from_pixel(
+        3 * tile + 4 * gap,
+        n as u32 * (tile + gap) + gap,
+        Rgb([255, 255, 255]),
+    );
     let unit = side / grid.max(1);
     for i in 0..n {
         let original = denormalise(&pixels[i * per_image..(i + 1) * per_image], side);
@@ -37,7 +47,12 @@ pub fn grid_png(pixels: &[f32], predicted: &[f32], masks: &[u8], side: usize, gr
         let top = gap + i as u32 * (tile + gap);
         for (col, tile_image) in [original, masked_input, pasted].iter().enumerate() {
             let big = imageops::resize(tile_image, tile, tile, imageops::FilterType::Nearest);
-            imageops::replace(&mut canvas, &big, i64::from(gap + col as u32 * (tile + gap)), i64::from(top));
+            imageops::replace(
+                &mut canvas,
+                &big,
+                i64::from(gap + col as u32 * (tile + gap)),
+                i64::from(top),
+            );
         }
     }
     let mut out = Vec::new();
@@ -59,19 +74,33 @@ mod tests {
     fn masked_patches_show_grey_then_the_prediction() {
         let side = 8;
         let pixels = vec![0.0f32; 3 * side * side];
-        let predicted = vec![2.0f32; 3 * side * side];
+        let predicted = vec![10.0f32; 3 * side * side];
         let masks = vec![1, 0, 0, 0];
         let png = grid_png(&pixels, &predicted, &masks, side, 2);
         let image = image::load_from_memory(&png).expect("png").to_rgb8();
         let zoom = 16; // 128 / 8
         let tile = (side * zoom) as u32;
-        let (gap, at) = (4u32, |col: u32, x: u32, y: u32| (4 + col * (tile + 4) + x, 4 + y));
+        let (gap, at) = (4u32, |col: u32, x: u32, y: u32| {
+            (4 + col * (tile + 4) + x, 4 + y)
+        });
         let _ = gap;
         let (x, y) = at(1, 2, 2);
-        assert_eq!(image.get_pixel(x, y).0, [128, 128, 128], "masked input is grey");
+        assert_eq!(
+            image.get_pixel(x, y).0,
+            [128, 128, 128],
+            "masked input is grey"
+        );
         let (x, y) = at(2, 2, 2);
-        assert_eq!(image.get_pixel(x, y).0, [255, 255, 255], "prediction pasted (clamped to 1.0)");
+        assert_eq!(
+            image.get_pixel(x, y).0,
+            [255, 255, 255],
+            "prediction pasted (clamped to 1.0)"
+        );
         let (x, y) = at(2, tile - 2, tile - 2);
-        assert_eq!(image.get_pixel(x, y), image.get_pixel(at(0, tile - 2, tile - 2).0, at(0, tile - 2, tile - 2).1), "visible part is the original");
+        assert_eq!(
+            image.get_pixel(x, y),
+            image.get_pixel(at(0, tile - 2, tile - 2).0, at(0, tile - 2, tile - 2).1),
+            "visible part is the original"
+        );
     }
 }

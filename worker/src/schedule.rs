@@ -44,7 +44,9 @@ impl Schedule {
             None => {
                 let progress = step as f64 / self.total_steps as f64;
                 self.min_lr
-                    + 0.5 * (self.base_lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+                    + 0.5
+                        * (self.base_lr - self.min_lr)
+                        * (1.0 + (std::f64::consts::PI * progress).cos())
             }
             Some((milestones, gamma)) => {
                 let passed = milestones.iter().filter(|&&m| m <= step).count();
@@ -61,7 +63,8 @@ mod tests {
 
     fn train(schedule: LrSchedule) -> TrainSection {
         let mut t = RunConfig::demo().train;
-        (t.epochs, t.warmup_epochs, t.base_lr, t.warmup_lr, t.min_lr) = (10.0, 1.0, 1e-3, 1e-6, 1e-5);
+        (t.epochs, t.warmup_epochs, t.base_lr, t.warmup_lr, t.min_lr) =
+            (10.0, 1.0, 1e-3, 1e-6, 1e-5);
         t.lr_schedule = schedule;
         t
     }
@@ -73,7 +76,8 @@ mod tests {
         assert!((s.lr(0) - 1e-6).abs() < 1e-15);
         assert!((s.lr(50) - (1e-6 + 50.0 * (1e-3 - 1e-6) / 100.0)).abs() < 1e-15);
         // timm without warmup_prefix: at t = warmup the cosine has already run 10%.
-        let at = |t: f64| 1e-5 + 0.5 * (1e-3 - 1e-5) * (1.0 + (std::f64::consts::PI * t / 1000.0).cos());
+        let at =
+            |t: f64| 1e-5 + 0.5 * (1e-3 - 1e-5) * (1.0 + (std::f64::consts::PI * t / 1000.0).cos());
         assert!((s.lr(100) - at(100.0)).abs() < 1e-15);
         assert!((s.lr(999) - at(999.0)).abs() < 1e-15);
         assert_eq!(s.lr(1000), 1e-5);
@@ -82,7 +86,10 @@ mod tests {
     #[test]
     fn multistep_decays_at_milestones_and_scale_applies() {
         let s = Schedule::new(
-            &train(LrSchedule::Multistep { milestones: vec![7.0], gamma: 0.1 }),
+            &train(LrSchedule::Multistep {
+                milestones: vec![7.0],
+                gamma: 0.1,
+            }),
             10,
             2.0,
         );

@@ -46,7 +46,12 @@ impl Session {
         };
         let joined = runtime
             .block_on(client.register(request))
-            .map_err(|s| anyhow!("the coordinator at {url} refused registration: {}", s.message()))?
+            .map_err(|s| {
+                anyhow!(
+                    "the coordinator at {url} refused registration: {}",
+                    s.message()
+                )
+            })?
             .into_inner();
         let config = RunConfig::from_yaml(&joined.run_config_yaml, "the coordinator's run config")?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -103,7 +108,13 @@ impl Session {
         let reply = self
             .runtime
             .block_on(self.client.clone().commit_checkpoint(request))
-            .map_err(|s| anyhow!("checkpoint at step {} not committed: {}", manifest.step, s.message()))?;
+            .map_err(|s| {
+                anyhow!(
+                    "checkpoint at step {} not committed: {}",
+                    manifest.step,
+                    s.message()
+                )
+            })?;
         Ok(reply.into_inner().manifest)
     }
 
@@ -150,7 +161,11 @@ async fn connect(url: &str) -> Result<CoordinatorClient<Channel>> {
                 tracing::debug!("coordinator at {url} not reachable yet: {e}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(e) => return Err(anyhow!("cannot reach the coordinator at {url} for {CONNECT_PATIENCE:?}: {e}")),
+            Err(e) => {
+                return Err(anyhow!(
+                    "cannot reach the coordinator at {url} for {CONNECT_PATIENCE:?}: {e}"
+                ))
+            }
         }
     }
 }
@@ -206,11 +221,23 @@ async fn heartbeat(
                 }
             }
             Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                set_lost(&lost, format!("the coordinator ended this worker's generation: {}", status.message()));
+                set_lost(
+                    &lost,
+                    format!(
+                        "the coordinator ended this worker's generation: {}",
+                        status.message()
+                    ),
+                );
                 return;
             }
             _ if last_ok.elapsed() > timeout => {
-                set_lost(&lost, format!("no answer from the coordinator for {:.0} s", timeout.as_secs_f64()));
+                set_lost(
+                    &lost,
+                    format!(
+                        "no answer from the coordinator for {:.0} s",
+                        timeout.as_secs_f64()
+                    ),
+                );
                 return;
             }
             _ => {}
@@ -227,6 +254,10 @@ fn set_lost(lost: &std::sync::Mutex<Option<String>>, reason: String) {
 pub fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "localhost".into())
 }

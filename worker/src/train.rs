@@ -9,8 +9,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use simmim_model::step::weighted_sum;
-use simmim_model::weights::{load_state_dict, state_dict, state_dict_from_safetensors, to_safetensors};
-use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend, SimMimConfig};
+use simmim_model::weights::{
+    load_state_dict, state_dict, state_dict_from_safetensors, to_safetensors,
+};
+use simmim_model::{
+    loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend, SimMimConfig,
+};
 use simmim_proto::pb::StepMetrics;
 use simmim_proto::plan::DataPlan;
 use simmim_proto::store::{config_hash, RunStore};
@@ -29,16 +33,24 @@ use crate::session::Session;
 #[error("{0}")]
 pub struct Permanent(pub String);
 
-pub fn train<B: AutodiffBackend + SimMimBackend>(session: &Session, device: B::Device) -> Result<u64> {
+pub fn train<B: AutodiffBackend + SimMimBackend>(
+    session: &Session,
+    device: B::Device,
+) -> Result<u64> {
     let config = &session.config;
     let joined = &session.joined;
     let (rank, world) = (joined.rank as usize, joined.world_size as usize);
-    let model_config = config.model_config().map_err(|e| Permanent(e.to_string()))?;
+    let model_config = config
+        .model_config()
+        .map_err(|e| Permanent(e.to_string()))?;
     let store = RunStore::open(&joined.run_url)?;
 
     let dataset = Dataset::open(&config.data.train, session.runtime.clone())
         .map_err(|e| Permanent(e.to_string()))?;
-    let dataset_len = config.data.limit.map_or(dataset.len(), |l| l.min(dataset.len()));
+    let dataset_len = config
+        .data
+        .limit
+        .map_or(dataset.len(), |l| l.min(dataset.len()));
     let plan = DataPlan {
         seed: config.run.seed,
         dataset_len,
@@ -54,7 +66,11 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(session: &Session, device: B::D
         ))
         .into());
     }
-    let schedule = Schedule::new(&config.train, plan.steps_per_epoch(), config.lr_scale(world));
+    let schedule = Schedule::new(
+        &config.train,
+        plan.steps_per_epoch(),
+        config.lr_scale(world),
+    );
     let end_step = config
         .train
         .max_steps
@@ -91,7 +107,11 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(session: &Session, device: B::D
         optimizer.load_state_dict(&model, &moments, &device)?;
         start_step = pieces.trainer.step;
         skipped_before = pieces.trainer.samples_skipped;
-        tracing::info!(step = start_step, "resumed from {}", store.url_of(&resume.manifest));
+        tracing::info!(
+            step = start_step,
+            "resumed from {}",
+            store.url_of(&resume.manifest)
+        );
     }
     if start_step >= end_step {
         return Ok(start_step);
@@ -99,7 +119,7 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(session: &Session, device: B::D
 
     let geometry = model_config.mask_geometry()?;
     let img_size = model_config.encoder.img_size();
-    let augment = Arc::new(Augment::new(img_size, geometry.clone()));
+    let augment = Arc::new(Augment::new(img_size, geometry));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let loader = Loader::start(
         Arc::new(dataset),
@@ -177,7 +197,17 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(session: &Session, device: B::D
         let recon_every = config.output.recon_every_steps;
         if rank == 0 && recon_every > 0 && (step % recon_every == 0 || step == end_step) {
             if let Some(batch) = &last_batch {
-                write_recon(session, &store, &model, batch, img_size, grid, config.output.recon_images, step, &device)?;
+                write_recon(
+                    session,
+                    &store,
+                    &model,
+                    batch,
+                    img_size,
+                    grid,
+                    config.output.recon_images,
+                    step,
+                    &device,
+                )?;
             }
         }
         let stop = session.stop.load(Ordering::Relaxed);
@@ -199,7 +229,9 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(session: &Session, device: B::D
                 seed: plan.seed,
                 samples_skipped: skipped_before + loader.skipped(),
                 config_hash: hash.clone(),
-                randomness: "every draw derives from (seed, epoch, sample id); nothing else to restore".into(),
+                randomness:
+                    "every draw derives from (seed, epoch, sample id); nothing else to restore"
+                        .into(),
             };
             save(session, &store, &model, &model_config, &optimizer, trainer)?;
             last_checkpoint = Instant::now();
@@ -253,7 +285,10 @@ fn write_recon<B: AutodiffBackend + SimMimBackend>(
     let per_image = 3 * img_size * img_size;
     let pixels = batch.pixels[..n * per_image].to_vec();
     let masks = batch.masks[..n * grid * grid].to_vec();
-    let images = Tensor::<B, 4>::from_data(TensorData::new(pixels.clone(), [n, 3, img_size, img_size]), device);
+    let images = Tensor::<B, 4>::from_data(
+        TensorData::new(pixels.clone(), [n, 3, img_size, img_size]),
+        device,
+    );
     let output = model.forward(images, mask_tensor::<B>(&masks, n, grid, device));
     let predicted: Vec<f32> = output
         .reconstruction

@@ -44,7 +44,12 @@ impl Augment {
     }
 
     /// The training input for `bytes`, drawn from `rng`.
-    pub fn prepare(&self, bytes: &[u8], name: &str, rng: &mut ChaCha8Rng) -> Result<Prepared, DataError> {
+    pub fn prepare(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Prepared, DataError> {
         let image = decode_rgb(bytes, name)?;
         let (x, y, w, h) = self.crop_box(image.width(), image.height(), rng);
         let crop = image::imageops::crop_imm(&image, x, y, w, h).to_image();
@@ -170,7 +175,12 @@ mod tests {
         let mut out = Vec::new();
         let rgba = image.to_rgba8();
         image::codecs::png::PngEncoder::new(&mut out)
-            .write_image(&rgba, rgba.width(), rgba.height(), image::ExtendedColorType::Rgba8)
+            .write_image(
+                &rgba,
+                rgba.width(),
+                rgba.height(),
+                image::ExtendedColorType::Rgba8,
+            )
             .expect("encode");
         out
     }
@@ -181,17 +191,26 @@ mod tests {
 
     #[test]
     fn same_seed_epoch_and_id_give_the_same_input() {
-        let bytes = png(DynamicImage::ImageRgb8(RgbImage::from_fn(50, 40, |x, y| {
-            image::Rgb([x as u8 * 5, y as u8 * 6, 100])
-        })));
-        let a = augment().prepare(&bytes, "a", &mut Augment::sample_rng(1, 2, 3)).expect("a");
-        let b = augment().prepare(&bytes, "a", &mut Augment::sample_rng(1, 2, 3)).expect("b");
-        let c = augment().prepare(&bytes, "a", &mut Augment::sample_rng(1, 3, 3)).expect("c");
+        let bytes = png(DynamicImage::ImageRgb8(RgbImage::from_fn(
+            50,
+            40,
+            |x, y| image::Rgb([x as u8 * 5, y as u8 * 6, 100]),
+        )));
+        let a = augment()
+            .prepare(&bytes, "a", &mut Augment::sample_rng(1, 2, 3))
+            .expect("a");
+        let b = augment()
+            .prepare(&bytes, "a", &mut Augment::sample_rng(1, 2, 3))
+            .expect("b");
+        let c = augment()
+            .prepare(&bytes, "a", &mut Augment::sample_rng(1, 3, 3))
+            .expect("c");
         assert_eq!(a.pixels, b.pixels);
         assert_eq!(a.mask, b.mask);
         assert!(a.pixels != c.pixels || a.mask != c.mask);
         assert_eq!(a.pixels.len(), 3 * 32 * 32);
-        assert_eq!(a.mask.iter().filter(|&&m| m == 1).count(), 10);
+        // 10 of 4x4 mask units, each 4x4 tokens of the 16x16 token grid.
+        assert_eq!(a.mask.iter().filter(|&&m| m == 1).count(), 160);
     }
 
     #[test]
@@ -208,7 +227,11 @@ mod tests {
 
     #[test]
     fn grayscale_and_alpha_become_rgb_and_garbage_is_a_named_error() {
-        let gray = png(DynamicImage::ImageLuma8(image::GrayImage::from_pixel(20, 20, image::Luma([200]))));
+        let gray = png(DynamicImage::ImageLuma8(image::GrayImage::from_pixel(
+            20,
+            20,
+            image::Luma([200]),
+        )));
         let rgb = decode_rgb(&gray, "gray.png").expect("gray");
         assert_eq!(rgb.get_pixel(3, 3).0, [200, 200, 200]);
         let err = decode_rgb(b"\xff\xd8\xff\xe0 not really a jpeg", "bad.jpg").expect_err("bad");

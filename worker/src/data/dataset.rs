@@ -63,9 +63,9 @@ impl ImageFolder {
                 .map_err(|e| error(format!("cannot read {}: {e}", dir.display())))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
-                    p.extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                    p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+                    })
                 })
                 .collect();
             images.sort();
@@ -77,7 +77,9 @@ impl ImageFolder {
             files.extend(images.into_iter().map(|p| (p, label as u32)));
         }
         if files.is_empty() {
-            return Err(error("no .jpg/.jpeg/.png images in any class folder".into()));
+            return Err(error(
+                "no .jpg/.jpeg/.png images in any class folder".into(),
+            ));
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -92,10 +94,11 @@ impl Dataset {
     pub fn open(location: &str, runtime: tokio::runtime::Handle) -> Result<Self, DataError> {
         if location.ends_with(".json") {
             let (dir, file) = location.rsplit_once('/').unwrap_or((".", location));
-            let dir_url = simmim_proto::store::location_url(dir).map_err(|e| DataError::Dataset {
-                location: location.into(),
-                reason: e.to_string(),
-            })?;
+            let dir_url =
+                simmim_proto::store::location_url(dir).map_err(|e| DataError::Dataset {
+                    location: location.into(),
+                    reason: e.to_string(),
+                })?;
             let store = RunStore::open(dir_url.as_str()).map_err(|e| DataError::Dataset {
                 location: location.into(),
                 reason: e.to_string(),

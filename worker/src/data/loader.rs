@@ -45,7 +45,11 @@ pub struct LoaderSpec {
 }
 
 impl Loader {
-    pub fn start(dataset: Arc<Dataset>, augment: Arc<Augment>, spec: LoaderSpec) -> Result<Self, DataError> {
+    pub fn start(
+        dataset: Arc<Dataset>,
+        augment: Arc<Augment>,
+        spec: LoaderSpec,
+    ) -> Result<Self, DataError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(spec.threads.max(1))
             .thread_name(|i| format!("decode-{i}"))
@@ -70,9 +74,13 @@ impl Loader {
                         order_epoch = epoch;
                     }
                     for micro in 0..plan.accumulation {
-                        let ids = plan.micro_batch_ids(&order, step, spec.rank, micro).to_vec();
+                        let ids = plan
+                            .micro_batch_ids(&order, step, spec.rank, micro)
+                            .to_vec();
                         let batch = pool.install(|| {
-                            load_batch(&dataset, &augment, plan.seed, epoch, step, micro, ids, &counter)
+                            load_batch(
+                                &dataset, &augment, plan.seed, epoch, step, micro, ids, &counter,
+                            )
                         });
                         let failed = batch.is_err();
                         if tx.send(batch).is_err() || failed {

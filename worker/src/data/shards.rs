@@ -47,7 +47,12 @@ impl ShardIndex {
             .iter()
             .find(|s| s.shard as usize >= index.shards.len())
         {
-            return Err(format!("sample {} names shard {} of {}", bad.name, bad.shard, index.shards.len()));
+            return Err(format!(
+                "sample {} names shard {} of {}",
+                bad.name,
+                bad.shard,
+                index.shards.len()
+            ));
         }
         Ok(index)
     }
@@ -70,8 +75,8 @@ pub fn pack(input: &Path, output: &Path, per_shard: usize) -> Result<ShardIndex,
     };
     for (shard_no, chunk) in folder.files.chunks(per_shard.max(1)).enumerate() {
         let name = format!("shard-{shard_no:05}.tar");
-        let file = std::fs::File::create(output.join(&name))
-            .map_err(|e| fail(format!("{name}: {e}")))?;
+        let file =
+            std::fs::File::create(output.join(&name)).map_err(|e| fail(format!("{name}: {e}")))?;
         let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
         for (i, (path, label)) in chunk.iter().enumerate() {
             let bytes = std::fs::read(path).map_err(|e| DataError::Sample {
@@ -81,7 +86,11 @@ pub fn pack(input: &Path, output: &Path, per_shard: usize) -> Result<ShardIndex,
             let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("bin");
             // Short member names keep every header one 512-byte block, so the data offset is
             // the header's position plus 512.
-            let member = format!("{:08}.{}", shard_no * per_shard + i, ext.to_ascii_lowercase());
+            let member = format!(
+                "{:08}.{}",
+                shard_no * per_shard + i,
+                ext.to_ascii_lowercase()
+            );
             let header_at = builder
                 .get_mut()
                 .stream_position()

@@ -1,0 +1,213 @@
+//! Helpers for whole-system tests: a small synthetic ImageFolder (with one corrupt file), a
+//! tiny run config, and the real `coordinator` / `worker` binaries run with a deadline.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use image::{ImageEncoder, Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// `target/<profile>/<name>`, next to the test executable's `deps/` folder.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile> folder");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace's binaries first (cargo build --release)",
+        path.display()
+    );
+    path
+}
+
+/// An ImageFolder of `per_class` synthetic images in each of `classes` classes (PNG and
+/// JPEG, odd sizes, one grayscale), plus `corrupt.jpg` in the first class.
+pub fn synthetic_image_folder(root: &Path, classes: usize, per_class: usize) -> PathBuf {
+    let dir = root.join("images");
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    for c in 0..classes {
+        let class_dir = dir.join(format!("class_{c}"));
+        std::fs::create_dir_all(&class_dir).expect("class dir");
+        for i in 0..per_class {
+            let (w, h) = (rng.random_range(24..48u32), rng.random_range(24..48u32));
+            let base = [
+                rng.random_range(0..255u8),
+                rng.random_range(0..255u8),
+                (c * 80) as u8,
+            ];
+            let image = RgbImage::from_fn(w, h, |x, y| {
+                Rgb([
+                    base[0].wrapping_add((x * 4) as u8),
+                    base[1].wrapping_add((y * 4) as u8),
+                    base[2],
+                ])
+            });
+            let mut bytes = Vec::new();
+            let name = if i % 3 == 0 {
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+                    .write_image(&image, w, h, image::ExtendedColorType::Rgb8)
+                    .expect("jpeg");
+                format!("img_{i:03}.jpg")
+            } else if i % 7 == 1 {
+                let gray = image::DynamicImage::ImageRgb8(image).to_luma8();
+                image::codecs::png::PngEncoder::new(&mut bytes)
+                    .write_image(&gray, w, h, image::ExtendedColorType::L8)
+                    .expect("png");
+                format!("img_{i:03}.png")
+            } else {
+                image::codecs::png::PngEncoder::new(&mut bytes)
+                    .write_image(&image, w, h, image::ExtendedColorType::Rgb8)
+                    .expect("png");
+                format!("img_{i:03}.png")
+            };
+            std::fs::write(class_dir.join(name), bytes).expect("write image");
+        }
+    }
+    std::fs::write(
+        dir.join("class_0").join("corrupt.jpg"),
+        b"\xff\xd8\xff\xe0 this is not a JPEG",
+    )
+    .expect("corrupt file");
+    dir
+}
+
+/// A run config for a tiny Swin: `steps_per_epoch` steps of batch 8 on `data`.
+pub fn tiny_config(
+    root: &Path,
+    name: &str,
+    data: &Path,
+    epochs: u32,
+    checkpoint_every: u64,
+) -> String {
+    format!(
+        r#"run:
+  name: {name}
+  root: {root}
+  seed: 3
+model:
+  config:
+    encoder:
+      type: swin
+      img_size: 16
+      patch_size: 2
+      embed_dim: 16
+      depths: [1, 1]
+      num_heads: [1, 2]
+      window_size: 4
+    mask_patch_size: 4
+    mask_ratio: 0.6
+data:
+  train: {data}
+  loader_threads: 2
+train:
+  epochs: {epochs}
+  warmup_epochs: 0.5
+  micro_batch: 8
+  base_lr: 0.02
+  warmup_lr: 0.0001
+  min_lr: 0.0001
+checkpoint:
+  every_steps: {checkpoint_every}
+  every_minutes: null
+output:
+  recon_every_steps: 4
+  recon_images: 4
+workers:
+  heartbeat_timeout_s: 10
+"#,
+        root = root.display(),
+        data = data.display()
+    )
+}
+
+/// Runs the coordinator to completion (or kills it at `deadline`).
+pub fn coordinator(args: &[&str], cwd: &Path, deadline: Duration) -> Output {
+    let child = Command::new(binary("coordinator"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .env("SIMMIM_WORKER_BIN", binary("worker"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator");
+    wait_with_deadline(child, deadline)
+}
+
+/// Starts the coordinator in its own process group, so a test can kill it with its workers.
+pub fn spawn_coordinator(args: &[&str], cwd: &Path) -> Child {
+    use std::os::unix::process::CommandExt;
+    Command::new(binary("coordinator"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .env("SIMMIM_WORKER_BIN", binary("worker"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("start coordinator")
+}
+
+/// SIGKILL to a whole process group (coordinator and its local workers).
+pub fn kill_group(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{}", child.id())])
+        .status();
+    let _ = child.wait();
+}
+
+pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> Output {
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().expect("output"),
+            Ok(None) if started.elapsed() > deadline => {
+                let _ = child.kill();
+                let output = child.wait_with_output().expect("output");
+                panic!(
+                    "process ran past {deadline:?}; stderr:\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds or `deadline` passes.
+pub fn wait_until(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line is JSON"))
+        .collect()
+}
+
+/// The model weights of the checkpoint at `step`.
+pub fn checkpoint_file(run_dir: &Path, step: u64, file: &str) -> Vec<u8> {
+    let path = run_dir.join(format!("checkpoints/{step:010}/{file}"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}

@@ -1,0 +1,277 @@
+//! One-machine pretraining through the real binaries: a run finishes with metrics, pictures
+//! and checkpoints; a stopped or killed run resumes to the same weights as an uninterrupted
+//! one; bad data and bad configs give clear errors.
+
+use std::path::Path;
+use std::time::Duration;
+
+use simmim_tests::*;
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+fn write_config(dir: &Path, name: &str, data: &Path, epochs: u32) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, tiny_config(&dir.join("runs"), name, data, epochs, 5)).expect("config");
+    path
+}
+
+#[test]
+fn short_run_writes_metrics_pictures_checkpoints_and_skips_the_corrupt_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synthetic_image_folder(dir.path(), 2, 20);
+    let config = write_config(dir.path(), "short", &data, 3);
+    let out = coordinator(
+        &["start", "--config", config.to_str().expect("utf8")],
+        dir.path(),
+        DEADLINE,
+    );
+    assert!(
+        out.status.success(),
+        "coordinator failed:\n{}",
+        stderr(&out)
+    );
+
+    let run = dir.path().join("runs/short");
+    let metrics = metrics(&run);
+    // 41 files, one corrupt: 40 usable, 5 steps of 8 per epoch, 3 epochs.
+    assert_eq!(metrics.len(), 15, "one metrics line per step");
+    for (i, m) in metrics.iter().enumerate() {
+        assert_eq!(m["step"], i as u64 + 1);
+        for key in [
+            "loss",
+            "lr",
+            "grad_norm",
+            "images_per_sec",
+            "data_wait_share",
+        ] {
+            let v = m[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} missing in {m}"));
+            assert!(v.is_finite() && v >= 0.0, "{key} = {v}");
+        }
+    }
+    let loss = |m: &serde_json::Value| m["loss"].as_f64().unwrap_or(f64::NAN);
+    assert!(loss(&metrics[0]) > 0.1, "a real loss: {}", metrics[0]);
+    let skipped = metrics
+        .last()
+        .and_then(|m| m["samples_skipped"].as_u64())
+        .unwrap_or(0);
+    assert!(skipped >= 1, "the corrupt file was counted: {skipped}");
+    let log = std::fs::read_to_string(run.join("logs/worker-0.log")).expect("worker log");
+    assert!(
+        log.contains("corrupt.jpg"),
+        "the corrupt file is named in the log"
+    );
+
+    for step in [5u64, 10, 15] {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&checkpoint_file(&run, step, "MANIFEST.json"))
+                .expect("manifest");
+        assert_eq!(manifest["step"], step);
+        assert_eq!(manifest["files"].as_array().map(Vec::len), Some(3));
+        let weights = checkpoint_file(&run, step, "model.safetensors");
+        assert!(weights.len() > 10_000);
+    }
+    assert_eq!(
+        std::fs::read_to_string(run.join("latest"))
+            .expect("latest")
+            .trim(),
+        "checkpoints/0000000015/MANIFEST.json"
+    );
+    let pictures: Vec<_> = std::fs::read_dir(run.join("recon"))
+        .expect("recon")
+        .collect();
+    assert!(
+        pictures.len() >= 3,
+        "a picture every 4 steps and at the end"
+    );
+    let png = image::open(run.join("recon/step_00000004.png"))
+        .expect("png")
+        .to_rgb8();
+    // 4 rows of 16 px tiles enlarged to 128 px, 3 columns.
+    assert_eq!((png.width(), png.height()), (3 * 128 + 16, 4 * 132 + 4));
+
+    // `coordinator status` on the finished run.
+    let status = coordinator(
+        &["status", "--run", run.to_str().expect("utf8")],
+        dir.path(),
+        DEADLINE,
+    );
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("step 15"),
+        "{text}\n{}",
+        stderr(&status)
+    );
+
+    // `worker reconstruct` from the run's newest checkpoint, on any image.
+    let picture = dir.path().join("one.png");
+    let image = data.join("class_1/img_000.jpg");
+    let recon = std::process::Command::new(binary("worker"))
+        .args(["reconstruct", "--checkpoint"])
+        .arg(&run)
+        .arg("--image")
+        .arg(&image)
+        .arg("--out")
+        .arg(&picture)
+        .output()
+        .expect("worker reconstruct");
+    assert!(recon.status.success(), "{}", stderr(&recon));
+    assert_eq!(image::open(&picture).expect("png").width(), 3 * 128 + 16);
+}
+
+#[test]
+fn stopped_and_killed_runs_resume_to_the_same_weights_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synthetic_image_folder(dir.path(), 2, 20);
+    let epochs = 40; // 200 steps of about 5 ms: long enough to be killed mid-way
+    let straight = write_config(dir.path(), "straight", &data, epochs);
+    let out = coordinator(
+        &["start", "--config", straight.to_str().expect("utf8")],
+        dir.path(),
+        DEADLINE,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reference = checkpoint_file(&dir.path().join("runs/straight"), 200, "model.safetensors");
+    let reference_moments = checkpoint_file(
+        &dir.path().join("runs/straight"),
+        200,
+        "optimizer.safetensors",
+    );
+
+    // Stopped at step 7 (a checkpoint is written at the stop), then resumed.
+    let stopped = write_config(dir.path(), "stopped", &data, epochs);
+    let args = ["start", "--config", stopped.to_str().expect("utf8")];
+    let out = coordinator(
+        &[&args[..], &["--max-steps", "7"]].concat(),
+        dir.path(),
+        DEADLINE,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = dir.path().join("runs/stopped");
+    assert_eq!(metrics(&run).len(), 7);
+    let out = coordinator(&[&args[..], &["--resume"]].concat(), dir.path(), DEADLINE);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    let steps: Vec<u64> = metrics(&run)
+        .iter()
+        .filter_map(|m| m["step"].as_u64())
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=200).collect::<Vec<_>>(),
+        "resumed at step 8 exactly"
+    );
+    assert!(
+        checkpoint_file(&run, 200, "model.safetensors") == reference,
+        "weights after stop + resume differ from the uninterrupted run"
+    );
+    assert!(checkpoint_file(&run, 200, "optimizer.safetensors") == reference_moments);
+
+    // Killed (SIGKILL to coordinator and worker) after its first checkpoints, then restarted
+    // with the same command: it resumes by itself.
+    let killed = write_config(dir.path(), "killed", &data, epochs);
+    let args = ["start", "--config", killed.to_str().expect("utf8")];
+    let run = dir.path().join("runs/killed");
+    let mut child = spawn_coordinator(&args, dir.path());
+    let reached = wait_until(DEADLINE, || {
+        std::fs::read_to_string(run.join("latest")).is_ok_and(|l| !l.contains("0000000005"))
+    });
+    kill_group(&mut child);
+    assert!(reached, "no checkpoint past step 5 before the deadline");
+    let out = coordinator(&args, dir.path(), DEADLINE);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let resumed_at: u64 = stderr(&out)
+        .split("from step ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the restart did not resume:\n{}", stderr(&out)));
+    assert!(
+        (10..200).contains(&resumed_at),
+        "killed mid-way, resumed at {resumed_at}"
+    );
+    assert!(
+        checkpoint_file(&run, 200, "model.safetensors") == reference,
+        "weights after kill + restart differ from the uninterrupted run"
+    );
+}
+
+#[test]
+fn bad_configs_and_missing_data_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synthetic_image_folder(dir.path(), 2, 4);
+    let good = tiny_config(&dir.path().join("runs"), "bad", &data, 1, 5);
+    let cases = [
+        (
+            good.replace("micro_batch: 8", "micro_batch: 0"),
+            "train.micro_batch",
+        ),
+        (
+            good.replace("micro_batch: 8", "micro_bach: 8"),
+            "micro_bach",
+        ),
+        (
+            good.replace("mask_ratio: 0.6", "mask_ratio: 1.6"),
+            "model.config.mask_ratio",
+        ),
+        (
+            good.replace("window_size: 4", "window_size: 4\n      depths: [1]"),
+            "depths",
+        ),
+        (
+            good.replace(&data.display().to_string(), "/no/such/dataset"),
+            "/no/such/dataset",
+        ),
+        ("run: [unclosed".to_string(), "bad.yaml"),
+    ];
+    for (text, expected) in cases {
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, &text).expect("write");
+        let out = coordinator(
+            &["start", "--config", path.to_str().expect("utf8")],
+            dir.path(),
+            DEADLINE,
+        );
+        let err = stderr(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "config errors exit with 2 (do not retry): {err}"
+        );
+        assert!(
+            err.contains(expected),
+            "the error names `{expected}`:\n{err}"
+        );
+    }
+    let out = coordinator(
+        &[
+            "start",
+            "--config",
+            dir.path().join("absent.yaml").to_str().expect("utf8"),
+        ],
+        dir.path(),
+        DEADLINE,
+    );
+    assert!(stderr(&out).contains("absent.yaml") && !out.status.success());
+}
+
+#[test]
+fn a_batch_larger_than_the_dataset_stops_the_worker_with_a_named_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synthetic_image_folder(dir.path(), 1, 3);
+    let config = tiny_config(&dir.path().join("runs"), "tiny", &data, 1, 5);
+    let path = dir.path().join("tiny.yaml");
+    std::fs::write(&path, config).expect("write");
+    let out = coordinator(
+        &["start", "--config", path.to_str().expect("utf8")],
+        dir.path(),
+        DEADLINE,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("fewer than one global batch"),
+        "{}",
+        stderr(&out)
+    );
+}
