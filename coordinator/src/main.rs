@@ -234,13 +234,27 @@ async fn start(args: StartArgs) -> Result<i32> {
         format!("http://{address}")
     };
 
+    // The run token: configured, or (for a run that only listens on loopback) made up here
+    // and handed to the local workers.
+    let configured = simmim_proto::auth::token_from_env().map_err(ConfigProblem)?;
+    let generated = configured.is_none();
+    if generated && !address.ip().is_loopback() {
+        return Err(ConfigProblem(format!(
+            "listening on {address} admits remote workers: set SIMMIM_TOKEN (or SIMMIM_TOKEN_FILE) to a shared secret first"
+        ))
+        .into());
+    }
+    let token = configured.unwrap_or_else(random_token);
+
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let shared = Arc::new(Shared {
+        config: config.clone(),
+        run_over: Mutex::new(None),
         membership: Mutex::new(Membership::new(
             config.workers.min,
             config.workers.max,
-            Duration::from_secs(10),
+            Duration::from_secs_f64(config.workers.last_call_s),
         )),
         events: events_tx,
         config_yaml: config.to_yaml(),
@@ -251,6 +265,7 @@ async fn start(args: StartArgs) -> Result<i32> {
         ),
         resume: Mutex::new(resume.clone()),
         stop: Default::default(),
+        refused: Default::default(),
         metrics: Mutex::new(MetricsSink::new(&store, progress)?),
         status: Mutex::new(RunStatus {
             run: config.run.name.clone(),
@@ -261,17 +276,26 @@ async fn start(args: StartArgs) -> Result<i32> {
             ..Default::default()
         }),
     });
-    let server = tonic::transport::Server::builder()
-        .add_service(CoordinatorServer::new(Service {
+    let service = CoordinatorServer::with_interceptor(
+        Service {
             shared: shared.clone(),
-        }))
+        },
+        service::require_token(token.clone(), shared.clone()),
+    );
+    let server = tonic::transport::Server::builder()
+        .add_service(service)
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     tokio::spawn(async move {
         if let Err(e) = server.await {
             tracing::error!("gRPC server stopped: {e}");
         }
     });
-    let info = serde_json::json!({ "address": advertised, "pid": std::process::id() });
+    // The address (and, for a loopback-only run, the made-up token) for `coordinator status`.
+    let mut info =
+        serde_json::json!({ "address": advertised, "pid": std::process::id(), "state": "running" });
+    if generated {
+        info["token"] = serde_json::Value::String(token.clone());
+    }
     store
         .put("coordinator.json", Bytes::from(info.to_string()))
         .await?;
@@ -286,101 +310,144 @@ async fn start(args: StartArgs) -> Result<i32> {
         .unwrap_or_else(std::env::temp_dir)
         .join("logs");
     let timeout = Duration::from_secs_f64(config.workers.heartbeat_timeout_s);
+    let rejoin_timeout = Duration::from_secs_f64(config.workers.rejoin_timeout_s);
+    let mut workers =
+        LocalWorkers::spawn(local, &advertised, &config.workers.device, &log_dir, &token)?;
+    let logs = workers.logs.clone();
+    let mut exits = workers.watch();
+    let mut alive_local = local;
     let mut restarts = 0u32;
     let mut interrupts = 0u32;
+    let mut generation_began = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
 
-    let outcome: Result<i32> = 'generations: loop {
-        let generation = shared.membership.lock().map(|m| m.generation).unwrap_or(0);
-        let mut workers = LocalWorkers::spawn(
-            local,
-            &advertised,
-            &config.workers.device,
-            &log_dir,
-            generation,
-        )?;
-        let logs = workers.logs.clone();
-        let mut exits = workers.watch();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        let failure: (String, bool) = loop {
-            tokio::select! {
-                Some(exit) = exits.recv() => {
-                    if exit.code == Some(0) { continue; }
+    let outcome: Result<i32> = loop {
+        // A reason to end the current generation, if anything happened.
+        let failure: Option<(u64, String, bool)> = tokio::select! {
+            Some(exit) = exits.recv() => {
+                alive_local = alive_local.saturating_sub(1);
+                if exit.code == Some(0) {
+                    None
+                } else {
                     let permanent = exit.code == Some(EXIT_DO_NOT_RETRY);
-                    // Give the worker's own failure report a moment to arrive first.
-                    if let Ok(Some(Event::Failed { message, retryable, .. })) =
-                        tokio::time::timeout(Duration::from_millis(500), events.recv()).await
-                    {
-                        break (message, !retryable || permanent);
-                    }
                     let log = logs.get(exit.index).map(|p| supervisor::tail(p, 15)).unwrap_or_default();
-                    break (format!("local worker {} exited with {:?}; its log ends:\n{log}", exit.index, exit.code), permanent);
-                }
-                Some(event) = events.recv() => match event {
-                    Event::AllDone { step } => break 'generations Ok(finish(&shared, step)),
-                    Event::Failed { rank, message, retryable } => break (format!("rank {rank}: {message}"), !retryable),
-                },
-                _ = tick.tick() => {
-                    let silent = shared.membership.lock().map(|m| m.silent(Instant::now(), timeout)).unwrap_or_default();
-                    if let Some(rank) = silent.first() {
-                        break (format!("rank {rank} sent no heartbeat for {:.0} s", timeout.as_secs_f64()), false);
-                    }
-                }
-                _ = tokio::signal::ctrl_c() => {
-                    interrupts += 1;
-                    if interrupts == 1 {
-                        eprintln!("\ncoordinator: stopping after the next checkpoint (Ctrl-C again to abort without it)");
-                        shared.stop.store(true, Ordering::Relaxed);
-                        shared.status.lock().map(|mut s| s.state = "stopping".into()).ok();
+                    let (generation, member) = shared
+                        .membership
+                        .lock()
+                        .map(|m| (m.generation, m.rank_of(&supervisor::worker_id(exit.index)).is_some()))
+                        .unwrap_or((0, false));
+                    tracing::warn!("local worker {} exited with {:?}", exit.index, exit.code);
+                    if member || permanent {
+                        Some((generation, format!("local worker {} exited with {:?}; its log ends:\n{log}", exit.index, exit.code), permanent))
                     } else {
-                        break 'generations Ok(130);
+                        None
                     }
                 }
             }
+            Some(event) = events.recv() => match event {
+                Event::AllDone { step } => break Ok(finish(&shared, step)),
+                Event::Failed { generation, rank, message, retryable } => {
+                    Some((generation, format!("rank {rank}: {message}"), !retryable))
+                }
+            },
+            _ = tick.tick() => {
+                let (generation, silent, formed) = shared
+                    .membership
+                    .lock()
+                    .map(|m| (m.generation, m.silent(Instant::now(), timeout), m.world.is_some()))
+                    .unwrap_or_default();
+                if let Some(rank) = silent.first() {
+                    Some((generation, format!("rank {rank} sent no heartbeat for {:.0} s", timeout.as_secs_f64()), false))
+                } else if !formed && (generation_began.elapsed() > rejoin_timeout || (local > 0 && alive_local == 0 && generation > 0)) {
+                    break Err(anyhow!(
+                        "generation {generation} did not form: fewer than workers.min = {} workers joined within {:.0} s",
+                        config.workers.min,
+                        rejoin_timeout.as_secs_f64()
+                    ));
+                } else {
+                    None
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                interrupts += 1;
+                if interrupts == 1 {
+                    eprintln!("\ncoordinator: stopping after the next checkpoint (Ctrl-C again to abort without it)");
+                    shared.stop.store(true, Ordering::Relaxed);
+                    if let Ok(mut s) = shared.status.lock() {
+                        s.state = "stopping".into();
+                    }
+                    None
+                } else {
+                    break Ok(130);
+                }
+            }
         };
-        supervisor::kill_all();
-        let (message, permanent) = failure;
+        let Some((generation, message, permanent)) = failure else {
+            continue;
+        };
+        let current = shared.membership.lock().map(|m| m.generation).unwrap_or(0);
+        if generation != current {
+            continue; // already handled: that generation has ended
+        }
         if permanent {
             break Err(ConfigProblem(message).into());
         }
         if restarts >= config.workers.max_restarts {
-            break Err(anyhow!("giving up after {restarts} restarts (workers.max_restarts); last failure: {message}"));
+            break Err(anyhow!(
+                "giving up after {restarts} restarts (workers.max_restarts = {}); last failure: {message}",
+                config.workers.max_restarts
+            ));
         }
         restarts += 1;
         let resume = find_resume(&store).await?;
         tracing::warn!(
-            "generation {generation} failed ({message}); restart {restarts}/{} from step {}",
+            "generation {generation} ended ({message}); restart {restarts}/{}: the survivors rejoin and resume from step {}",
             config.workers.max_restarts,
             resume.as_ref().map_or(0, |r| r.step)
         );
-        if let Ok(mut m) = shared.membership.lock() {
-            m.next_generation();
-        }
         if let Ok(mut r) = shared.resume.lock() {
             *r = resume;
+        }
+        if let Ok(mut m) = shared.membership.lock() {
+            m.next_generation();
         }
         if let Ok(mut s) = shared.status.lock() {
             s.restarts = restarts;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        generation_began = Instant::now();
     };
-    if let Ok(mut sink) = shared.metrics.lock() {
-        sink.finish();
-    }
     let state = match &outcome {
         Ok(0) => "finished",
         Ok(_) => "interrupted",
         Err(_) => "failed",
     };
+    if let Ok(mut over) = shared.run_over.lock() {
+        *over = Some(format!("the run has {state}"));
+    }
+    // Let workers that are still connected hear the end before their processes are stopped.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    supervisor::kill_all();
+    if let Ok(mut sink) = shared.metrics.lock() {
+        sink.finish();
+    }
     if let Ok(mut s) = shared.status.lock() {
         s.state = state.into();
     }
     let _ = store
         .put(
             "coordinator.json",
-            Bytes::from(serde_json::json!({"state": state}).to_string()),
+            Bytes::from(serde_json::json!({ "state": state }).to_string()),
         )
         .await;
     outcome
+}
+
+/// A fresh random token for a run whose workers are all local.
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn finish(shared: &Shared, step: u64) -> i32 {

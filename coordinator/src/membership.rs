@@ -6,17 +6,30 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// What a worker says about itself when it registers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Joiner {
+    pub worker_id: String,
+    pub hostname: String,
+    pub device: String,
+    pub pid: u32,
+    pub transport_addr: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
     pub worker_id: String,
     pub hostname: String,
     pub device: String,
+    pub pid: u32,
+    pub transport_addr: String,
     pub rank: u32,
     pub last_heartbeat: Instant,
     pub step: u64,
     pub done: bool,
     pub step_seconds: f64,
     pub data_wait_share: f64,
+    pub allreduce_seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,14 +81,16 @@ impl Membership {
     }
 
     /// Adds a worker to the forming generation and returns its rank.
-    pub fn register(
-        &mut self,
-        worker_id: &str,
-        hostname: &str,
-        device: &str,
-        now: Instant,
-    ) -> Result<u32, Refusal> {
-        if let Some(m) = self.members.values().find(|m| m.worker_id == worker_id) {
+    pub fn register(&mut self, joiner: &Joiner, now: Instant) -> Result<u32, Refusal> {
+        if let Some(m) = self
+            .members
+            .values_mut()
+            .find(|m| m.worker_id == joiner.worker_id)
+        {
+            if self.world.is_none() {
+                m.transport_addr = joiner.transport_addr.clone();
+                m.pid = joiner.pid;
+            }
             return Ok(m.rank);
         }
         if self.world.is_some() || self.members.len() >= self.max {
@@ -86,15 +101,18 @@ impl Membership {
         self.members.insert(
             rank,
             Member {
-                worker_id: worker_id.to_string(),
-                hostname: hostname.to_string(),
-                device: device.to_string(),
+                worker_id: joiner.worker_id.clone(),
+                hostname: joiner.hostname.clone(),
+                device: joiner.device.clone(),
+                pid: joiner.pid,
+                transport_addr: joiner.transport_addr.clone(),
                 rank,
                 last_heartbeat: now,
                 step: 0,
                 done: false,
                 step_seconds: 0.0,
                 data_wait_share: 0.0,
+                allreduce_seconds: 0.0,
             },
         );
         Ok(rank)
@@ -164,6 +182,21 @@ impl Membership {
         self.world.is_some() && self.members.values().all(|m| m.done)
     }
 
+    /// Every rank's transport address, in rank order.
+    pub fn peers(&self) -> Vec<String> {
+        self.members
+            .values()
+            .map(|m| m.transport_addr.clone())
+            .collect()
+    }
+
+    pub fn rank_of(&self, worker_id: &str) -> Option<u32> {
+        self.members
+            .values()
+            .find(|m| m.worker_id == worker_id)
+            .map(|m| m.rank)
+    }
+
     /// Ends the current generation: everyone must rejoin.
     pub fn next_generation(&mut self) {
         self.generation += 1;
@@ -177,29 +210,37 @@ impl Membership {
 mod tests {
     use super::*;
 
+    fn joiner(id: &str) -> Joiner {
+        Joiner {
+            worker_id: id.into(),
+            transport_addr: format!("{id}:1"),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn forms_at_max_or_at_min_after_last_call() {
         let t0 = Instant::now();
         let mut m = Membership::new(2, 3, Duration::from_secs(10));
-        assert_eq!(m.register("a", "h", "cpu", t0), Ok(0));
+        assert_eq!(m.register(&joiner("a"), t0), Ok(0));
         assert_eq!(
-            m.register("a", "h", "cpu", t0),
+            m.register(&joiner("a"), t0),
             Ok(0),
             "re-registering keeps the rank"
         );
         assert_eq!(m.try_form(t0), None);
-        assert_eq!(m.register("b", "h", "cpu", t0), Ok(1));
+        assert_eq!(m.register(&joiner("b"), t0), Ok(1));
         assert_eq!(
             m.try_form(t0 + Duration::from_secs(1)),
             None,
             "waits for the last call"
         );
         assert_eq!(m.try_form(t0 + Duration::from_secs(11)), Some(2));
-        assert_eq!(m.register("c", "h", "cpu", t0), Err(Refusal::Full));
+        assert_eq!(m.register(&joiner("c"), t0), Err(Refusal::Full));
 
         let mut m = Membership::new(1, 2, Duration::from_secs(10));
-        m.register("a", "h", "cpu", t0).expect("a");
-        m.register("b", "h", "cpu", t0).expect("b");
+        m.register(&joiner("a"), t0).expect("a");
+        m.register(&joiner("b"), t0).expect("b");
         assert_eq!(m.try_form(t0), Some(2), "all of max present: no waiting");
     }
 
@@ -207,7 +248,7 @@ mod tests {
     fn stale_generations_are_refused_and_silence_is_noticed() {
         let t0 = Instant::now();
         let mut m = Membership::new(1, 1, Duration::ZERO);
-        m.register("a", "h", "cpu", t0).expect("a");
+        m.register(&joiner("a"), t0).expect("a");
         m.try_form(t0);
         assert!(m.heartbeat(0, 0, 5, t0 + Duration::from_secs(1)).is_ok());
         assert_eq!(
@@ -228,7 +269,7 @@ mod tests {
         }
         .to_string()
         .contains("generation 0 has ended"));
-        m.register("a", "h", "cpu", t0).expect("rejoin");
+        m.register(&joiner("a"), t0).expect("rejoin");
         m.try_form(t0);
         assert_eq!(m.mark_done(1, 0), Ok(true));
     }

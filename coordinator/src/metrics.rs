@@ -10,9 +10,11 @@ use simmim_proto::pb::StepMetrics;
 use simmim_proto::store::RunStore;
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SAMPLES_FILE: &str = "samples.jsonl";
 
 pub struct MetricsSink {
     local: Option<std::fs::File>,
+    local_dir: Option<std::path::PathBuf>,
     remote: Option<(RunStore, Vec<u8>)>,
     bar: ProgressBar,
     last_log: Instant,
@@ -52,11 +54,34 @@ impl MetricsSink {
         );
         Ok(Self {
             local,
+            local_dir: store.local_dir(),
             remote,
             bar,
             last_log: Instant::now(),
             first_step_at: None,
         })
+    }
+
+    /// One line per rank and step with the sample ids used (`output.log_samples`).
+    pub fn record_samples(&mut self, generation: u64, rank: u32, m: &StepMetrics) {
+        let Some(dir) = &self.local_dir else {
+            return;
+        };
+        let line = serde_json::json!({
+            "generation": generation,
+            "rank": rank,
+            "step": m.step,
+            "epoch": m.epoch,
+            "ids": m.sample_ids,
+        });
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(SAMPLES_FILE))
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = appended {
+            tracing::warn!("cannot append to {SAMPLES_FILE}: {e}");
+        }
     }
 
     pub fn record(&mut self, generation: u64, m: &StepMetrics) {

@@ -18,13 +18,14 @@ use simmim_proto::{Manifest, RunStatus};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use crate::membership::{Membership, Refusal};
+use crate::membership::{Joiner, Membership, Refusal};
 use crate::metrics::MetricsSink;
 
 /// What the supervisor needs to hear about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Failed {
+        generation: u64,
         rank: u32,
         message: String,
         retryable: bool,
@@ -35,6 +36,9 @@ pub enum Event {
 }
 
 pub struct Shared {
+    pub config: simmim_proto::RunConfig,
+    /// Set when the run has ended (finished or failed): registrations are refused with it.
+    pub run_over: Mutex<Option<String>>,
     pub membership: Mutex<Membership>,
     pub events: mpsc::UnboundedSender<Event>,
     pub config_yaml: String,
@@ -43,6 +47,8 @@ pub struct Shared {
     pub heartbeat_interval: Duration,
     pub resume: Mutex<Option<ResumePoint>>,
     pub stop: AtomicBool,
+    /// Requests refused for a missing or wrong token.
+    pub refused: std::sync::atomic::AtomicU64,
     pub metrics: Mutex<MetricsSink>,
     pub status: Mutex<RunStatus>,
 }
@@ -68,18 +74,26 @@ impl Coordinator for Service {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
         let req = request.into_inner();
+        if let Some(reason) = locked(&self.shared.run_over).clone() {
+            return Err(Status::aborted(format!("the run has ended: {reason}")));
+        }
+        let joiner = Joiner {
+            worker_id: req.worker_id.clone(),
+            hostname: req.hostname.clone(),
+            device: req.device.clone(),
+            pid: req.pid,
+            transport_addr: req.transport_addr.clone(),
+        };
         let (generation, rank) = {
             let mut m = locked(&self.shared.membership);
-            let rank = m
-                .register(&req.worker_id, &req.hostname, &req.device, Instant::now())
-                .map_err(refused)?;
+            let rank = m.register(&joiner, Instant::now()).map_err(refused)?;
             (m.generation, rank)
         };
         tracing::info!(rank, generation, worker = %req.worker_id, host = %req.hostname, "worker registered");
         // Wait for the generation to form (all workers present, or the minimum after the
         // last call); bounded so a client that gives up does not leave a task behind.
         let deadline = Instant::now() + Duration::from_secs(600);
-        let world = loop {
+        let (world, peers) = loop {
             {
                 let mut m = locked(&self.shared.membership);
                 if m.generation != generation {
@@ -89,7 +103,7 @@ impl Coordinator for Service {
                     }));
                 }
                 if let Some(world) = m.try_form(Instant::now()) {
-                    break world;
+                    break (world, m.peers());
                 }
             }
             if Instant::now() > deadline {
@@ -99,10 +113,23 @@ impl Coordinator for Service {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
+        let (accumulation, lr_scale, note) = self.shared.config.batch_for_world(world as usize);
+        if let (Some(note), 0) = (note, rank) {
+            tracing::warn!(generation, "{note}");
+        }
+        if rank == 0 {
+            locked(&self.shared.status).world_size = world;
+            tracing::info!(generation, world, "generation formed");
+        }
         Ok(Response::new(RegisterReply {
             generation,
             rank,
             world_size: world,
+            peers,
+            micro_batch: self.shared.config.train.micro_batch as u32,
+            accumulation: accumulation as u32,
+            lr_scale,
+            reference_global_batch: self.shared.config.reference_global_batch() as u64,
             run_config_yaml: self.shared.config_yaml.clone(),
             run_url: self.shared.store.url().to_string(),
             resume: locked(&self.shared.resume).clone(),
@@ -135,7 +162,14 @@ impl Coordinator for Service {
                 member.step = member.step.max(last.step);
                 member.step_seconds = last.step_seconds;
                 member.data_wait_share = last.data_wait_share;
+                member.allreduce_seconds = last.allreduce_seconds;
                 member.last_heartbeat = Instant::now();
+            }
+        }
+        if req.steps.iter().any(|s| !s.sample_ids.is_empty()) {
+            let mut sink = locked(&self.shared.metrics);
+            for step in &req.steps {
+                sink.record_samples(req.generation, req.rank, step);
             }
         }
         if req.rank == 0 {
@@ -217,6 +251,7 @@ impl Coordinator for Service {
             .check(req.generation, req.rank)
             .map_err(refused)?;
         let _ = self.shared.events.send(Event::Failed {
+            generation: req.generation,
             rank: req.rank,
             message: req.message,
             retryable: req.retryable,
@@ -237,9 +272,13 @@ impl Coordinator for Service {
 impl Shared {
     pub fn snapshot(&self) -> RunStatus {
         let mut status = locked(&self.status).clone();
+        status.refused_unauthenticated = self.refused.load(Ordering::Relaxed);
         let m = locked(&self.membership);
         let now = Instant::now();
         status.generation = m.generation;
+        let mut times: Vec<f64> = m.members.values().map(|w| w.step_seconds).collect();
+        times.sort_by(f64::total_cmp);
+        let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
         status.workers = m
             .members
             .values()
@@ -252,8 +291,40 @@ impl Shared {
                 last_heartbeat_ms_ago: now.duration_since(w.last_heartbeat).as_millis() as u64,
                 step_seconds: w.step_seconds,
                 data_wait_share: w.data_wait_share,
+                allreduce_seconds: w.allreduce_seconds,
+                pid: w.pid,
+                transport_addr: w.transport_addr.clone(),
+                straggler: m.members.len() > 1 && median > 0.0 && w.step_seconds > 1.5 * median,
             })
             .collect();
         status
+    }
+}
+
+/// The gRPC interceptor that admits only requests carrying the run token.
+pub fn require_token(
+    token: String,
+    shared: std::sync::Arc<Shared>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let presented = request
+            .metadata()
+            .get(simmim_proto::auth::TOKEN_HEADER)
+            .map(|v| v.as_bytes().to_vec());
+        match presented {
+            Some(p) if simmim_proto::auth::same_token(&p, token.as_bytes()) => Ok(request),
+            other => {
+                let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    refused = n,
+                    peer = ?request.remote_addr(),
+                    "refused a request with {} run token",
+                    if other.is_some() { "a wrong" } else { "no" }
+                );
+                Err(Status::unauthenticated(
+                    "missing or wrong run token: set SIMMIM_TOKEN or SIMMIM_TOKEN_FILE to the coordinator's",
+                ))
+            }
+        }
     }
 }

@@ -25,12 +25,15 @@ pub async fn print(run: &str, json: bool) -> Result<()> {
             .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
     });
     let live = live_status(&store).await;
+    let live_error = live.as_ref().err().cloned();
+    let live = live.ok();
     if json {
         let out = serde_json::json!({
             "run_url": store.url(),
             "latest_checkpoint": latest.as_ref().map(|(k, m)| serde_json::json!({"manifest": k, "step": m.step, "epoch": m.epoch})),
             "last_metrics": last_metrics,
             "live": live,
+            "live_error": live_error,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -54,37 +57,77 @@ pub async fn print(run: &str, json: bool) -> Result<()> {
     match live {
         Some(s) => {
             println!(
-                "state      {} (generation {}, restarts {}), step {}/{}",
-                s.state, s.generation, s.restarts, s.step, s.total_steps
+                "state      {} (generation {}, {} workers, restarts {}), step {}/{}, {} requests refused for the token",
+                s.state,
+                s.generation,
+                s.world_size,
+                s.restarts,
+                s.step,
+                s.total_steps,
+                s.refused_unauthenticated
             );
             for w in &s.workers {
                 println!(
-                    "  rank {} {} on {} ({}): step {}, {:.3} s/step, data wait {:.0}%, heartbeat {} ms ago",
-                    w.rank, w.worker_id, w.hostname, w.device, w.step, w.step_seconds, 100.0 * w.data_wait_share, w.last_heartbeat_ms_ago
+                    "  rank {} {} on {} ({}, pid {}): step {}, {:.3} s/step, data wait {:.0}%, all-reduce {:.3} s, heartbeat {} ms ago{}",
+                    w.rank,
+                    w.worker_id,
+                    w.hostname,
+                    w.device,
+                    w.pid,
+                    w.step,
+                    w.step_seconds,
+                    100.0 * w.data_wait_share,
+                    w.allreduce_seconds,
+                    w.last_heartbeat_ms_ago,
+                    if w.straggler { "  STRAGGLER (over 1.5x the median step time)" } else { "" }
                 );
             }
         }
-        None => println!("state      not running (no coordinator answers)"),
+        None => println!(
+            "state      not running ({})",
+            live_error.unwrap_or_default()
+        ),
     }
     Ok(())
 }
 
-async fn live_status(store: &RunStore) -> Option<RunStatus> {
-    let info = store.get_opt("coordinator.json").await.ok()??;
-    let info: serde_json::Value = serde_json::from_slice(&info).ok()?;
-    let address = info["address"].as_str()?.to_string();
+/// The running coordinator's own view, or why there is none.
+async fn live_status(store: &RunStore) -> Result<RunStatus, String> {
+    let info = store
+        .get_opt("coordinator.json")
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no coordinator.json")?;
+    let info: serde_json::Value = serde_json::from_slice(&info).map_err(|e| e.to_string())?;
+    let address = info["address"]
+        .as_str()
+        .ok_or_else(|| {
+            format!(
+                "the coordinator is {}",
+                info["state"].as_str().unwrap_or("gone")
+            )
+        })?
+        .to_string();
+    let token = simmim_proto::auth::token_from_env()
+        .ok()
+        .flatten()
+        .or_else(|| info["token"].as_str().map(str::to_string));
     let ask = async {
-        let channel = tonic::transport::Channel::from_shared(address)
-            .ok()?
+        let channel = tonic::transport::Channel::from_shared(address.clone())
+            .map_err(|e| e.to_string())?
             .connect()
             .await
-            .ok()?;
-        let mut client = CoordinatorClient::new(channel);
-        let reply = client.status(StatusRequest {}).await.ok()?.into_inner();
-        serde_json::from_str::<RunStatus>(&reply.status_json).ok()
+            .map_err(|e| format!("{address}: {e}"))?;
+        let interceptor = simmim_proto::auth::AddToken::new(token.as_deref())?;
+        let mut client = CoordinatorClient::with_interceptor(channel, interceptor);
+        let reply = client
+            .status(StatusRequest {})
+            .await
+            .map_err(|s| format!("{address}: {}", s.message()))?
+            .into_inner();
+        serde_json::from_str::<RunStatus>(&reply.status_json).map_err(|e| e.to_string())
     };
     tokio::time::timeout(Duration::from_secs(3), ask)
         .await
-        .ok()
-        .flatten()
+        .map_err(|_| format!("{address} did not answer in 3 s"))?
 }

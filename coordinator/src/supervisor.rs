@@ -20,6 +20,11 @@ pub struct Exit {
     pub code: Option<i32>,
 }
 
+/// The id local worker `index` registers under, in every generation.
+pub fn worker_id(index: usize) -> String {
+    format!("local-{index}")
+}
+
 /// The worker binary: `SIMMIM_WORKER_BIN`, or `worker` beside this executable.
 pub fn worker_binary() -> Result<PathBuf> {
     if let Ok(path) = std::env::var("SIMMIM_WORKER_BIN") {
@@ -43,7 +48,7 @@ impl LocalWorkers {
         coordinator_url: &str,
         device: &str,
         log_dir: &Path,
-        generation: u64,
+        token: &str,
     ) -> Result<Self> {
         let binary = worker_binary()?;
         std::fs::create_dir_all(log_dir)
@@ -74,7 +79,9 @@ impl LocalWorkers {
                 .arg(coordinator_url)
                 .arg("--device")
                 .arg(&device)
-                .env("SIMMIM_WORKER_ID", format!("local-{index}-g{generation}"))
+                .env("SIMMIM_WORKER_ID", worker_id(index))
+                .env(simmim_proto::auth::TOKEN_ENV, token)
+                .env_remove(simmim_proto::auth::TOKEN_FILE_ENV)
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(file))
                 .stderr(Stdio::from(err))

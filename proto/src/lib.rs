@@ -12,9 +12,12 @@ pub mod status;
 
 pub use error::ConfigError;
 pub use manifest::{Manifest, ManifestFile};
-pub use plan::DataPlan;
+pub use plan::{Cursor, DataPlan};
 pub use run_config::RunConfig;
 pub use status::RunStatus;
+
+#[cfg(feature = "grpc")]
+pub mod auth;
 
 /// Generated gRPC messages and service stubs (`proto/simmim.proto`).
 #[cfg(feature = "grpc")]

@@ -25,8 +25,11 @@ pub struct Manifest {
     pub run: String,
     /// Optimizer steps completed; training resumes at this global step.
     pub step: u64,
+    /// The data cursor: the epoch, and how many of its ordered samples are consumed.
     pub epoch: u64,
-    /// Samples consumed so far (`step * global_batch`): the data cursor.
+    #[serde(default)]
+    pub epoch_offset: u64,
+    /// Samples trained on so far, over all ranks.
     pub samples_seen: u64,
     pub generation: u64,
     pub world_size: u32,

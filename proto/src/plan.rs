@@ -1,5 +1,8 @@
-//! Which samples each rank trains on at each step: a pure function of
-//! `(seed, epoch, step, world)`, so any process, after any restart, computes the same plan.
+//! Which samples each rank trains on at each step: a pure function of the seed, the epoch,
+//! the position in the epoch's order (the cursor) and the batch shape, so any process, after
+//! any restart, computes the same plan. The cursor (not the step) is what a checkpoint
+//! records, so a run that resumes with another world size continues the same epoch where
+//! it stopped: every sample of an epoch is still used at most once.
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -41,8 +44,7 @@ impl DataPlan {
     }
 
     /// The sample ids rank `rank` uses in accumulation micro-step `micro` of global step
-    /// `step`, given that epoch's `order`. The step's window of `global_batch` ids is cut into
-    /// consecutive micro-batches: micro-step-major, then rank.
+    /// `step`, given that epoch's `order`, for a run whose batch shape never changed.
     pub fn micro_batch_ids<'a>(
         &self,
         order: &'a [u32],
@@ -50,11 +52,55 @@ impl DataPlan {
         rank: usize,
         micro: usize,
     ) -> &'a [u32] {
-        let within = (step % self.steps_per_epoch().max(1)) as usize;
-        let start =
-            within * self.global_batch() + (micro * self.world_size + rank) * self.micro_batch;
+        let within = step % self.steps_per_epoch().max(1);
+        let cursor = Cursor {
+            epoch: self.epoch_of(step),
+            offset: within * self.global_batch() as u64,
+        };
+        self.ids_at(order, cursor, rank, micro)
+    }
+
+    /// The ids for `rank`, micro-step `micro`, of the step that starts at `cursor`: the step's
+    /// window of `global_batch` ids is cut into consecutive micro-batches, micro-step-major,
+    /// then rank.
+    pub fn ids_at<'a>(
+        &self,
+        order: &'a [u32],
+        cursor: Cursor,
+        rank: usize,
+        micro: usize,
+    ) -> &'a [u32] {
+        let start = cursor.offset as usize + (micro * self.world_size + rank) * self.micro_batch;
         &order[start..start + self.micro_batch]
     }
+
+    /// `cursor`, or the start of the next epoch when fewer than a global batch remain (the
+    /// partial window is dropped, so every rank runs the same steps).
+    pub fn settle(&self, cursor: Cursor) -> Cursor {
+        if cursor.offset as usize + self.global_batch() > self.dataset_len {
+            Cursor {
+                epoch: cursor.epoch + 1,
+                offset: 0,
+            }
+        } else {
+            cursor
+        }
+    }
+
+    /// Where the step after the one at `cursor` starts.
+    pub fn advance(&self, cursor: Cursor) -> Cursor {
+        self.settle(Cursor {
+            epoch: cursor.epoch,
+            offset: cursor.offset + self.global_batch() as u64,
+        })
+    }
+}
+
+/// A position in the data: the epoch and how many of its ordered samples are consumed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub offset: u64,
 }
 
 /// A seed for a sub-stream of randomness (an epoch's shuffle, a sample's crop and mask):
@@ -98,6 +144,55 @@ mod tests {
             assert!(seen.iter().all(|&n| n <= 1), "a sample was used twice");
             assert_eq!(seen.iter().sum::<u32>(), 96, "all full windows used");
         }
+    }
+
+    #[test]
+    fn a_resized_run_continues_the_epoch_without_repeating_samples() {
+        let three = DataPlan {
+            seed: 1,
+            dataset_len: 100,
+            world_size: 3,
+            micro_batch: 4,
+            accumulation: 1,
+        };
+        let two = DataPlan {
+            world_size: 2,
+            ..three
+        };
+        let order = three.epoch_order(0);
+        let mut seen = vec![0u32; 100];
+        let mut cursor = three.settle(Cursor::default());
+        for _ in 0..3 {
+            for rank in 0..3 {
+                for &id in three.ids_at(&order, cursor, rank, 0) {
+                    seen[id as usize] += 1;
+                }
+            }
+            cursor = three.advance(cursor);
+        }
+        // A rank died: two ranks continue from the same cursor until the epoch ends.
+        cursor = two.settle(cursor);
+        while cursor.epoch == 0 {
+            for rank in 0..2 {
+                for &id in two.ids_at(&order, cursor, rank, 0) {
+                    seen[id as usize] += 1;
+                }
+            }
+            cursor = two.advance(cursor);
+        }
+        assert!(seen.iter().all(|&n| n <= 1));
+        assert_eq!(
+            seen.iter().sum::<u32>(),
+            36 + 64,
+            "3 steps of 12, then 8 of 8"
+        );
+        assert_eq!(
+            cursor,
+            Cursor {
+                epoch: 1,
+                offset: 0
+            }
+        );
     }
 
     #[test]

@@ -135,6 +135,9 @@ pub struct OutputSection {
     /// Images in each reconstruction picture.
     #[serde(default = "default_recon_images")]
     pub recon_images: usize,
+    /// Record every step's sample ids per rank in `samples.jsonl` (audits and tests).
+    #[serde(default)]
+    pub log_samples: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,9 +154,21 @@ pub struct WorkersSection {
     /// Times a failed worker generation is restarted from the last checkpoint.
     #[serde(default = "default_restarts")]
     pub max_restarts: u32,
-    /// A worker silent for this long is considered dead.
+    /// A worker silent for this long is considered dead; also the gradient transport's
+    /// timeout.
     #[serde(default = "default_heartbeat_timeout")]
     pub heartbeat_timeout_s: f64,
+    /// After `min` workers are present, how long to wait for the rest before forming.
+    #[serde(default = "default_last_call")]
+    pub last_call_s: f64,
+    /// How long the coordinator waits for a new generation to form before giving up.
+    #[serde(default = "default_rejoin_timeout")]
+    pub rejoin_timeout_s: f64,
+    /// When the world size changes and the global batch cannot be kept by changing the
+    /// accumulation: scale the learning rate by the new global batch (true, as the official
+    /// linear scaling rule) or keep it (false).
+    #[serde(default = "default_true")]
+    pub rescale_lr_on_resize: bool,
 }
 
 impl Default for CheckpointSection {
@@ -170,6 +185,7 @@ impl Default for OutputSection {
         Self {
             recon_every_steps: default_recon_every(),
             recon_images: default_recon_images(),
+            log_samples: false,
         }
     }
 }
@@ -182,6 +198,9 @@ impl Default for WorkersSection {
             device: default_device(),
             max_restarts: default_restarts(),
             heartbeat_timeout_s: default_heartbeat_timeout(),
+            last_call_s: default_last_call(),
+            rejoin_timeout_s: default_rejoin_timeout(),
+            rescale_lr_on_resize: true,
         }
     }
 }
@@ -239,6 +258,15 @@ fn default_restarts() -> u32 {
 }
 fn default_heartbeat_timeout() -> f64 {
     30.0
+}
+fn default_last_call() -> f64 {
+    10.0
+}
+fn default_rejoin_timeout() -> f64 {
+    300.0
+}
+fn default_true() -> bool {
+    true
 }
 
 /// A config could not be read or is invalid.
@@ -408,12 +436,45 @@ impl RunConfig {
             ));
         }
         positive_f("workers.heartbeat_timeout_s", w.heartbeat_timeout_s)?;
+        non_negative_f("workers.last_call_s", w.last_call_s)?;
+        positive_f("workers.rejoin_timeout_s", w.rejoin_timeout_s)?;
         Ok(())
     }
 
     /// `global batch / 512`: the factor the official code applies to every learning rate.
     pub fn lr_scale(&self, world_size: usize) -> f64 {
         (self.train.micro_batch * self.train.accumulation * world_size) as f64 / 512.0
+    }
+
+    /// The configured global batch: `workers.max` ranks of `micro_batch x accumulation`.
+    pub fn reference_global_batch(&self) -> usize {
+        self.workers.max * self.train.micro_batch * self.train.accumulation
+    }
+
+    /// The batch shape for a generation of `world` ranks: the accumulation that keeps the
+    /// configured global batch when it divides, else the configured accumulation with the
+    /// learning rate scaled (or not) by the new global batch. Returns
+    /// `(accumulation, lr_scale, note)` where `note` says what changed, if anything.
+    pub fn batch_for_world(&self, world: usize) -> (usize, f64, Option<String>) {
+        let target = self.reference_global_batch();
+        let per_step = world * self.train.micro_batch;
+        if per_step > 0 && target.is_multiple_of(per_step) {
+            return (target / per_step, target as f64 / 512.0, None);
+        }
+        let accumulation = self.train.accumulation;
+        let global = per_step * accumulation;
+        let scale = if self.workers.rescale_lr_on_resize {
+            global as f64 / 512.0
+        } else {
+            target as f64 / 512.0
+        };
+        let note = format!(
+            "{world} workers cannot keep the global batch of {target} (micro_batch {} does not divide it); \
+             training with {global} per step and learning rates {}",
+            self.train.micro_batch,
+            if self.workers.rescale_lr_on_resize { "scaled to it" } else { "unchanged" }
+        );
+        (accumulation, scale, Some(note))
     }
 }
 
@@ -504,6 +565,21 @@ mod tests {
             .expect_err("mistyped")
             .to_string();
         assert!(err.contains("base_lr") || err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn accumulation_keeps_the_global_batch_when_it_divides() {
+        let mut c = RunConfig::demo();
+        (c.train.micro_batch, c.train.accumulation, c.workers.max) = (8, 1, 4);
+        assert_eq!(c.batch_for_world(4), (1, 32.0 / 512.0, None));
+        assert_eq!(c.batch_for_world(2), (2, 32.0 / 512.0, None));
+        let (accumulation, scale, note) = c.batch_for_world(3);
+        assert_eq!((accumulation, scale), (1, 24.0 / 512.0));
+        assert!(note
+            .expect("says so")
+            .contains("cannot keep the global batch of 32"));
+        c.workers.rescale_lr_on_resize = false;
+        assert_eq!(c.batch_for_world(3).1, 32.0 / 512.0);
     }
 
     #[test]

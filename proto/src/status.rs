@@ -12,6 +12,11 @@ pub struct WorkerStatus {
     pub last_heartbeat_ms_ago: u64,
     pub step_seconds: f64,
     pub data_wait_share: f64,
+    pub allreduce_seconds: f64,
+    pub pid: u32,
+    pub transport_addr: String,
+    /// Step time above 1.5x the median of the ranks.
+    pub straggler: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -27,5 +32,8 @@ pub struct RunStatus {
     pub images_per_sec: Option<f64>,
     pub last_checkpoint_step: Option<u64>,
     pub restarts: u32,
+    pub world_size: u32,
+    /// Connections refused for a missing or wrong run token.
+    pub refused_unauthenticated: u64,
     pub workers: Vec<WorkerStatus>,
 }

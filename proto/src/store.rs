@@ -308,6 +308,7 @@ mod tests {
             run: "t".into(),
             step: 20,
             epoch: 0,
+            epoch_offset: 0,
             samples_seen: 0,
             generation: 0,
             world_size: 1,

@@ -84,6 +84,19 @@ pub fn tiny_config(
     epochs: u32,
     checkpoint_every: u64,
 ) -> String {
+    tiny_config_with(root, name, data, epochs, checkpoint_every, 8, "")
+}
+
+/// [`tiny_config`] with another micro-batch and extra `workers:` lines (indented by 2).
+pub fn tiny_config_with(
+    root: &Path,
+    name: &str,
+    data: &Path,
+    epochs: u32,
+    checkpoint_every: u64,
+    micro_batch: usize,
+    workers: &str,
+) -> String {
     format!(
         r#"run:
   name: {name}
@@ -107,7 +120,7 @@ data:
 train:
   epochs: {epochs}
   warmup_epochs: 0.5
-  micro_batch: 8
+  micro_batch: {micro_batch}
   base_lr: 0.02
   warmup_lr: 0.0001
   min_lr: 0.0001
@@ -119,7 +132,7 @@ output:
   recon_images: 4
 workers:
   heartbeat_timeout_s: 10
-"#,
+{workers}"#,
         root = root.display(),
         data = data.display()
     )
@@ -210,4 +223,57 @@ pub fn checkpoint_file(run_dir: &Path, step: u64, file: &str) -> Vec<u8> {
 
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// All float tensors of a safetensors file, by name.
+pub fn tensors(bytes: &[u8]) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let file = safetensors::SafeTensors::deserialize(bytes).expect("safetensors");
+    file.tensors()
+        .into_iter()
+        .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
+        .map(|(name, t)| {
+            let values = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect()
+}
+
+/// `||a - b|| / ||a||` over every tensor of two weight files.
+pub fn relative_difference(a: &[u8], b: &[u8]) -> f64 {
+    let (a, b) = (tensors(a), tensors(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (name, x) in &a {
+        for (p, q) in x.iter().zip(&b[name]) {
+            diff += f64::from(p - q).powi(2);
+            norm += f64::from(*p).powi(2);
+        }
+    }
+    (diff / norm).sqrt()
+}
+
+/// The live status of a running run (`coordinator status --json`), if it answers.
+pub fn live_status(run_dir: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(binary("coordinator"))
+        .args(["status", "--json", "--run"])
+        .arg(run_dir)
+        .output()
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let live = value["live"].clone();
+    (!live.is_null()).then_some(live)
+}
+
+/// The coordinator's address and (for a loopback run) token, from `coordinator.json`.
+pub fn coordinator_info(run_dir: &Path) -> Option<(String, String)> {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("coordinator.json")).ok()?).ok()?;
+    Some((
+        info["address"].as_str()?.to_string(),
+        info["token"].as_str().unwrap_or_default().to_string(),
+    ))
 }

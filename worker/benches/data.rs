@@ -120,8 +120,8 @@ fn main() {
             LoaderSpec {
                 plan,
                 rank: 0,
-                first_step: 0,
-                end_step: u64::MAX,
+                first: Default::default(),
+                steps: u64::MAX,
                 threads: cores,
                 prefetch: 4,
             },

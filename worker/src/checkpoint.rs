@@ -15,7 +15,10 @@ pub const TRAINER_FILE: &str = "trainer.json";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     pub step: u64,
+    /// The data cursor: epoch, and samples of its order consumed.
     pub epoch: u64,
+    #[serde(default)]
+    pub epoch_offset: u64,
     pub samples_seen: u64,
     pub world_size: u32,
     pub micro_batch: usize,
@@ -62,6 +65,7 @@ pub async fn write(
         run: run.to_string(),
         step: pieces.trainer.step,
         epoch: pieces.trainer.epoch,
+        epoch_offset: pieces.trainer.epoch_offset,
         samples_seen: pieces.trainer.samples_seen,
         generation,
         world_size: pieces.trainer.world_size,

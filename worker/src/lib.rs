@@ -3,6 +3,7 @@
 //! so tests and benchmarks can use them directly.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod data;
 pub mod recon;
 pub mod schedule;

@@ -116,27 +116,42 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Generations a worker process takes part in before it gives up on its own (the coordinator
+/// normally ends the run long before, through `workers.max_restarts`).
+const MAX_GENERATIONS: usize = 1000;
+
 fn join(url: &str, device: &str) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let session = Session::join(&runtime, url, device)?;
-    let result = match device {
-        "cpu" => train::<Autodiff<Flex>>(&session, Default::default()),
-        other => train_cuda(&session, other),
-    };
-    match result {
-        Ok(step) => {
-            session.done(step)?;
-            Ok(())
-        }
-        Err(e) => {
-            let permanent = e.downcast_ref::<Permanent>().is_some();
-            session.fail(&format!("{e:#}"), !permanent);
-            Err(e)
+    for _ in 0..MAX_GENERATIONS {
+        let session = Session::join(&runtime, url, device)?;
+        let generation = session.joined.generation;
+        let result = match device {
+            "cpu" => train::<Autodiff<Flex>>(&session, Default::default()),
+            other => train_cuda(&session, other),
+        };
+        match result {
+            Ok(step) => {
+                session.done(step)?;
+                return Ok(());
+            }
+            Err(e) if e.downcast_ref::<Permanent>().is_some() => {
+                session.fail(&format!("{e:#}"), false);
+                return Err(e);
+            }
+            Err(e) => {
+                // The generation is over (a peer died, the coordinator moved on): say why,
+                // then rejoin; the next generation resumes from the last checkpoint.
+                tracing::warn!(generation, "generation ended: {e:#}; rejoining");
+                session.fail(&format!("{e:#}"), true);
+                drop(session);
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
         }
     }
+    bail!("gave up after {MAX_GENERATIONS} generations")
 }
 
 #[cfg(feature = "cuda")]

@@ -34,22 +34,24 @@ impl Schedule {
         }
     }
 
-    pub fn lr(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
+    /// The learning rate at `step`, counted in steps of the configured global batch (a
+    /// fraction when a resized world trains with another global batch).
+    pub fn lr(&self, step: f64) -> f64 {
+        if step < self.warmup_steps as f64 {
             return self.warmup_lr
-                + step as f64 * (self.base_lr - self.warmup_lr) / self.warmup_steps as f64;
+                + step * (self.base_lr - self.warmup_lr) / self.warmup_steps as f64;
         }
         match &self.milestones {
-            None if step >= self.total_steps => self.min_lr,
+            None if step >= self.total_steps as f64 => self.min_lr,
             None => {
-                let progress = step as f64 / self.total_steps as f64;
+                let progress = step / self.total_steps as f64;
                 self.min_lr
                     + 0.5
                         * (self.base_lr - self.min_lr)
                         * (1.0 + (std::f64::consts::PI * progress).cos())
             }
             Some((milestones, gamma)) => {
-                let passed = milestones.iter().filter(|&&m| m <= step).count();
+                let passed = milestones.iter().filter(|&&m| m as f64 <= step).count();
                 self.base_lr * gamma.powi(passed as i32)
             }
         }
@@ -73,14 +75,14 @@ mod tests {
     fn cosine_matches_timm_values() {
         let s = Schedule::new(&train(LrSchedule::Cosine), 100, 1.0);
         assert_eq!((s.total_steps, s.warmup_steps), (1000, 100));
-        assert!((s.lr(0) - 1e-6).abs() < 1e-15);
-        assert!((s.lr(50) - (1e-6 + 50.0 * (1e-3 - 1e-6) / 100.0)).abs() < 1e-15);
+        assert!((s.lr(0.0) - 1e-6).abs() < 1e-15);
+        assert!((s.lr(50.0) - (1e-6 + 50.0 * (1e-3 - 1e-6) / 100.0)).abs() < 1e-15);
         // timm without warmup_prefix: at t = warmup the cosine has already run 10%.
         let at =
             |t: f64| 1e-5 + 0.5 * (1e-3 - 1e-5) * (1.0 + (std::f64::consts::PI * t / 1000.0).cos());
-        assert!((s.lr(100) - at(100.0)).abs() < 1e-15);
-        assert!((s.lr(999) - at(999.0)).abs() < 1e-15);
-        assert_eq!(s.lr(1000), 1e-5);
+        assert!((s.lr(100.0) - at(100.0)).abs() < 1e-15);
+        assert!((s.lr(999.0) - at(999.0)).abs() < 1e-15);
+        assert_eq!(s.lr(1000.0), 1e-5);
     }
 
     #[test]
@@ -93,9 +95,9 @@ mod tests {
             10,
             2.0,
         );
-        assert!((s.lr(10) - 2e-3).abs() < 1e-15);
-        assert!((s.lr(69) - 2e-3).abs() < 1e-15);
-        assert!((s.lr(70) - 2e-4).abs() < 1e-15);
-        assert!((s.lr(0) - 2e-6).abs() < 1e-15);
+        assert!((s.lr(10.0) - 2e-3).abs() < 1e-15);
+        assert!((s.lr(69.0) - 2e-3).abs() < 1e-15);
+        assert!((s.lr(70.0) - 2e-4).abs() < 1e-15);
+        assert!((s.lr(0.0) - 2e-6).abs() < 1e-15);
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
+use simmim_proto::auth::{AddToken, Client};
 use simmim_proto::pb::coordinator_client::CoordinatorClient;
 use simmim_proto::pb::{
     CommitRequest, DoneRequest, FailureRequest, HeartbeatRequest, MetricsReport, RegisterReply,
@@ -15,11 +16,13 @@ use simmim_proto::{Manifest, RunConfig};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use crate::collective::{io_timeout, Collective, Ring, RingListener, Solo};
+
 /// How long a starting worker keeps trying to reach the coordinator.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(60);
 
 pub struct Session {
-    pub client: CoordinatorClient<Channel>,
+    pub client: Client,
     pub runtime: tokio::runtime::Handle,
     pub joined: RegisterReply,
     pub config: RunConfig,
@@ -31,18 +34,57 @@ pub struct Session {
     metrics: mpsc::UnboundedSender<StepMetrics>,
     /// Metrics queued but not yet delivered.
     pending: Arc<AtomicU64>,
+    /// This generation's gradient transport.
+    pub collective: std::sync::Mutex<Box<dyn Collective>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}
+
+/// Where this worker's transport listens and what address it announces: the coordinator's
+/// loopback means a local run; otherwise `SIMMIM_ADVERTISE_HOST` (a pod IP or DNS name) or the
+/// host name. `SIMMIM_TRANSPORT_PORT` pins the port (default: any free one).
+fn transport_listener(coordinator_url: &str) -> Result<RingListener> {
+    let local = coordinator_url.contains("127.0.0.1") || coordinator_url.contains("localhost");
+    let port = match std::env::var("SIMMIM_TRANSPORT_PORT") {
+        Ok(p) => p
+            .parse()
+            .map_err(|_| anyhow!("SIMMIM_TRANSPORT_PORT=`{p}` is not a port number"))?,
+        Err(_) => 0,
+    };
+    let (bind, advertise) = if local {
+        ("127.0.0.1".to_string(), "127.0.0.1".to_string())
+    } else {
+        let advertise = std::env::var("SIMMIM_ADVERTISE_HOST").unwrap_or_else(|_| hostname());
+        ("0.0.0.0".to_string(), advertise)
+    };
+    RingListener::bind(&bind, port, &advertise)
+        .with_context(|| format!("binding the gradient transport on {bind}:{port}"))
 }
 
 impl Session {
     pub fn join(runtime: &tokio::runtime::Runtime, url: &str, device: &str) -> Result<Self> {
         let handle = runtime.handle().clone();
-        let mut client = runtime.block_on(connect(url))?;
+        let token = simmim_proto::auth::token_from_env().map_err(|e| anyhow!(e))?;
+        let channel = runtime.block_on(connect(url))?;
+        let mut client = CoordinatorClient::with_interceptor(
+            channel,
+            AddToken::new(token.as_deref()).map_err(|e| anyhow!(e))?,
+        );
+        let listener = transport_listener(url)?;
         let request = RegisterRequest {
             worker_id: std::env::var("SIMMIM_WORKER_ID")
                 .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
             hostname: hostname(),
             pid: std::process::id(),
             device: device.to_string(),
+            transport_addr: listener.address().to_string(),
         };
         let joined = runtime
             .block_on(client.register(request))
@@ -59,21 +101,43 @@ impl Session {
         let step = Arc::new(AtomicU64::new(joined.resume.as_ref().map_or(0, |r| r.step)));
         let (metrics, queue) = mpsc::unbounded_channel();
         let pending = Arc::new(AtomicU64::new(0));
-        runtime.spawn(forward_metrics(
-            client.clone(),
-            joined.generation,
-            joined.rank,
-            queue,
-            pending.clone(),
-        ));
-        runtime.spawn(heartbeat(
-            client.clone(),
-            joined.clone(),
-            Duration::from_secs_f64(config.workers.heartbeat_timeout_s),
-            stop.clone(),
-            lost.clone(),
-            step.clone(),
-        ));
+        let background = vec![
+            runtime.spawn(forward_metrics(
+                client.clone(),
+                joined.generation,
+                joined.rank,
+                queue,
+                pending.clone(),
+            )),
+            runtime.spawn(heartbeat(
+                client.clone(),
+                joined.clone(),
+                Duration::from_secs_f64(config.workers.heartbeat_timeout_s),
+                stop.clone(),
+                lost.clone(),
+                step.clone(),
+            )),
+        ];
+        let collective: Box<dyn Collective> = if joined.world_size <= 1 {
+            Box::new(Solo)
+        } else {
+            let started = Instant::now();
+            let ring = Ring::establish(
+                listener,
+                joined.rank as usize,
+                &joined.peers,
+                token.as_deref().unwrap_or_default().as_bytes(),
+                joined.generation,
+                io_timeout(config.workers.heartbeat_timeout_s),
+            )?;
+            tracing::info!(
+                rank = joined.rank,
+                world = joined.world_size,
+                "gradient ring formed in {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+            Box::new(ring)
+        };
         Ok(Self {
             client,
             runtime: handle,
@@ -84,6 +148,8 @@ impl Session {
             step,
             metrics,
             pending,
+            collective: std::sync::Mutex::new(collective),
+            background,
         })
     }
 
@@ -149,14 +215,14 @@ impl Session {
     }
 }
 
-async fn connect(url: &str) -> Result<CoordinatorClient<Channel>> {
+async fn connect(url: &str) -> Result<Channel> {
     let endpoint = Channel::from_shared(url.to_string())
         .with_context(|| format!("`{url}` is not a coordinator URL (expected http://host:port)"))?
         .connect_timeout(Duration::from_secs(5));
     let started = Instant::now();
     loop {
         match endpoint.connect().await {
-            Ok(channel) => return Ok(CoordinatorClient::new(channel)),
+            Ok(channel) => return Ok(channel),
             Err(e) if started.elapsed() < CONNECT_PATIENCE => {
                 tracing::debug!("coordinator at {url} not reachable yet: {e}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -172,7 +238,7 @@ async fn connect(url: &str) -> Result<CoordinatorClient<Channel>> {
 
 /// Sends queued step metrics in batches, in order.
 async fn forward_metrics(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     generation: u64,
     rank: u32,
     mut queue: mpsc::UnboundedReceiver<StepMetrics>,
@@ -197,7 +263,7 @@ async fn forward_metrics(
 }
 
 async fn heartbeat(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     joined: RegisterReply,
     timeout: Duration,
     stop: Arc<AtomicBool>,

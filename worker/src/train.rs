@@ -1,5 +1,5 @@
-//! The train loop, reading like the design's six steps: plan, load, compute, reduce (here:
-//! accumulate, clip, AdamW), report, checkpoint.
+//! The train loop, reading like the design's six steps: plan, load, compute, reduce
+//! (all-reduce, clip, AdamW), report, checkpoint.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,10 +16,12 @@ use simmim_model::{
     loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend, SimMimConfig,
 };
 use simmim_proto::pb::StepMetrics;
-use simmim_proto::plan::DataPlan;
+use simmim_proto::plan::{Cursor, DataPlan};
 use simmim_proto::store::{config_hash, RunStore};
 
 use crate::checkpoint::{self, CheckpointBytes, TrainerState};
+use crate::collective::flat::{flatten, unflatten, weights_digest};
+use crate::collective::verify_replicas;
 use crate::data::augment::Augment;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{Batch, Loader, LoaderSpec};
@@ -32,6 +34,22 @@ use crate::session::Session;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Permanent(pub String);
+
+/// Steps between checks that every replica holds the same weights.
+const REPLICA_CHECK_EVERY: u64 = 50;
+
+/// Where a position in the data is on the schedule, in steps of the configured global batch.
+struct Progress {
+    steps_per_epoch: u64,
+    reference_batch: u64,
+}
+
+impl Progress {
+    fn at(&self, cursor: Cursor) -> f64 {
+        (cursor.epoch * self.steps_per_epoch) as f64
+            + cursor.offset as f64 / self.reference_batch as f64
+    }
+}
 
 pub fn train<B: AutodiffBackend + SimMimBackend>(
     session: &Session,
@@ -55,26 +73,23 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
         seed: config.run.seed,
         dataset_len,
         world_size: world,
-        micro_batch: config.train.micro_batch,
-        accumulation: config.train.accumulation,
+        micro_batch: joined.micro_batch.max(1) as usize,
+        accumulation: joined.accumulation.max(1) as usize,
     };
-    if plan.steps_per_epoch() == 0 {
+    let reference_batch = joined.reference_global_batch.max(1);
+    if plan.steps_per_epoch() == 0 || dataset_len < reference_batch as usize {
         return Err(Permanent(format!(
             "data.train: {dataset_len} samples are fewer than one global batch of {} \
              (train.micro_batch x train.accumulation x workers)",
-            plan.global_batch()
+            plan.global_batch().max(reference_batch as usize)
         ))
         .into());
     }
-    let schedule = Schedule::new(
-        &config.train,
-        plan.steps_per_epoch(),
-        config.lr_scale(world),
-    );
-    let end_step = config
-        .train
-        .max_steps
-        .map_or(schedule.total_steps, |m| m.min(schedule.total_steps));
+    let progress = Progress {
+        steps_per_epoch: dataset_len as u64 / reference_batch,
+        reference_batch,
+    };
+    let schedule = Schedule::new(&config.train, progress.steps_per_epoch, joined.lr_scale);
     let hash = config_hash(config);
 
     let adamw = AdamWConfig {
@@ -85,7 +100,9 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
     };
     let mut model: SimMim<B> = model_config.init(config.run.seed, &device)?;
     let mut optimizer = AdamW::<B::InnerBackend>::new(adamw);
-    let mut start_step = 0;
+    let mut step = 0;
+    let mut cursor = Cursor::default();
+    let mut samples_seen = 0;
     let mut skipped_before = 0;
     if let Some(resume) = &joined.resume {
         let (manifest, pieces) = session
@@ -105,16 +122,29 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
         model = load_state_dict(model, &model_config, &weights)?;
         let moments = state_dict_from_safetensors(&pieces.optimizer)?;
         optimizer.load_state_dict(&model, &moments, &device)?;
-        start_step = pieces.trainer.step;
+        step = pieces.trainer.step;
+        cursor = Cursor {
+            epoch: pieces.trainer.epoch,
+            offset: pieces.trainer.epoch_offset,
+        };
+        samples_seen = pieces.trainer.samples_seen;
         skipped_before = pieces.trainer.samples_skipped;
-        tracing::info!(
-            step = start_step,
-            "resumed from {}",
-            store.url_of(&resume.manifest)
-        );
+        tracing::info!(step, "resumed from {}", store.url_of(&resume.manifest));
     }
-    if start_step >= end_step {
-        return Ok(start_step);
+    cursor = plan.settle(cursor);
+
+    // The steps this generation will run: until the schedule's end or train.max_steps.
+    let max_steps = config.train.max_steps.unwrap_or(u64::MAX);
+    let total = schedule.total_steps as f64 - 1e-9;
+    let mut remaining = 0u64;
+    let mut probe = cursor;
+    while progress.at(probe) < total && step + remaining < max_steps {
+        remaining += 1;
+        probe = plan.advance(probe);
+    }
+    let end_step = step + remaining;
+    if remaining == 0 {
+        return Ok(step);
     }
 
     let geometry = model_config.mask_geometry()?;
@@ -127,8 +157,8 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
         LoaderSpec {
             plan,
             rank,
-            first_step: start_step,
-            end_step,
+            first: cursor,
+            steps: remaining,
             threads: config.data.loader_threads.unwrap_or(cores),
             prefetch: config.data.prefetch,
         },
@@ -137,7 +167,6 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
     let grid = geometry.token_grid();
 
     let mut last_checkpoint = Instant::now();
-    let mut step = start_step;
     while step < end_step {
         if let Some(reason) = session.lost_reason() {
             bail!("{reason}");
@@ -147,14 +176,13 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
         let mut parts = Vec::with_capacity(plan.accumulation);
         let mut loss_sum = 0.0;
         let mut last_batch: Option<Batch> = None;
-        let mut epoch = plan.epoch_of(step);
+        let mut sample_ids = Vec::new();
         for _ in 0..plan.accumulation {
             let wait_started = Instant::now();
             let batch = loader
                 .next()
                 .ok_or_else(|| anyhow!("the data loader stopped early at step {step}"))??;
             waited += wait_started.elapsed().as_secs_f64();
-            epoch = batch.epoch;
             let b = batch.ids.len();
             let images = Tensor::<B, 4>::from_data(
                 TensorData::new(batch.pixels.clone(), [b, 3, img_size, img_size]),
@@ -164,22 +192,59 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
             let (loss, grads) = loss_and_grads(&model, images, mask, shards);
             loss_sum += loss;
             parts.push(grads);
+            if config.output.log_samples {
+                sample_ids.extend_from_slice(&batch.ids);
+            }
             last_batch = Some(batch);
         }
-        let loss = loss_sum / plan.accumulation as f64;
-        if !loss.is_finite() {
-            bail!("the loss is {loss} at step {step}; lower train.base_lr or check the data");
-        }
-        let grads = if parts.len() == 1 {
+        let mut grads = if parts.len() == 1 {
             parts.pop().unwrap_or_default()
         } else {
             let weights = vec![1.0 / parts.len() as f64; parts.len()];
             weighted_sum(&model, parts, &weights)
         };
-        let lr = schedule.lr(step);
+
+        // Reduce: one buffer carries the gradients, the loss and the decisions every rank
+        // must take together (stop, checkpoint now).
+        let stop_requested = session.stop.load(Ordering::Relaxed);
+        let checkpoint_clock = config
+            .checkpoint
+            .every_minutes
+            .is_some_and(|m| last_checkpoint.elapsed().as_secs_f64() > m * 60.0);
+        let reduce_started = Instant::now();
+        let mut loss = loss_sum / plan.accumulation as f64;
+        let (mut stop, mut clock_due) = (stop_requested, checkpoint_clock);
+        if world > 1 {
+            let mut buffer = flatten(&model, &grads);
+            let n = buffer.len();
+            buffer.extend_from_slice(&[
+                loss as f32,
+                f32::from(u8::from(stop_requested)),
+                f32::from(u8::from(checkpoint_clock && rank == 0)),
+            ]);
+            session
+                .collective
+                .lock()
+                .map_err(|_| anyhow!("transport lock poisoned"))?
+                .all_reduce_sum(&mut buffer)?;
+            let scale = 1.0 / world as f32;
+            buffer[..n].iter_mut().for_each(|v| *v *= scale);
+            loss = f64::from(buffer[n]) / world as f64;
+            stop = buffer[n + 1] > 0.0;
+            clock_due = buffer[n + 2] > 0.0;
+            grads = unflatten(&model, &buffer[..n], &device);
+        }
+        let allreduce_seconds = reduce_started.elapsed().as_secs_f64();
+        if !loss.is_finite() {
+            bail!("the loss is {loss} at step {step}; lower train.base_lr or check the data");
+        }
+        let lr = schedule.lr(progress.at(cursor));
         let (next, stats) = optimizer.step(lr, model, grads);
         model = next;
         step += 1;
+        let epoch = cursor.epoch;
+        cursor = plan.advance(cursor);
+        samples_seen += plan.global_batch() as u64;
         let seconds = started.elapsed().as_secs_f64();
         session.report(StepMetrics {
             step,
@@ -192,37 +257,40 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
             step_seconds: seconds,
             samples_skipped: skipped_before + loader.skipped(),
             end_step,
+            allreduce_seconds,
+            sample_ids,
         });
 
         let recon_every = config.output.recon_every_steps;
         if rank == 0 && recon_every > 0 && (step % recon_every == 0 || step == end_step) {
             if let Some(batch) = &last_batch {
+                let n = config.output.recon_images;
                 write_recon(
                     session,
                     &store,
                     &model,
                     batch,
-                    img_size,
-                    grid,
-                    config.output.recon_images,
+                    (img_size, grid, n),
                     step,
                     &device,
                 )?;
             }
         }
-        let stop = session.stop.load(Ordering::Relaxed);
-        let due = step % config.checkpoint.every_steps == 0
-            || step == end_step
-            || stop
-            || config
-                .checkpoint
-                .every_minutes
-                .is_some_and(|m| last_checkpoint.elapsed().as_secs_f64() > m * 60.0);
+        if world > 1 && step % REPLICA_CHECK_EVERY == 0 {
+            let mut collective = session
+                .collective
+                .lock()
+                .map_err(|_| anyhow!("transport lock poisoned"))?;
+            verify_replicas(collective.as_mut(), weights_digest(&model))?;
+        }
+        let due =
+            step % config.checkpoint.every_steps == 0 || step == end_step || stop || clock_due;
         if due && rank == 0 {
             let trainer = TrainerState {
                 step,
-                epoch: plan.epoch_of(step),
-                samples_seen: step * plan.global_batch() as u64,
+                epoch: cursor.epoch,
+                epoch_offset: cursor.offset,
+                samples_seen,
                 world_size: world as u32,
                 micro_batch: plan.micro_batch,
                 accumulation: plan.accumulation,
@@ -234,6 +302,8 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
                         .into(),
             };
             save(session, &store, &model, &model_config, &optimizer, trainer)?;
+        }
+        if due {
             last_checkpoint = Instant::now();
         }
         if stop {
@@ -269,18 +339,17 @@ fn save<B: AutodiffBackend + SimMimBackend>(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `shape` is (image side, token grid side, images to show).
 fn write_recon<B: AutodiffBackend + SimMimBackend>(
     session: &Session,
     store: &RunStore,
     model: &SimMim<B>,
     batch: &Batch,
-    img_size: usize,
-    grid: usize,
-    count: usize,
+    shape: (usize, usize, usize),
     step: u64,
     device: &B::Device,
 ) -> Result<()> {
+    let (img_size, grid, count) = shape;
     let n = count.min(batch.ids.len()).max(1);
     let per_image = 3 * img_size * img_size;
     let pixels = batch.pixels[..n * per_image].to_vec();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use image::{ImageEncoder, Rgb, RgbImage};
 use simmim_proto::mask::MaskGeometry;
-use simmim_proto::plan::DataPlan;
+use simmim_proto::plan::{Cursor, DataPlan};
 use simmim_worker::data::augment::Augment;
 use simmim_worker::data::dataset::Dataset;
 use simmim_worker::data::loader::{Batch, Loader, LoaderSpec};
@@ -56,11 +56,15 @@ fn collect(
         16,
         MaskGeometry::new(16, 4, 2, 0.6).expect("geometry"),
     ));
+    let first = Cursor {
+        epoch: plan.epoch_of(steps.start),
+        offset: (steps.start % plan.steps_per_epoch()) * plan.global_batch() as u64,
+    };
     let spec = LoaderSpec {
         plan,
         rank,
-        first_step: steps.start,
-        end_step: steps.end,
+        first,
+        steps: steps.end - steps.start,
         threads,
         prefetch: 2,
     };
@@ -168,4 +172,26 @@ fn shards_hold_the_folder_bytes_and_load_identically() {
         .err()
         .expect("missing index");
     assert!(err.to_string().contains("/no/such/index.json"), "{err}");
+}
+
+/// CMYK and grayscale JPEGs (made with Pillow: a pure red CMYK image, a gray one) decode to
+/// the RGB they show. Adobe-style CMYK JPEGs store inverted values; either way red must come
+/// out red.
+#[test]
+fn cmyk_and_grayscale_jpegs_become_rgb() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let red = std::fs::read(dir.join("cmyk-red.jpg")).expect("fixture");
+    let rgb = simmim_worker::data::augment::decode_rgb(&red, "cmyk-red.jpg").expect("cmyk");
+    let [r, g, b] = rgb.get_pixel(5, 5).0;
+    assert!(
+        r > 200 && g < 60 && b < 60,
+        "CMYK red decoded as ({r}, {g}, {b})"
+    );
+    let gray = std::fs::read(dir.join("gray.jpg")).expect("fixture");
+    let rgb = simmim_worker::data::augment::decode_rgb(&gray, "gray.jpg").expect("gray");
+    let [r, g, b] = rgb.get_pixel(3, 3).0;
+    assert!(
+        r == g && g == b && (70..=84).contains(&r),
+        "gray decoded as ({r}, {g}, {b})"
+    );
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
-use simmim_proto::plan::{mix, DataPlan};
+use simmim_proto::plan::{mix, Cursor, DataPlan};
 
 use super::augment::{Augment, Prepared};
 use super::dataset::Dataset;
@@ -16,7 +16,8 @@ use super::DataError;
 
 /// One micro-batch, ready for the device.
 pub struct Batch {
-    pub step: u64,
+    /// Where the optimizer step this micro-batch belongs to starts.
+    pub cursor: Cursor,
     pub micro: usize,
     pub epoch: u64,
     /// `[B, 3, H, W]` row-major.
@@ -38,8 +39,10 @@ const MAX_SUBSTITUTES: u64 = 16;
 pub struct LoaderSpec {
     pub plan: DataPlan,
     pub rank: usize,
-    pub first_step: u64,
-    pub end_step: u64,
+    /// Where the first step starts (settled by the plan if it cannot fit a global batch).
+    pub first: Cursor,
+    /// Optimizer steps to load.
+    pub steps: u64,
     pub threads: usize,
     pub prefetch: usize,
 }
@@ -67,26 +70,24 @@ impl Loader {
                 let plan = spec.plan;
                 let mut order_epoch = u64::MAX;
                 let mut order = Vec::new();
-                for step in spec.first_step..spec.end_step {
-                    let epoch = plan.epoch_of(step);
+                let mut cursor = plan.settle(spec.first);
+                for _ in 0..spec.steps {
+                    let epoch = cursor.epoch;
                     if epoch != order_epoch {
                         order = plan.epoch_order(epoch);
                         order_epoch = epoch;
                     }
                     for micro in 0..plan.accumulation {
-                        let ids = plan
-                            .micro_batch_ids(&order, step, spec.rank, micro)
-                            .to_vec();
+                        let ids = plan.ids_at(&order, cursor, spec.rank, micro).to_vec();
                         let batch = pool.install(|| {
-                            load_batch(
-                                &dataset, &augment, plan.seed, epoch, step, micro, ids, &counter,
-                            )
+                            load_batch(&dataset, &augment, plan.seed, cursor, micro, ids, &counter)
                         });
                         let failed = batch.is_err();
                         if tx.send(batch).is_err() || failed {
                             return;
                         }
                     }
+                    cursor = plan.advance(cursor);
                 }
             })
             .map_err(|e| DataError::Dataset {
@@ -111,17 +112,16 @@ impl Loader {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn load_batch(
     dataset: &Dataset,
     augment: &Augment,
     seed: u64,
-    epoch: u64,
-    step: u64,
+    cursor: Cursor,
     micro: usize,
     ids: Vec<u32>,
     skipped: &AtomicU64,
 ) -> Result<Batch, DataError> {
+    let epoch = cursor.epoch;
     let prepared: Vec<Prepared> = ids
         .par_iter()
         .map(|&id| load_sample(dataset, augment, seed, epoch, id, skipped))
@@ -134,7 +134,7 @@ fn load_batch(
         masks.extend_from_slice(&p.mask);
     }
     Ok(Batch {
-        step,
+        cursor,
         micro,
         epoch,
         pixels,

@@ -1,0 +1,64 @@
+//! The run token: a shared secret that the coordinator and the workers' gradient transport
+//! require from every peer. It comes from `SIMMIM_TOKEN` or the file named by
+//! `SIMMIM_TOKEN_FILE` (a mounted Kubernetes Secret), never from a flag or a config file, and
+//! is never logged.
+
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+pub const TOKEN_ENV: &str = "SIMMIM_TOKEN";
+pub const TOKEN_FILE_ENV: &str = "SIMMIM_TOKEN_FILE";
+pub const TOKEN_HEADER: &str = "x-simmim-token";
+
+/// The configured token, if any. An unreadable or empty token file is an error naming it.
+pub fn token_from_env() -> Result<Option<String>, String> {
+    if let Ok(token) = std::env::var(TOKEN_ENV) {
+        if !token.trim().is_empty() {
+            return Ok(Some(token.trim().to_string()));
+        }
+    }
+    if let Ok(path) = std::env::var(TOKEN_FILE_ENV) {
+        let token =
+            std::fs::read_to_string(&path).map_err(|e| format!("{TOKEN_FILE_ENV}={path}: {e}"))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(format!("{TOKEN_FILE_ENV}={path}: the file is empty"));
+        }
+        return Ok(Some(token.to_string()));
+    }
+    Ok(None)
+}
+
+/// Adds the token to every request a client sends.
+#[derive(Clone)]
+pub struct AddToken(pub Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl AddToken {
+    pub fn new(token: Option<&str>) -> Result<Self, String> {
+        match token {
+            None => Ok(Self(None)),
+            Some(t) => MetadataValue::try_from(t)
+                .map(|v| Self(Some(v)))
+                .map_err(|_| "the run token must be printable ASCII".to_string()),
+        }
+    }
+}
+
+impl Interceptor for AddToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert(TOKEN_HEADER, token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Compares without an early exit, so response timing says nothing about the token.
+pub fn same_token(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub type Client = crate::pb::coordinator_client::CoordinatorClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddToken>,
+>;

@@ -1,0 +1,84 @@
+//! Gradient all-reduce behind one trait. The train loop sums (then averages) one flat buffer
+//! per step and never knows which transport it has: `Solo` for a world of one, `Ring` (TCP
+//! between CPU workers) otherwise.
+
+pub mod flat;
+pub mod ring;
+
+use std::time::Duration;
+
+pub use ring::{Ring, RingListener};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("gradient transport to rank {rank} ({address}): {reason}")]
+    Peer {
+        rank: usize,
+        address: String,
+        reason: String,
+    },
+    #[error("gradient transport setup: {0}")]
+    Setup(String),
+    #[error("replicas diverged: {0}")]
+    Diverged(String),
+}
+
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Element-wise sum over all ranks, in place; every rank ends with identical values.
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
+}
+
+/// A world of one: nothing to exchange.
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _data: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// Checks that every rank holds the same `digest` (of its weights): each rank writes its
+/// digest, as four exactly representable 16-bit pieces, into its own slots of a zeroed
+/// buffer, and a sum gives everyone everyone's digest.
+pub fn verify_replicas(
+    collective: &mut dyn Collective,
+    digest: u64,
+) -> Result<(), CollectiveError> {
+    let world = collective.world();
+    if world == 1 {
+        return Ok(());
+    }
+    let mut slots = vec![0f32; 4 * world];
+    let rank = collective.rank();
+    for i in 0..4 {
+        slots[4 * rank + i] = ((digest >> (16 * i)) & 0xffff) as f32;
+    }
+    collective.all_reduce_sum(&mut slots)?;
+    let digests: Vec<u64> = (0..world)
+        .map(|r| (0..4).fold(0u64, |acc, i| acc | ((slots[4 * r + i] as u64) << (16 * i))))
+        .collect();
+    if digests.iter().any(|&d| d != digests[0]) {
+        return Err(CollectiveError::Diverged(format!(
+            "weight digests per rank: {}",
+            digests
+                .iter()
+                .map(|d| format!("{d:016x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Transport timeouts: a peer silent this long is treated as dead.
+pub fn io_timeout(heartbeat_timeout_s: f64) -> Duration {
+    Duration::from_secs_f64(heartbeat_timeout_s.max(1.0))
+}
