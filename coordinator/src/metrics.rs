@@ -94,6 +94,7 @@ impl MetricsSink {
             "images_per_sec": m.images_per_sec,
             "data_wait_share": m.data_wait_share,
             "step_seconds": m.step_seconds,
+            "allreduce_seconds": m.allreduce_seconds,
             "samples_skipped": m.samples_skipped,
             "generation": generation,
             "time_unix_ms": std::time::SystemTime::now()
