@@ -282,7 +282,11 @@ async fn start(args: StartArgs) -> Result<i32> {
         },
         service::require_token(token.clone(), shared.clone()),
     );
+    // The standard gRPC health service, open to all (Kubernetes probes carry no token).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<Service>>().await;
     let server = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     tokio::spawn(async move {

@@ -297,6 +297,23 @@ fn intruders_without_the_token_are_refused_and_garbage_does_not_disturb_training
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
         assert!(status.message().contains("token"));
     }
+    // The health service (what Kubernetes probes) answers without a token.
+    let health = runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(address.clone())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+    });
+    assert_eq!(
+        health.expect("health check").into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     // Garbage to the coordinator's port and to every worker's transport port.
     let port = address.rsplit(':').next().expect("port");
     let mut targets = vec![format!("127.0.0.1:{port}")];

@@ -79,8 +79,7 @@ impl Session {
         );
         let listener = transport_listener(url)?;
         let request = RegisterRequest {
-            worker_id: std::env::var("SIMMIM_WORKER_ID")
-                .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+            worker_id: worker_id(),
             hostname: hostname(),
             pid: std::process::id(),
             device: device.to_string(),
@@ -315,6 +314,18 @@ fn set_lost(lost: &std::sync::Mutex<Option<String>>, reason: String) {
     if let Ok(mut slot) = lost.lock() {
         slot.get_or_insert(reason);
     }
+}
+
+/// `SIMMIM_WORKER_ID`; in a Kubernetes Indexed Job `index-<JOB_COMPLETION_INDEX>`, so a
+/// replacement pod takes over its predecessor's place; else host and process id.
+fn worker_id() -> String {
+    if let Ok(id) = std::env::var("SIMMIM_WORKER_ID") {
+        return id;
+    }
+    if let Ok(index) = std::env::var("JOB_COMPLETION_INDEX") {
+        return format!("index-{index}");
+    }
+    format!("{}-{}", hostname(), std::process::id())
 }
 
 pub fn hostname() -> String {
