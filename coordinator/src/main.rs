@@ -1,5 +1,7 @@
+mod faults;
 mod membership;
 mod metrics;
+mod retention;
 mod service;
 mod status;
 mod supervisor;
@@ -53,6 +55,10 @@ enum Cmd {
         /// Require an existing checkpoint to resume from (an existing run resumes anyway).
         #[arg(long)]
         resume: bool,
+        /// Resume from the committed checkpoint at this step instead of the newest; newer
+        /// checkpoints are deleted.
+        #[arg(long)]
+        resume_from: Option<u64>,
         /// Override train.max_steps (stop early; the schedule still spans the epochs).
         #[arg(long)]
         max_steps: Option<u64>,
@@ -102,6 +108,7 @@ fn main() {
                 local_workers,
                 listen,
                 resume,
+                resume_from,
                 max_steps,
                 root,
                 print_config,
@@ -111,6 +118,7 @@ fn main() {
                     local_workers,
                     listen,
                     resume,
+                    resume_from,
                     max_steps,
                     root,
                     print_config,
@@ -145,6 +153,7 @@ struct StartArgs {
     local_workers: Option<usize>,
     listen: Option<SocketAddr>,
     resume: bool,
+    resume_from: Option<u64>,
     max_steps: Option<u64>,
     root: Option<String>,
     print_config: bool,
@@ -212,7 +221,7 @@ async fn start(args: StartArgs) -> Result<i32> {
     store
         .put("config.yaml", Bytes::from(config.to_yaml()))
         .await?;
-    let resume = find_resume(&store).await?;
+    let (resume, latest_version) = select_resume(&store, args.resume_from).await?;
     if args.resume && resume.is_none() {
         bail!("--resume: {} has no committed checkpoint", store.url());
     }
@@ -264,6 +273,7 @@ async fn start(args: StartArgs) -> Result<i32> {
             (config.workers.heartbeat_timeout_s / 6.0).clamp(0.2, 5.0),
         ),
         resume: Mutex::new(resume.clone()),
+        latest_version: Mutex::new(latest_version),
         stop: Default::default(),
         refused: Default::default(),
         metrics: Mutex::new(MetricsSink::new(&store, progress)?),
@@ -403,15 +413,12 @@ async fn start(args: StartArgs) -> Result<i32> {
             ));
         }
         restarts += 1;
-        let resume = find_resume(&store).await?;
+        let resume = shared.resume.lock().ok().and_then(|r| r.clone());
         tracing::warn!(
             "generation {generation} ended ({message}); restart {restarts}/{}: the survivors rejoin and resume from step {}",
             config.workers.max_restarts,
             resume.as_ref().map_or(0, |r| r.step)
         );
-        if let Ok(mut r) = shared.resume.lock() {
-            *r = resume;
-        }
         if let Ok(mut m) = shared.membership.lock() {
             m.next_generation();
         }
@@ -466,34 +473,87 @@ fn finish(shared: &Shared, step: u64) -> i32 {
     0
 }
 
-/// The newest committed checkpoint whose objects are all present.
-async fn find_resume(store: &RunStore) -> Result<Option<ResumePoint>> {
-    match store.latest_manifest().await {
-        Ok(Some((key, manifest))) => match store.verify_sizes(&manifest).await {
-            Ok(()) => {
-                return Ok(Some(ResumePoint {
+/// Picks the checkpoint to resume from and tidies the run directory:
+/// - multipart uploads a crashed writer left are aborted;
+/// - the checkpoint `latest` points at is verified (every object's size and SHA-256); if it
+///   is damaged, the newest older committed checkpoint that verifies is used instead, with a
+///   warning naming what is wrong (or exactly `resume_from`, when given);
+/// - checkpoints newer than the chosen one (uncommitted: a manifest written but `latest`
+///   never moved, or damaged) and directories without a manifest are deleted, so the run can
+///   write those steps again;
+/// - `latest` is pointed at the choice. Returns it with `latest`'s version.
+async fn select_resume(
+    store: &RunStore,
+    resume_from: Option<u64>,
+) -> Result<(Option<ResumePoint>, Option<object_store::UpdateVersion>)> {
+    let aborted = store.abort_stale_uploads().await?;
+    if aborted > 0 {
+        tracing::warn!("aborted {aborted} unfinished multipart uploads left by a crash");
+    }
+    let pointer = store.latest_pointer().await?;
+    let latest_step = match &pointer {
+        Some((key, _)) => key.split('/').nth(1).and_then(|s| s.parse::<u64>().ok()),
+        None => None,
+    };
+    let mut chosen: Option<ResumePoint> = None;
+    for key in store.manifests().await? {
+        let Some(step) = key.split('/').nth(1).and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        let committed = latest_step.is_some_and(|latest| step <= latest);
+        let wanted = match resume_from {
+            Some(target) => step == target,
+            None => committed && chosen.is_none(),
+        };
+        if !wanted {
+            continue;
+        }
+        let verdict = match store.read_manifest(&key).await {
+            Ok(manifest) => store.verify_checksums(&manifest).await.map(|()| manifest),
+            Err(e) => Err(e),
+        };
+        match verdict {
+            Ok(manifest) => {
+                chosen = Some(ResumePoint {
                     step: manifest.step,
                     manifest: key,
-                }))
-            }
-            Err(e) => tracing::warn!("latest checkpoint unusable ({e}); looking for an older one"),
-        },
-        Ok(None) => {}
-        Err(e) => tracing::warn!("cannot read `latest` ({e}); looking for the newest manifest"),
-    }
-    for key in store.manifests().await? {
-        match store.read_manifest(&key).await {
-            Ok(manifest) => match store.verify_sizes(&manifest).await {
-                Ok(()) => {
-                    return Ok(Some(ResumePoint {
-                        step: manifest.step,
-                        manifest: key,
-                    }))
+                });
+                if resume_from.is_some() {
+                    break;
                 }
-                Err(e) => tracing::warn!("skipping checkpoint {key}: {e}"),
-            },
-            Err(e) => tracing::warn!("skipping checkpoint {key}: {e}"),
+            }
+            Err(e) if resume_from.is_some() => bail!("--resume-from {step}: {e}"),
+            Err(e) => tracing::warn!(
+                "checkpoint at step {step} is damaged ({e}); falling back to the previous one"
+            ),
         }
     }
-    Ok(None)
+    if let (Some(target), None) = (resume_from, &chosen) {
+        bail!(
+            "--resume-from {target}: {} has no committed checkpoint at that step",
+            store.url()
+        );
+    }
+    let keep = chosen.as_ref().map(|c| c.step);
+    for step in store.checkpoint_steps().await? {
+        let has_manifest = store
+            .size(&simmim_proto::Manifest::path_for(step))
+            .await?
+            .is_some();
+        let newer = keep.is_none_or(|k| step > k);
+        if newer || !has_manifest {
+            tracing::warn!(
+                step,
+                "deleting checkpoint directory that is not in force (uncommitted or damaged)"
+            );
+            store.delete_checkpoint(step).await?;
+        }
+    }
+    let mut version = pointer.as_ref().map(|(_, v)| v.clone());
+    if let Some(c) = &chosen {
+        if pointer.as_ref().map(|(k, _)| k) != Some(&c.manifest) {
+            version = Some(store.move_latest(&c.manifest, version).await?);
+        }
+    }
+    Ok((chosen, version))
 }

@@ -7,7 +7,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use simmim_proto::manifest::LATEST_FILE;
 use simmim_proto::pb::coordinator_server::Coordinator;
 use simmim_proto::pb::{
     Ack, CommitReply, CommitRequest, DoneRequest, FailureRequest, HeartbeatReply, HeartbeatRequest,
@@ -45,7 +44,10 @@ pub struct Shared {
     pub run_name: String,
     pub store: RunStore,
     pub heartbeat_interval: Duration,
+    /// The newest committed checkpoint: where a new generation resumes.
     pub resume: Mutex<Option<ResumePoint>>,
+    /// The version of `latest` this coordinator last read or wrote (conditional updates).
+    pub latest_version: Mutex<Option<object_store::UpdateVersion>>,
     pub stop: AtomicBool,
     /// Requests refused for a missing or wrong token.
     pub refused: std::sync::atomic::AtomicU64,
@@ -205,6 +207,7 @@ impl Coordinator for Service {
         let key = Manifest::path_for(manifest.step);
         let json =
             serde_json::to_vec_pretty(&manifest).map_err(|e| Status::internal(e.to_string()))?;
+        crate::faults::maybe_exit("exit-before-manifest", manifest.step);
         let created = store
             .put_new(&key, Bytes::from(json))
             .await
@@ -215,11 +218,27 @@ impl Coordinator for Service {
                 store.url_of(&key)
             )));
         }
-        store
-            .put(LATEST_FILE, Bytes::from(key.clone()))
+        crate::faults::maybe_exit("exit-before-latest", manifest.step);
+        let seen = locked(&self.shared.latest_version).clone();
+        let moved = store
+            .move_latest(&key, seen)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        *locked(&self.shared.latest_version) = Some(moved);
+        *locked(&self.shared.resume) = Some(ResumePoint {
+            step: manifest.step,
+            manifest: key.clone(),
+        });
         locked(&self.shared.status).last_checkpoint_step = Some(manifest.step);
+        let (retention, keep_from) = (self.shared.config.checkpoint.clone(), manifest.step);
+        let store_for_retention = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                crate::retention::apply(&store_for_retention, &retention, keep_from).await
+            {
+                tracing::warn!("checkpoint retention: {e}");
+            }
+        });
         locked(&self.shared.metrics).flush();
         tracing::info!(
             step = manifest.step,

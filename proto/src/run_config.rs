@@ -124,6 +124,16 @@ pub struct CheckpointSection {
     /// Also checkpoint when this many minutes passed since the last one; `null`: never.
     #[serde(default = "default_checkpoint_minutes")]
     pub every_minutes: Option<f64>,
+    /// Committed checkpoints to keep (the newest ones); older ones are deleted.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// Also keep every checkpoint whose step is a multiple of this; `null`: none.
+    #[serde(default)]
+    pub keep_every_steps: Option<u64>,
+    /// Fail the run when no checkpoint could be written for this long (a storage outage
+    /// shorter than this only skips or delays checkpoints).
+    #[serde(default = "default_max_outage")]
+    pub max_outage_minutes: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +186,9 @@ impl Default for CheckpointSection {
         Self {
             every_steps: default_checkpoint_every(),
             every_minutes: default_checkpoint_minutes(),
+            keep_last: default_keep_last(),
+            keep_every_steps: None,
+            max_outage_minutes: default_max_outage(),
         }
     }
 }
@@ -243,6 +256,12 @@ fn default_checkpoint_every() -> u64 {
 }
 fn default_checkpoint_minutes() -> Option<f64> {
     Some(10.0)
+}
+fn default_keep_last() -> usize {
+    5
+}
+fn default_max_outage() -> f64 {
+    30.0
 }
 fn default_recon_every() -> u64 {
     500
@@ -419,6 +438,22 @@ impl RunConfig {
         if let Some(minutes) = self.checkpoint.every_minutes {
             positive_f("checkpoint.every_minutes", minutes)?;
         }
+        if self.checkpoint.keep_last == 0 {
+            return Err(config_error(
+                "checkpoint.keep_last",
+                "must be at least 1 (the newest checkpoint is what a restart resumes from)",
+            ));
+        }
+        if self.checkpoint.keep_every_steps == Some(0) {
+            return Err(config_error(
+                "checkpoint.keep_every_steps",
+                "must be at least 1",
+            ));
+        }
+        positive_f(
+            "checkpoint.max_outage_minutes",
+            self.checkpoint.max_outage_minutes,
+        )?;
         let w = &self.workers;
         if w.min == 0 {
             return Err(config_error("workers.min", "must be at least 1"));

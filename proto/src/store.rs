@@ -6,8 +6,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    UpdateVersion,
+};
 use sha2::{Digest, Sha256};
 use url::Url;
 
@@ -31,8 +36,52 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct RunStore {
     store: Arc<dyn ObjectStore>,
+    /// The same store when it is S3: multipart uploads with ids we can record and abort.
+    s3: Option<Arc<AmazonS3>>,
     prefix: Path,
     url: String,
+}
+
+/// Multipart parts: S3 needs at least 5 MiB per part except the last.
+const PART_SIZE: usize = 16 * 1024 * 1024;
+/// Objects at least this large are streamed as multipart uploads.
+const MULTIPART_THRESHOLD: usize = 32 * 1024 * 1024;
+/// Parts in flight at once per upload.
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// Settings for S3-compatible stores, read from the environment: the standard `AWS_*`
+/// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+/// `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`, ...) and
+/// `SIMMIM_STORE_TIMEOUT_S` (per request, default 30) and `SIMMIM_STORE_RETRY_S` (how long
+/// one operation keeps retrying with backoff, default 120). Nothing here is ever logged.
+fn s3_from_env(url: &str) -> Result<AmazonS3, StoreError> {
+    let seconds = |name: &str, default: f64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .unwrap_or(default)
+    };
+    let timeout = std::time::Duration::from_secs_f64(seconds("SIMMIM_STORE_TIMEOUT_S", 30.0));
+    let retry = RetryConfig {
+        retry_timeout: std::time::Duration::from_secs_f64(seconds("SIMMIM_STORE_RETRY_S", 120.0)),
+        max_retries: 10,
+        ..Default::default()
+    };
+    let mut builder = AmazonS3Builder::from_env().with_url(url);
+    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+    {
+        builder = builder.with_region("us-east-1");
+    }
+    builder
+        .with_client_options(
+            ClientOptions::new()
+                .with_timeout(timeout)
+                .with_connect_timeout(timeout.min(std::time::Duration::from_secs(10))),
+        )
+        .with_retry(retry)
+        .build()
+        .map_err(|e| StoreError::BadLocation(url.into(), e.to_string()))
 }
 
 /// A local path or an object-store URL as a URL (relative paths resolve against the current
@@ -71,10 +120,22 @@ impl RunStore {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| StoreError::BadLocation(url.into(), e.to_string()))?;
         }
+        if parsed.scheme() == "s3" || parsed.scheme() == "s3a" {
+            let s3 = Arc::new(s3_from_env(url)?);
+            let prefix = Path::parse(parsed.path().trim_matches('/'))
+                .map_err(|e| StoreError::BadLocation(url.into(), e.to_string()))?;
+            return Ok(Self {
+                store: s3.clone(),
+                s3: Some(s3),
+                prefix,
+                url: url.trim_end_matches('/').to_string(),
+            });
+        }
         let (store, prefix) = object_store::parse_url(&parsed)
             .map_err(|e| StoreError::BadLocation(url.into(), e.to_string()))?;
         Ok(Self {
             store: Arc::from(store),
+            s3: None,
             prefix,
             url: url.trim_end_matches('/').to_string(),
         })
@@ -195,12 +256,187 @@ impl RunStore {
 
     /// The manifest `latest` points at, if any.
     pub async fn latest_manifest(&self) -> Result<Option<(String, Manifest)>, StoreError> {
-        let Some(pointer) = self.get_opt(LATEST_FILE).await? else {
+        let Some((key, _)) = self.latest_pointer().await? else {
             return Ok(None);
         };
-        let key = String::from_utf8_lossy(&pointer).trim().to_string();
         let manifest = self.read_manifest(&key).await?;
         Ok(Some((key, manifest)))
+    }
+
+    /// What `latest` says, and the version it was read at (for a conditional update).
+    pub async fn latest_pointer(&self) -> Result<Option<(String, UpdateVersion)>, StoreError> {
+        match self.store.get(&self.path(LATEST_FILE)).await {
+            Ok(result) => {
+                let version = UpdateVersion {
+                    e_tag: result.meta.e_tag.clone(),
+                    version: result.meta.version.clone(),
+                };
+                let bytes = result.bytes().await.map_err(self.io(LATEST_FILE))?;
+                Ok(Some((
+                    String::from_utf8_lossy(&bytes).trim().to_string(),
+                    version,
+                )))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.io(LATEST_FILE)(e)),
+        }
+    }
+
+    /// Points `latest` at `manifest_key`, only if `latest` is still at `seen` (or absent when
+    /// `seen` is `None`): a coordinator that lost track of the run cannot move it back. Local
+    /// directories cannot compare versions; there the write is unconditional.
+    pub async fn move_latest(
+        &self,
+        manifest_key: &str,
+        seen: Option<UpdateVersion>,
+    ) -> Result<UpdateVersion, StoreError> {
+        let payload = PutPayload::from_bytes(Bytes::from(manifest_key.to_string()));
+        let mode = if self.local_dir().is_some() {
+            PutMode::Overwrite
+        } else {
+            match seen {
+                Some(version) => PutMode::Update(version),
+                None => PutMode::Create,
+            }
+        };
+        let options = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(LATEST_FILE), payload, options)
+            .await
+        {
+            Ok(result) => Ok(UpdateVersion {
+                e_tag: result.e_tag,
+                version: result.version,
+            }),
+            Err(object_store::Error::Precondition { .. })
+            | Err(object_store::Error::AlreadyExists { .. }) => Err(StoreError::Invalid {
+                url: self.url_of(LATEST_FILE),
+                reason: "moved by another writer since this coordinator read it; \
+                         refusing to overwrite (is a second coordinator running this run?)"
+                    .into(),
+            }),
+            Err(e) => Err(self.io(LATEST_FILE)(e)),
+        }
+    }
+
+    /// Writes a large object as a multipart upload, `PARTS_IN_FLIGHT` parts at a time, from
+    /// memory (no local file); small ones in one request. On S3 the upload id is recorded under
+    /// `uploads/` until the upload completes, so a crash leaves something to abort.
+    pub async fn put_large(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        if bytes.len() < MULTIPART_THRESHOLD {
+            return self.put(key, bytes).await;
+        }
+        let path = self.path(key);
+        let Some(s3) = &self.s3 else {
+            let mut upload = self
+                .store
+                .put_multipart(&path)
+                .await
+                .map_err(self.io(key))?;
+            for chunk in chunks(&bytes) {
+                upload
+                    .put_part(PutPayload::from_bytes(chunk))
+                    .await
+                    .map_err(self.io(key))?;
+            }
+            upload.complete().await.map_err(self.io(key))?;
+            return Ok(());
+        };
+        let id = s3.create_multipart(&path).await.map_err(self.io(key))?;
+        let marker = upload_marker(key);
+        let record = serde_json::json!({ "key": key, "upload_id": id }).to_string();
+        self.put(&marker, Bytes::from(record)).await?;
+        let uploads =
+            futures::stream::iter(chunks(&bytes).into_iter().enumerate().map(|(i, chunk)| {
+                let (s3, path, id) = (s3.clone(), path.clone(), id.clone());
+                async move {
+                    s3.put_part(&path, &id, i, PutPayload::from_bytes(chunk))
+                        .await
+                        .map(|p| (i, p))
+                }
+            }));
+        let parts: Result<Vec<(usize, PartId)>, object_store::Error> =
+            futures::StreamExt::buffer_unordered(uploads, PARTS_IN_FLIGHT)
+                .try_collect()
+                .await;
+        let completed = match parts {
+            Ok(mut parts) => {
+                parts.sort_by_key(|(i, _)| *i);
+                let parts: Vec<PartId> = parts.into_iter().map(|(_, p)| p).collect();
+                s3.complete_multipart(&path, &id, parts).await.map(|_| ())
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = completed {
+            let _ = s3.abort_multipart(&path, &id).await;
+            let _ = self.delete(&marker).await;
+            return Err(self.io(key)(e));
+        }
+        self.delete(&marker).await
+    }
+
+    /// Aborts multipart uploads a crashed writer left behind (recorded under `uploads/`).
+    pub async fn abort_stale_uploads(&self) -> Result<usize, StoreError> {
+        let Some(s3) = &self.s3 else {
+            return Ok(0);
+        };
+        let mut aborted = 0;
+        for marker in self.list("uploads").await? {
+            let record: serde_json::Value = match self.get_opt(&marker).await? {
+                Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+                None => continue,
+            };
+            if let (Some(key), Some(id)) = (record["key"].as_str(), record["upload_id"].as_str()) {
+                match s3.abort_multipart(&self.path(key), &id.to_string()).await {
+                    Ok(()) => aborted += 1,
+                    Err(e) => tracing::warn!("aborting the upload of {}: {e}", self.url_of(key)),
+                }
+            }
+            self.delete(&marker).await?;
+        }
+        Ok(aborted)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.io(key)(e)),
+        }
+    }
+
+    /// Deletes a checkpoint: its manifest first (so it stops existing), then its objects.
+    pub async fn delete_checkpoint(&self, step: u64) -> Result<(), StoreError> {
+        let dir = Manifest::dir_for(step);
+        self.delete(&Manifest::path_for(step)).await?;
+        for key in self.list(&dir).await? {
+            self.delete(&key).await?;
+        }
+        Ok(())
+    }
+
+    /// Steps of every checkpoint directory, committed or not.
+    pub async fn checkpoint_steps(&self) -> Result<Vec<u64>, StoreError> {
+        let mut steps: Vec<u64> = self
+            .list("checkpoints")
+            .await?
+            .iter()
+            .filter_map(|k| k.split('/').nth(1).and_then(|s| s.parse().ok()))
+            .collect();
+        steps.sort_unstable();
+        steps.dedup();
+        Ok(steps)
+    }
+
+    /// Reads every object of a checkpoint and checks its size and SHA-256.
+    pub async fn verify_checksums(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        for file in &manifest.files {
+            self.read_checked(manifest, &file.path).await?;
+        }
+        Ok(())
     }
 
     pub async fn read_manifest(&self, key: &str) -> Result<Manifest, StoreError> {
@@ -273,6 +509,17 @@ impl RunStore {
         }
         Ok(bytes)
     }
+}
+
+fn chunks(bytes: &Bytes) -> Vec<Bytes> {
+    (0..bytes.len())
+        .step_by(PART_SIZE)
+        .map(|start| bytes.slice(start..(start + PART_SIZE).min(bytes.len())))
+        .collect()
+}
+
+fn upload_marker(key: &str) -> String {
+    format!("uploads/{}.json", key.replace('/', "__"))
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {

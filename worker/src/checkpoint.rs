@@ -36,48 +36,6 @@ pub struct CheckpointBytes {
     pub trainer: TrainerState,
 }
 
-/// Writes the data objects and returns the manifest to commit (the coordinator writes it).
-pub async fn write(
-    store: &RunStore,
-    run: &str,
-    generation: u64,
-    pieces: CheckpointBytes,
-) -> Result<Manifest, StoreError> {
-    let dir = Manifest::dir_for(pieces.trainer.step);
-    let trainer = serde_json::to_vec_pretty(&pieces.trainer).unwrap_or_default();
-    let mut files = Vec::new();
-    for (name, bytes) in [
-        (MODEL_FILE, pieces.model),
-        (OPTIMIZER_FILE, pieces.optimizer),
-        (TRAINER_FILE, trainer),
-    ] {
-        files.push(ManifestFile {
-            path: name.to_string(),
-            size: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
-        });
-        store
-            .put(&format!("{dir}/{name}"), Bytes::from(bytes))
-            .await?;
-    }
-    Ok(Manifest {
-        format_version: FORMAT_VERSION,
-        run: run.to_string(),
-        step: pieces.trainer.step,
-        epoch: pieces.trainer.epoch,
-        epoch_offset: pieces.trainer.epoch_offset,
-        samples_seen: pieces.trainer.samples_seen,
-        generation,
-        world_size: pieces.trainer.world_size,
-        config_hash: pieces.trainer.config_hash.clone(),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        files,
-    })
-}
-
 /// Reads a committed checkpoint, verifying every object against its manifest.
 pub async fn read(
     store: &RunStore,
@@ -106,4 +64,223 @@ pub async fn read(
             trainer,
         },
     ))
+}
+
+/// Writes checkpoints in the background so the step loop only pays for serialising the state
+/// off the device: the objects stream to the store (multipart for large ones) and the
+/// coordinator commits them while training goes on. At most one checkpoint is in flight; a
+/// periodic one that comes due while the previous is still uploading is skipped (and said
+/// so), which also keeps memory bounded to one serialised checkpoint. A storage outage only
+/// skips or delays checkpoints, until none has landed for `max_outage`: then the run stops.
+pub struct Checkpointer {
+    store: RunStore,
+    runtime: tokio::runtime::Handle,
+    client: simmim_proto::auth::Client,
+    run: String,
+    generation: u64,
+    rank: u32,
+    in_flight: Option<tokio::task::JoinHandle<Result<Landed, String>>>,
+    last_landed: std::time::Instant,
+    max_outage: std::time::Duration,
+}
+
+/// A committed checkpoint and how its upload went.
+#[derive(Debug)]
+pub struct Landed {
+    pub step: u64,
+    pub manifest: String,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+impl Checkpointer {
+    pub fn new(
+        store: RunStore,
+        session: &crate::session::Session,
+        max_outage: std::time::Duration,
+    ) -> Self {
+        Self {
+            store,
+            runtime: session.runtime.clone(),
+            client: session.client.clone(),
+            run: session.config.run.name.clone(),
+            generation: session.joined.generation,
+            rank: session.joined.rank,
+            in_flight: None,
+            last_landed: std::time::Instant::now(),
+            max_outage,
+        }
+    }
+
+    /// Hands a checkpoint over. `must` (the end of the run, a stop) waits for the previous
+    /// upload and for this one, retrying it until `max_outage`; otherwise a busy uploader means
+    /// this checkpoint is skipped.
+    pub fn submit(&mut self, pieces: CheckpointBytes, must: bool) -> anyhow::Result<()> {
+        self.reap(false)?;
+        if self.in_flight.is_some() {
+            if must {
+                self.reap(true)?;
+            } else {
+                tracing::warn!(
+                    step = pieces.trainer.step,
+                    "checkpoint skipped: the previous one is still uploading"
+                );
+                return Ok(());
+            }
+        }
+        let upload = self.upload(pieces);
+        if must {
+            let started = std::time::Instant::now();
+            loop {
+                match self.runtime.block_on(upload.clone_task()) {
+                    Ok(landed) => {
+                        self.landed(landed);
+                        return Ok(());
+                    }
+                    Err(e) if started.elapsed() < self.max_outage => {
+                        tracing::warn!("final checkpoint not written ({e}); retrying in 5 s");
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                    }
+                    Err(e) => anyhow::bail!(
+                        "no checkpoint could be written for {:?}: {e}",
+                        self.max_outage
+                    ),
+                }
+            }
+        }
+        self.in_flight = Some(self.runtime.spawn(upload.clone_task()));
+        Ok(())
+    }
+
+    /// Collects a finished upload (waiting for it with `wait`); fails the run when nothing has
+    /// landed for longer than `max_outage`.
+    pub fn reap(&mut self, wait: bool) -> anyhow::Result<()> {
+        let finished = self.in_flight.as_ref().is_some_and(|h| h.is_finished());
+        if let (true, Some(handle)) = (wait || finished, self.in_flight.take()) {
+            match self.runtime.block_on(handle) {
+                Ok(Ok(landed)) => self.landed(landed),
+                Ok(Err(e)) => tracing::warn!("checkpoint not written: {e}"),
+                Err(e) => tracing::warn!("checkpoint upload task failed: {e}"),
+            }
+        }
+        if self.last_landed.elapsed() > self.max_outage {
+            anyhow::bail!(
+                "no checkpoint could be written to {} for {:.0} minutes (checkpoint.max_outage_minutes)",
+                self.store.url(),
+                self.max_outage.as_secs_f64() / 60.0
+            );
+        }
+        Ok(())
+    }
+
+    fn landed(&mut self, landed: Landed) {
+        self.last_landed = std::time::Instant::now();
+        tracing::info!(
+            step = landed.step,
+            "checkpoint committed: {} ({:.1} MB in {:.2} s, {:.0} MB/s, in the background)",
+            self.store.url_of(&landed.manifest),
+            landed.bytes as f64 / 1e6,
+            landed.seconds,
+            landed.bytes as f64 / 1e6 / landed.seconds.max(1e-9)
+        );
+    }
+
+    fn upload(&self, pieces: CheckpointBytes) -> Upload {
+        Upload {
+            store: self.store.clone(),
+            client: self.client.clone(),
+            run: self.run.clone(),
+            generation: self.generation,
+            rank: self.rank,
+            model: Bytes::from(pieces.model),
+            optimizer: Bytes::from(pieces.optimizer),
+            trainer: pieces.trainer,
+        }
+    }
+}
+
+/// One checkpoint's upload and commit, cheap to clone (the buffers are shared) so a failed
+/// attempt can be retried from the same bytes.
+#[derive(Clone)]
+struct Upload {
+    store: RunStore,
+    client: simmim_proto::auth::Client,
+    run: String,
+    generation: u64,
+    rank: u32,
+    model: Bytes,
+    optimizer: Bytes,
+    trainer: TrainerState,
+}
+
+impl Upload {
+    fn clone_task(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Landed, String>> + Send + 'static {
+        let this = self.clone();
+        async move { this.run().await }
+    }
+
+    async fn run(self) -> Result<Landed, String> {
+        let started = std::time::Instant::now();
+        let step = self.trainer.step;
+        let dir = Manifest::dir_for(step);
+        let trainer = Bytes::from(serde_json::to_vec_pretty(&self.trainer).unwrap_or_default());
+        let mut files = Vec::new();
+        let mut bytes = 0;
+        for (name, data) in [
+            (MODEL_FILE, self.model.clone()),
+            (OPTIMIZER_FILE, self.optimizer.clone()),
+            (TRAINER_FILE, trainer),
+        ] {
+            files.push(ManifestFile {
+                path: name.to_string(),
+                size: data.len() as u64,
+                sha256: sha256_hex(&data),
+            });
+            bytes += data.len() as u64;
+            self.store
+                .put_large(&format!("{dir}/{name}"), data)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            run: self.run.clone(),
+            step,
+            epoch: self.trainer.epoch,
+            epoch_offset: self.trainer.epoch_offset,
+            samples_seen: self.trainer.samples_seen,
+            generation: self.generation,
+            world_size: self.trainer.world_size,
+            config_hash: self.trainer.config_hash.clone(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            files,
+        };
+        let request = simmim_proto::pb::CommitRequest {
+            generation: self.generation,
+            rank: self.rank,
+            manifest_json: serde_json::to_string(&manifest).map_err(|e| e.to_string())?,
+        };
+        let reply = self
+            .client
+            .clone()
+            .commit_checkpoint(request)
+            .await
+            .map_err(|s| {
+                format!(
+                    "the coordinator did not commit step {step}: {}",
+                    s.message()
+                )
+            })?;
+        Ok(Landed {
+            step,
+            manifest: reply.into_inner().manifest,
+            bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
 }

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod export;
 pub mod recon;
 pub mod schedule;
 pub mod session;

@@ -34,6 +34,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write a checkpoint's model under the official SimMIM names, for PyTorch.
+    Export {
+        /// A run directory or URL (its newest checkpoint, or the one at --step).
+        #[arg(long)]
+        checkpoint: String,
+        #[arg(long)]
+        step: Option<u64>,
+        /// `pytorch`: a .pth holding {"model": state_dict}, as the official checkpoints;
+        /// `safetensors`: the checkpoint's model.safetensors (with the model config inside).
+        #[arg(long, default_value = "pytorch")]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Pack an ImageFolder tree into tar shards plus `index.json` (use the index as `data.train`).
     PackShards {
         #[arg(long)]
@@ -99,6 +113,12 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Some(Command::Export {
+            checkpoint,
+            step,
+            format,
+            out,
+        }) => export(&checkpoint, step, &format, &out),
         Some(Command::Reconstruct {
             checkpoint,
             image,
@@ -182,6 +202,38 @@ fn train_cuda(_session: &Session, device: &str) -> Result<u64> {
         "--device `{device}`: this worker was built without the `cuda` feature; use cpu"
     ))
     .into())
+}
+
+fn export(location: &str, step: Option<u64>, format: &str, out: &std::path::Path) -> Result<()> {
+    if format != "pytorch" && format != "safetensors" {
+        bail!("--format `{format}`: expected pytorch or safetensors");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store = RunStore::open(location_url(location)?.as_str())?;
+    let key = match step {
+        Some(step) => simmim_proto::Manifest::path_for(step),
+        None => runtime
+            .block_on(store.latest_manifest())?
+            .map(|(key, _)| key)
+            .ok_or_else(|| anyhow!("{}: no committed checkpoint (no `latest`)", store.url()))?,
+    };
+    let (manifest, pieces) = runtime.block_on(checkpoint::read(&store, &key))?;
+    let bytes = if format == "safetensors" {
+        pieces.model
+    } else {
+        simmim_worker::export::pth_bytes(&state_dict_from_safetensors(&pieces.model)?)
+    };
+    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {} ({:.1} MB): the model of step {} of {}",
+        out.display(),
+        bytes.len() as f64 / 1e6,
+        manifest.step,
+        store.url()
+    );
+    Ok(())
 }
 
 fn reconstruct(

@@ -9,10 +9,10 @@ use anyhow::{anyhow, Context, Result};
 use simmim_proto::auth::{AddToken, Client};
 use simmim_proto::pb::coordinator_client::CoordinatorClient;
 use simmim_proto::pb::{
-    CommitRequest, DoneRequest, FailureRequest, HeartbeatRequest, MetricsReport, RegisterReply,
+    DoneRequest, FailureRequest, HeartbeatRequest, MetricsReport, RegisterReply,
     RegisterRequest, StepMetrics,
 };
-use simmim_proto::{Manifest, RunConfig};
+use simmim_proto::RunConfig;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
@@ -162,25 +162,6 @@ impl Session {
 
     pub fn lost_reason(&self) -> Option<String> {
         self.lost.lock().ok().and_then(|l| l.clone())
-    }
-
-    pub fn commit(&self, manifest: &Manifest) -> Result<String> {
-        let request = CommitRequest {
-            generation: self.joined.generation,
-            rank: self.joined.rank,
-            manifest_json: serde_json::to_string(manifest)?,
-        };
-        let reply = self
-            .runtime
-            .block_on(self.client.clone().commit_checkpoint(request))
-            .map_err(|s| {
-                anyhow!(
-                    "checkpoint at step {} not committed: {}",
-                    manifest.step,
-                    s.message()
-                )
-            })?;
-        Ok(reply.into_inner().manifest)
     }
 
     pub fn done(&self, final_step: u64) -> Result<()> {

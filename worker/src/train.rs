@@ -13,13 +13,13 @@ use simmim_model::weights::{
     load_state_dict, state_dict, state_dict_from_safetensors, to_safetensors,
 };
 use simmim_model::{
-    loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend, SimMimConfig,
+    loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend,
 };
 use simmim_proto::pb::StepMetrics;
 use simmim_proto::plan::{Cursor, DataPlan};
 use simmim_proto::store::{config_hash, RunStore};
 
-use crate::checkpoint::{self, CheckpointBytes, TrainerState};
+use crate::checkpoint::{self, CheckpointBytes, Checkpointer, TrainerState};
 use crate::collective::flat::{flatten, unflatten, weights_digest};
 use crate::collective::verify_replicas;
 use crate::data::augment::Augment;
@@ -166,8 +166,14 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
     let shards = config.train.compute_threads.unwrap_or(2 * cores);
     let grid = geometry.token_grid();
 
+    let mut checkpointer = Checkpointer::new(
+        store.clone(),
+        session,
+        std::time::Duration::from_secs_f64(config.checkpoint.max_outage_minutes * 60.0),
+    );
     let mut last_checkpoint = Instant::now();
     while step < end_step {
+        checkpointer.reap(false)?;
         if let Some(reason) = session.lost_reason() {
             bail!("{reason}");
         }
@@ -301,7 +307,21 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
                     "every draw derives from (seed, epoch, sample id); nothing else to restore"
                         .into(),
             };
-            save(session, &store, &model, &model_config, &optimizer, trainer)?;
+            // The step loop pauses only for this copy off the device; the upload and the
+            // commit run in the background.
+            let serialised = Instant::now();
+            let pieces = CheckpointBytes {
+                model: to_safetensors(&state_dict(&model, &model_config), &model_config)?,
+                optimizer: to_safetensors(&optimizer.state_dict(&model), &model_config)?,
+                trainer,
+            };
+            tracing::info!(
+                step,
+                "checkpoint serialised in {:.2} s ({:.1} MB); uploading in the background",
+                serialised.elapsed().as_secs_f64(),
+                (pieces.model.len() + pieces.optimizer.len()) as f64 / 1e6
+            );
+            checkpointer.submit(pieces, step == end_step || stop)?;
         }
         if due {
             last_checkpoint = Instant::now();
@@ -311,32 +331,8 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
             break;
         }
     }
+    checkpointer.reap(true)?;
     Ok(step)
-}
-
-fn save<B: AutodiffBackend + SimMimBackend>(
-    session: &Session,
-    store: &RunStore,
-    model: &SimMim<B>,
-    model_config: &SimMimConfig,
-    optimizer: &AdamW<B::InnerBackend>,
-    trainer: TrainerState,
-) -> Result<()> {
-    let step = trainer.step;
-    let pieces = CheckpointBytes {
-        model: to_safetensors(&state_dict(model, model_config), model_config)?,
-        optimizer: to_safetensors(&optimizer.state_dict(model), model_config)?,
-        trainer,
-    };
-    let manifest = session.runtime.block_on(checkpoint::write(
-        store,
-        &session.config.run.name,
-        session.joined.generation,
-        pieces,
-    ))?;
-    let key = session.commit(&manifest)?;
-    tracing::info!(step, "checkpoint committed: {}", store.url_of(&key));
-    Ok(())
 }
 
 /// `shape` is (image side, token grid side, images to show).
@@ -368,6 +364,12 @@ fn write_recon<B: AutodiffBackend + SimMimBackend>(
     let _: f32 = output.loss.into_scalar().elem();
     let png = recon::grid_png(&pixels, &predicted, &masks, img_size, grid);
     let key = format!("recon/step_{step:08}.png");
-    session.runtime.block_on(store.put(&key, png.into()))?;
+    // In the background, and never fatal: a picture is not worth a stalled or failed run.
+    let store = store.clone();
+    session.runtime.spawn(async move {
+        if let Err(e) = store.put(&key, png.into()).await {
+            tracing::warn!("reconstruction picture not written: {e}");
+        }
+    });
     Ok(())
 }
