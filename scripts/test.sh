@@ -7,15 +7,16 @@ cd "$root"
 scripts/setup.sh
 export SIMMIM_PARITY_DIR="${SIMMIM_PARITY_DIR:-$root/../shared/fixtures/parity}"
 
-# Tools for the deploy/ checks (rendering and schema validation, offline), installed once.
+# Tools for the deploy/ checks (rendering and schema validation, offline), installed once...
 if ! command -v kubectl >/dev/null; then
   echo "setup: installing kubectl (Debian's kubernetes-client)"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq kubernetes-client
   else sudo apt-get update -qq && sudo apt-get install -y -qq kubernetes-client; fi
 fi
-if [ ! -x .venv-tools/bin/kubernetes-validate ]; then
-  echo "setup: installing kubernetes-validate into .venv-tools"
-  python3 -m venv .venv-tools && .venv-tools/bin/pip install -q kubernetes-validate
+# ...and a real S3-compatible server for the object-storage tests (moto_server).
+if [ ! -x .venv-tools/bin/kubernetes-validate ] || [ ! -x .venv-tools/bin/moto_server ]; then
+  echo "setup: installing kubernetes-validate and moto[server] into .venv-tools"
+  python3 -m venv .venv-tools && .venv-tools/bin/pip install -q kubernetes-validate 'moto[server]'
 fi
 
 echo "== cargo fmt --check"

@@ -1,5 +1,6 @@
 //! Fault injection for the crash-consistency tests: `SIMMIM_FAULT=<point>@<step>` makes the
-//! coordinator exit abruptly at that point of that checkpoint's commit, as a crash would.
+//! coordinator exit abruptly at that point of the first commit at or after that step, as a
+//! crash would.
 //! Points: `exit-before-manifest` (data written, no manifest), `exit-before-latest` (manifest
 //! written, `latest` not moved). Unset in normal runs.
 
@@ -7,8 +8,11 @@ pub fn maybe_exit(point: &str, step: u64) {
     let Ok(fault) = std::env::var("SIMMIM_FAULT") else {
         return;
     };
-    if fault == format!("{point}@{step}") {
-        eprintln!("coordinator: injected fault {fault}: exiting now");
+    let Some((at, from)) = fault.split_once('@') else {
+        return;
+    };
+    if at == point && from.parse::<u64>().is_ok_and(|from| step >= from) {
+        eprintln!("coordinator: injected fault {at} at step {step}: exiting now");
         std::process::exit(101);
     }
 }

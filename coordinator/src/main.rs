@@ -274,6 +274,8 @@ async fn start(args: StartArgs) -> Result<i32> {
         ),
         resume: Mutex::new(resume.clone()),
         latest_version: Mutex::new(latest_version),
+        written_latest: Mutex::new(resume.iter().map(|r| r.manifest.clone()).collect()),
+        commit_lock: tokio::sync::Mutex::new(()),
         stop: Default::default(),
         refused: Default::default(),
         metrics: Mutex::new(MetricsSink::new(&store, progress)?),

@@ -15,7 +15,9 @@ pub fn doomed(committed: &[u64], policy: &CheckpointSection, newest: u64) -> Vec
         .filter(|(i, &step)| {
             *i >= policy.keep_last
                 && step != newest
-                && policy.keep_every_steps.is_none_or(|m| !step.is_multiple_of(m))
+                && policy
+                    .keep_every_steps
+                    .is_none_or(|m| !step.is_multiple_of(m))
         })
         .map(|(_, &step)| step)
         .collect()

@@ -48,6 +48,9 @@ pub struct Shared {
     pub resume: Mutex<Option<ResumePoint>>,
     /// The version of `latest` this coordinator last read or wrote (conditional updates).
     pub latest_version: Mutex<Option<object_store::UpdateVersion>>,
+    /// Every manifest key this coordinator has pointed `latest` at.
+    pub written_latest: Mutex<Vec<String>>,
+    pub commit_lock: tokio::sync::Mutex<()>,
     pub stop: AtomicBool,
     /// Requests refused for a missing or wrong token.
     pub refused: std::sync::atomic::AtomicU64,
@@ -199,6 +202,17 @@ impl Coordinator for Service {
             .map_err(refused)?;
         let manifest: Manifest = serde_json::from_str(&req.manifest_json)
             .map_err(|e| Status::invalid_argument(format!("not a manifest: {e}")))?;
+        // One commit at a time, and never backwards: a late retry of an old checkpoint
+        // cannot displace a newer one.
+        let _serial = self.shared.commit_lock.lock().await;
+        let committed = locked(&self.shared.resume).as_ref().map(|r| r.step);
+        if committed.is_some_and(|c| manifest.step <= c) {
+            return Err(Status::already_exists(format!(
+                "step {} is not newer than the committed step {}",
+                manifest.step,
+                committed.unwrap_or_default()
+            )));
+        }
         let store = &self.shared.store;
         store
             .verify_sizes(&manifest)
@@ -209,26 +223,31 @@ impl Coordinator for Service {
             serde_json::to_vec_pretty(&manifest).map_err(|e| Status::internal(e.to_string()))?;
         crate::faults::maybe_exit("exit-before-manifest", manifest.step);
         let created = store
-            .put_new(&key, Bytes::from(json))
+            .put_new(&key, Bytes::from(json.clone()))
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         if !created {
-            return Err(Status::already_exists(format!(
-                "checkpoint {} is already committed",
-                store.url_of(&key)
-            )));
+            // A request that timed out here may still have been applied by the store: the
+            // same manifest already there is this commit, done; another one is a conflict.
+            let existing = store
+                .get(&key)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            if existing.as_ref() != json.as_slice() {
+                return Err(Status::already_exists(format!(
+                    "checkpoint {} is already committed with other contents",
+                    store.url_of(&key)
+                )));
+            }
         }
         crate::faults::maybe_exit("exit-before-latest", manifest.step);
-        let seen = locked(&self.shared.latest_version).clone();
-        let moved = store
-            .move_latest(&key, seen)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let moved = self.move_latest(&key).await?;
         *locked(&self.shared.latest_version) = Some(moved);
         *locked(&self.shared.resume) = Some(ResumePoint {
             step: manifest.step,
             manifest: key.clone(),
         });
+        locked(&self.shared.written_latest).push(key.clone());
         locked(&self.shared.status).last_checkpoint_step = Some(manifest.step);
         let (retention, keep_from) = (self.shared.config.checkpoint.clone(), manifest.step);
         let store_for_retention = store.clone();
@@ -285,6 +304,39 @@ impl Coordinator for Service {
         let json = serde_json::to_string(&self.shared.snapshot())
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(StatusReply { status_json: json }))
+    }
+}
+
+impl Service {
+    /// Moves `latest` with a conditional update. When the version check fails, `latest` is
+    /// read again: if it names a manifest this coordinator wrote itself (a timed-out request
+    /// the store applied late), the update is retried against the fresh version; anything
+    /// else means another writer, and the commit is refused.
+    async fn move_latest(&self, key: &str) -> Result<object_store::UpdateVersion, Status> {
+        let store = &self.shared.store;
+        let seen = locked(&self.shared.latest_version).clone();
+        match store.move_latest(key, seen).await {
+            Ok(version) => Ok(version),
+            Err(first) => {
+                let current = store
+                    .latest_pointer()
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                let ours = match &current {
+                    Some((pointer, _)) => locked(&self.shared.written_latest).contains(pointer),
+                    None => false,
+                };
+                if !ours {
+                    tracing::error!("{first}");
+                    return Err(Status::aborted(first.to_string()));
+                }
+                let fresh = current.map(|(_, version)| version);
+                store
+                    .move_latest(key, fresh)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))
+            }
+        }
     }
 }
 

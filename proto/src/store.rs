@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
     UpdateVersion,
 };
 use sha2::{Digest, Sha256};
@@ -68,18 +68,30 @@ fn s3_from_env(url: &str) -> Result<AmazonS3, StoreError> {
         max_retries: 10,
         ..Default::default()
     };
-    let mut builder = AmazonS3Builder::from_env().with_url(url);
+    // Set single client options (not a whole ClientOptions) so what from_env read stays.
+    let mut builder = AmazonS3Builder::from_env()
+        .with_url(url)
+        .with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+            format!("{}ms", timeout.as_millis()),
+        )
+        .with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+            format!(
+                "{}ms",
+                timeout.min(std::time::Duration::from_secs(10)).as_millis()
+            ),
+        )
+        .with_retry(retry);
+    // object_store reads most AWS_* names itself, but not this one.
+    if std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1") {
+        builder = builder.with_allow_http(true);
+    }
     if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
     {
         builder = builder.with_region("us-east-1");
     }
     builder
-        .with_client_options(
-            ClientOptions::new()
-                .with_timeout(timeout)
-                .with_connect_timeout(timeout.min(std::time::Duration::from_secs(10))),
-        )
-        .with_retry(retry)
         .build()
         .map_err(|e| StoreError::BadLocation(url.into(), e.to_string()))
 }

@@ -277,3 +277,200 @@ pub fn coordinator_info(run_dir: &Path) -> Option<(String, String)> {
         info["token"].as_str().unwrap_or_default().to_string(),
     ))
 }
+
+/// A real S3-compatible server (moto_server, installed by scripts/test.sh into
+/// `.venv-tools`) on a free loopback port, with one bucket; stopped on drop.
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+    pub bucket: String,
+}
+
+impl S3Server {
+    pub fn start(bucket: &str) -> Self {
+        let moto = std::env::var("MOTO_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-tools/bin/moto_server")
+            });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let child = Command::new(&moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (scripts/test.sh installs moto[server])",
+                    moto.display()
+                )
+            });
+        let server = Self {
+            child,
+            port,
+            bucket: bucket.to_string(),
+        };
+        assert!(
+            wait_until(Duration::from_secs(60), || server
+                .request("PUT", &format!("/{bucket}"), b"")
+                .is_some_and(|status| status == 200)),
+            "moto_server did not start"
+        );
+        server
+    }
+
+    /// The environment the coordinator and workers need to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            (
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("SIMMIM_STORE_TIMEOUT_S", "2".to_string()),
+            ("SIMMIM_STORE_RETRY_S", "4".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// A plain HTTP request (moto does not check signatures); returns the status code.
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Option<u16> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        // moto does not check signatures, but wants to see an AWS authorization header.
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\
+             Content-Type: application/octet-stream\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00\r\n\
+             Connection: close\r\n\r\n",
+            self.port,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).ok()?;
+        stream.write_all(body).ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).ok()?;
+        let text = String::from_utf8_lossy(&response);
+        text.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Replaces an object's bytes behind the run's back.
+    pub fn overwrite(&self, key: &str, body: &[u8]) {
+        let status = self.request("PUT", &format!("/{}/{key}", self.bucket), body);
+        assert_eq!(status, Some(200), "overwriting {key}");
+    }
+
+    /// Freezes the server (SIGSTOP) or lets it go on (SIGCONT): an outage that keeps its data.
+    pub fn pause(&self, paused: bool) {
+        let signal = if paused { "STOP" } else { "CONT" };
+        let _ = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.pause(false);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Like [`coordinator`], with extra environment.
+pub fn coordinator_with_env(
+    args: &[&str],
+    cwd: &Path,
+    deadline: Duration,
+    env: &[(String, String)],
+) -> Output {
+    let child = Command::new(binary("coordinator"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .env("SIMMIM_WORKER_BIN", binary("worker"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator");
+    wait_with_deadline(child, deadline)
+}
+
+/// Starts the coordinator in its own process group with extra environment, stderr to `log`.
+pub fn spawn_coordinator_with_env(
+    args: &[&str],
+    cwd: &Path,
+    env: &[(String, String)],
+    log: &Path,
+) -> Child {
+    use std::os::unix::process::CommandExt;
+    let file = std::fs::File::create(log).expect("log file");
+    Command::new(binary("coordinator"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .env("SIMMIM_WORKER_BIN", binary("worker"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(file))
+        .process_group(0)
+        .spawn()
+        .expect("start coordinator")
+}
+
+/// The model weights of a run's newest (or `step`'s) checkpoint, through `worker export`.
+pub fn exported_weights(
+    run_url: &str,
+    step: Option<u64>,
+    env: &[(String, String)],
+    dir: &Path,
+) -> Vec<u8> {
+    let out_path = dir.join(format!("export-{}.safetensors", step.unwrap_or(0)));
+    let mut command = Command::new(binary("worker"));
+    command
+        .args([
+            "export",
+            "--format",
+            "safetensors",
+            "--checkpoint",
+            run_url,
+            "--out",
+        ])
+        .arg(&out_path)
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    if let Some(step) = step {
+        command.args(["--step", &step.to_string()]);
+    }
+    let out = command.output().expect("worker export");
+    assert!(
+        out.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(&out_path).expect("exported file")
+}
+
+/// The newest committed step of a run, through `coordinator status --json`.
+pub fn latest_step(run_url: &str, env: &[(String, String)]) -> Option<u64> {
+    let out = Command::new(binary("coordinator"))
+        .args(["status", "--json", "--run", run_url])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    value["latest_checkpoint"]["step"].as_u64()
+}

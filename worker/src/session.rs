@@ -9,8 +9,8 @@ use anyhow::{anyhow, Context, Result};
 use simmim_proto::auth::{AddToken, Client};
 use simmim_proto::pb::coordinator_client::CoordinatorClient;
 use simmim_proto::pb::{
-    DoneRequest, FailureRequest, HeartbeatRequest, MetricsReport, RegisterReply,
-    RegisterRequest, StepMetrics,
+    DoneRequest, FailureRequest, HeartbeatRequest, MetricsReport, RegisterReply, RegisterRequest,
+    StepMetrics,
 };
 use simmim_proto::RunConfig;
 use tokio::sync::mpsc;

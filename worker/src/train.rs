@@ -364,12 +364,22 @@ fn write_recon<B: AutodiffBackend + SimMimBackend>(
     let _: f32 = output.loss.into_scalar().elem();
     let png = recon::grid_png(&pixels, &predicted, &masks, img_size, grid);
     let key = format!("recon/step_{step:08}.png");
-    // In the background, and never fatal: a picture is not worth a stalled or failed run.
+    // In the background, one at a time, and never fatal: a picture is not worth a stalled
+    // or failed run (during a storage outage pictures are skipped, not queued).
+    static UPLOADING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if UPLOADING.swap(true, Ordering::AcqRel) {
+        tracing::warn!(
+            step,
+            "reconstruction picture skipped: the previous one is still uploading"
+        );
+        return Ok(());
+    }
     let store = store.clone();
     session.runtime.spawn(async move {
         if let Err(e) = store.put(&key, png.into()).await {
             tracing::warn!("reconstruction picture not written: {e}");
         }
+        UPLOADING.store(false, Ordering::Release);
     });
     Ok(())
 }
