@@ -43,11 +43,11 @@ pub struct RunStore {
 }
 
 /// Multipart parts: S3 needs at least 5 MiB per part except the last.
-const PART_SIZE: usize = 16 * 1024 * 1024;
+const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Objects at least this large are streamed as multipart uploads.
 const MULTIPART_THRESHOLD: usize = 32 * 1024 * 1024;
 /// Parts in flight at once per upload.
-const PARTS_IN_FLIGHT: usize = 4;
+const PARTS_IN_FLIGHT: usize = 8;
 
 /// Settings for S3-compatible stores, read from the environment: the standard `AWS_*`
 /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,

@@ -226,24 +226,29 @@ impl Upload {
         let step = self.trainer.step;
         let dir = Manifest::dir_for(step);
         let trainer = Bytes::from(serde_json::to_vec_pretty(&self.trainer).unwrap_or_default());
-        let mut files = Vec::new();
-        let mut bytes = 0;
-        for (name, data) in [
+        let pieces = [
             (MODEL_FILE, self.model.clone()),
             (OPTIMIZER_FILE, self.optimizer.clone()),
             (TRAINER_FILE, trainer),
-        ] {
-            files.push(ManifestFile {
+        ];
+        let files: Vec<ManifestFile> = pieces
+            .iter()
+            .map(|(name, data)| ManifestFile {
                 path: name.to_string(),
                 size: data.len() as u64,
-                sha256: sha256_hex(&data),
-            });
-            bytes += data.len() as u64;
-            self.store
-                .put_large(&format!("{dir}/{name}"), data)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
+                sha256: sha256_hex(data),
+            })
+            .collect();
+        let bytes = files.iter().map(|f| f.size).sum();
+        // All objects at once: each large one is itself a multipart upload.
+        let uploads = pieces.into_iter().map(|(name, data)| {
+            let store = self.store.clone();
+            let key = format!("{dir}/{name}");
+            async move { store.put_large(&key, data).await }
+        });
+        futures::future::try_join_all(uploads)
+            .await
+            .map_err(|e| e.to_string())?;
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
             run: self.run.clone(),
