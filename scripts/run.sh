@@ -7,5 +7,5 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
-cargo build --release -p simmim-coordinator -p simmim-worker
+cargo build --release --workspace --bins
 exec target/release/coordinator start "$@"

@@ -237,10 +237,15 @@ async fn start(args: StartArgs) -> Result<i32> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let address = listener.local_addr()?;
-    let advertised = if address.ip().is_unspecified() {
-        format!("http://127.0.0.1:{}", address.port())
+    let scheme = if config.tls.is_some() {
+        "https"
     } else {
-        format!("http://{address}")
+        "http"
+    };
+    let advertised = if address.ip().is_unspecified() {
+        format!("{scheme}://127.0.0.1:{}", address.port())
+    } else {
+        format!("{scheme}://{address}")
     };
 
     // The run token: configured, or (for a run that only listens on loopback) made up here
@@ -297,7 +302,23 @@ async fn start(args: StartArgs) -> Result<i32> {
     // The standard gRPC health service, open to all (Kubernetes probes carry no token).
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<Service>>().await;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let read = |field: &str, path: &str| {
+            std::fs::read(path).map_err(|e| ConfigProblem(format!("tls.{field}: {path}: {e}")))
+        };
+        let identity =
+            tonic::transport::Identity::from_pem(read("cert", &tls.cert)?, read("key", &tls.key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| ConfigProblem(format!("tls: {e}")))?;
+        // Local workers trust the certificate itself unless a CA is configured.
+        if std::env::var_os(simmim_proto::auth::TLS_CA_ENV).is_none() {
+            // SAFETY-free: set before any worker process or other thread reads it.
+            unsafe { std::env::set_var(simmim_proto::auth::TLS_CA_ENV, &tls.cert) };
+        }
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));

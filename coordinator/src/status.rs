@@ -113,8 +113,7 @@ async fn live_status(store: &RunStore) -> Result<RunStatus, String> {
         .flatten()
         .or_else(|| info["token"].as_str().map(str::to_string));
     let ask = async {
-        let channel = tonic::transport::Channel::from_shared(address.clone())
-            .map_err(|e| e.to_string())?
+        let channel = simmim_proto::auth::endpoint(&address)?
             .connect()
             .await
             .map_err(|e| format!("{address}: {e}"))?;

@@ -62,3 +62,29 @@ pub fn same_token(a: &[u8], b: &[u8]) -> bool {
 pub type Client = crate::pb::coordinator_client::CoordinatorClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddToken>,
 >;
+
+/// Environment variable naming the PEM file of the CA (or self-signed certificate) that
+/// clients trust for an `https://` coordinator URL.
+pub const TLS_CA_ENV: &str = "SIMMIM_TLS_CA";
+
+/// A channel to the coordinator at `url`: plain for `http://`; for `https://`, TLS that trusts
+/// `SIMMIM_TLS_CA` when set, else the system's roots.
+pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, String> {
+    let endpoint = tonic::transport::Channel::from_shared(url.to_string()).map_err(|e| {
+        format!("`{url}` is not a coordinator URL (expected http(s)://host:port): {e}")
+    })?;
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    match std::env::var(TLS_CA_ENV) {
+        Ok(path) => {
+            let pem = std::fs::read(&path).map_err(|e| format!("{TLS_CA_ENV}={path}: {e}"))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        Err(_) => tls = tls.with_native_roots(),
+    }
+    endpoint
+        .tls_config(tls)
+        .map_err(|e| format!("TLS for {url}: {e}"))
+}

@@ -23,6 +23,19 @@ pub struct RunConfig {
     pub output: OutputSection,
     #[serde(default)]
     pub workers: WorkersSection,
+    /// TLS (rustls) for the coordinator's gRPC endpoint; absent: plain HTTP/2.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+}
+
+/// PEM files on the coordinator's machine. Workers trust the certificate through
+/// `SIMMIM_TLS_CA` (a CA bundle, or the certificate itself when it is self-signed), else the
+/// system's roots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -471,6 +484,14 @@ impl RunConfig {
             ));
         }
         positive_f("workers.heartbeat_timeout_s", w.heartbeat_timeout_s)?;
+        if let Some(tls) = &self.tls {
+            if tls.cert.is_empty() {
+                return Err(config_error("tls.cert", "must name a PEM certificate file"));
+            }
+            if tls.key.is_empty() {
+                return Err(config_error("tls.key", "must name a PEM private key file"));
+            }
+        }
         non_negative_f("workers.last_call_s", w.last_call_s)?;
         positive_f("workers.rejoin_timeout_s", w.rejoin_timeout_s)?;
         Ok(())

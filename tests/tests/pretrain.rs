@@ -275,3 +275,119 @@ fn a_batch_larger_than_the_dataset_stops_the_worker_with_a_named_error() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_tls_coordinator_trains_and_refuses_plaintext() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A CA and a certificate it signed for localhost / 127.0.0.1.
+    let d = dir.path();
+    let (cert, key, ca) = (d.join("cert.pem"), d.join("key.pem"), d.join("ca.pem"));
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("ext");
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "cert.pem",
+        ],
+    ];
+    for args in steps {
+        let made = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    let data = synthetic_image_folder(dir.path(), 2, 8);
+    let config = tiny_config(&dir.path().join("runs"), "tls", &data, 2, 5)
+        + &format!(
+            "tls:\n  cert: {}\n  key: {}\n",
+            cert.display(),
+            key.display()
+        );
+    let path = dir.path().join("tls.yaml");
+    std::fs::write(&path, config).expect("write");
+    let run = dir.path().join("runs/tls");
+    let env = [("SIMMIM_TLS_CA".to_string(), ca.display().to_string())];
+    let args = ["start", "--config", path.to_str().expect("utf8")];
+    let mut child =
+        spawn_coordinator_with_env(&args, dir.path(), &env, &dir.path().join("tls.log"));
+    // While it runs, a plaintext client cannot talk to it.
+    assert!(wait_until(DEADLINE, || coordinator_info(&run).is_some()));
+    let (address, _) = coordinator_info(&run).expect("coordinator.json");
+    assert!(address.starts_with("https://"), "{address}");
+    let plain = address.replace("https://", "http://");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let plaintext = runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(plain)
+            .expect("url")
+            .connect()
+            .await?;
+        let mut client = simmim_proto::pb::coordinator_client::CoordinatorClient::new(channel);
+        client
+            .status(simmim_proto::pb::StatusRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|s| Box::new(s) as Box<dyn std::error::Error>)?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    });
+    assert!(plaintext.is_err(), "a plaintext client got an answer");
+    let finished = wait_until(
+        DEADLINE,
+        || matches!(child.try_wait(), Ok(Some(status)) if status.success()),
+    );
+    kill_group(&mut child);
+    assert!(finished, "the TLS run did not finish");
+    assert_eq!(
+        metrics(&run).len(),
+        4,
+        "2 epochs of 2 steps through the TLS endpoint"
+    );
+}

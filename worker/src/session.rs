@@ -196,8 +196,8 @@ impl Session {
 }
 
 async fn connect(url: &str) -> Result<Channel> {
-    let endpoint = Channel::from_shared(url.to_string())
-        .with_context(|| format!("`{url}` is not a coordinator URL (expected http://host:port)"))?
+    let endpoint = simmim_proto::auth::endpoint(url)
+        .map_err(|e| anyhow!(e))?
         .connect_timeout(Duration::from_secs(5));
     let started = Instant::now();
     loop {
