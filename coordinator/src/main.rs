@@ -357,6 +357,9 @@ async fn start(args: StartArgs) -> Result<i32> {
     let mut interrupts = 0u32;
     let mut generation_began = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // SIGTERM (Kubernetes deleting the pod, a scheduler's stop) is treated like Ctrl-C.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
 
     let outcome: Result<i32> = loop {
         // A reason to end the current generation, if anything happened.
@@ -405,10 +408,15 @@ async fn start(args: StartArgs) -> Result<i32> {
                     None
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = async {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            } => {
                 interrupts += 1;
                 if interrupts == 1 {
-                    eprintln!("\ncoordinator: stopping after the next checkpoint (Ctrl-C again to abort without it)");
+                    eprintln!("\ncoordinator: stopping after the next checkpoint (a second signal aborts without it)");
                     shared.stop.store(true, Ordering::Relaxed);
                     if let Ok(mut s) = shared.status.lock() {
                         s.state = "stopping".into();
@@ -452,6 +460,7 @@ async fn start(args: StartArgs) -> Result<i32> {
     };
     let state = match &outcome {
         Ok(0) => "finished",
+        Ok(EXIT_STOPPED) => "stopped",
         Ok(_) => "interrupted",
         Err(_) => "failed",
     };
@@ -484,16 +493,27 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Exit status of a run stopped by SIGINT/SIGTERM after its checkpoint (as a shell reports
+/// a command ended by Ctrl-C).
+const EXIT_STOPPED: i32 = 130;
+
 fn finish(shared: &Shared, step: u64) -> i32 {
     let status = shared.snapshot();
+    let stopped = shared.stop.load(Ordering::Relaxed);
     eprintln!(
-        "coordinator: run {} finished at step {step}; last loss {}; checkpoint at step {}; results in {}",
+        "coordinator: run {} {} at step {step}; last loss {}; checkpoint at step {}; results in {}{}",
         shared.run_name,
+        if stopped { "stopped" } else { "finished" },
         status.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
         status.last_checkpoint_step.map_or("-".into(), |s| s.to_string()),
-        shared.store.url()
+        shared.store.url(),
+        if stopped { "; the same command resumes it" } else { "" }
     );
-    0
+    if stopped {
+        EXIT_STOPPED
+    } else {
+        0
+    }
 }
 
 /// Picks the checkpoint to resume from and tidies the run directory:

@@ -391,3 +391,51 @@ fn a_tls_coordinator_trains_and_refuses_plaintext() {
         "2 epochs of 2 steps through the TLS endpoint"
     );
 }
+
+#[test]
+fn sigterm_stops_the_run_after_a_checkpoint_of_its_last_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synthetic_image_folder(dir.path(), 2, 20);
+    let path = dir.path().join("stop.yaml");
+    // 400 steps, checkpoints every 5: the stop lands between two of them.
+    std::fs::write(
+        &path,
+        tiny_config(&dir.path().join("runs"), "stop", &data, 80, 5)
+            .replace("every_steps: 5", "every_steps: 1000"),
+    )
+    .expect("write");
+    let run = dir.path().join("runs/stop");
+    let child = std::process::Command::new(binary("coordinator"))
+        .args(["start", "--config", path.to_str().expect("utf8")])
+        .current_dir(dir.path())
+        .env("SIMMIM_WORKER_BIN", binary("worker"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("coordinator");
+    assert!(
+        wait_until(DEADLINE, || metrics(&run).len() >= 20),
+        "no progress"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-s", "TERM", &child.id().to_string()])
+        .status();
+    let out = wait_with_deadline(child, DEADLINE);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{log}");
+    assert!(
+        log.contains("stopped at step") && log.contains("resumes"),
+        "{log}"
+    );
+    let last = metrics(&run)
+        .last()
+        .and_then(|m| m["step"].as_u64())
+        .expect("metrics");
+    assert!(last < 400, "it stopped early");
+    let latest = std::fs::read_to_string(run.join("latest")).expect("latest");
+    assert_eq!(
+        latest.trim(),
+        format!("checkpoints/{last:010}/MANIFEST.json"),
+        "no step lost"
+    );
+}
