@@ -18,6 +18,8 @@ pub use status::RunStatus;
 
 #[cfg(feature = "grpc")]
 pub mod auth;
+#[cfg(feature = "grpc")]
+pub mod logging;
 
 /// Generated gRPC messages and service stubs (`proto/simmim.proto`).
 #[cfg(feature = "grpc")]

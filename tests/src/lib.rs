@@ -153,6 +153,21 @@ pub fn coordinator(args: &[&str], cwd: &Path, deadline: Duration) -> Output {
     wait_with_deadline(child, deadline)
 }
 
+/// `coordinator start --config CONFIG` in the background, its stderr kept for
+/// [`wait_with_deadline`].
+pub fn start_in_background(config: &Path, cwd: &Path) -> Child {
+    Command::new(binary("coordinator"))
+        .args(["start", "--config"])
+        .arg(config)
+        .current_dir(cwd)
+        .env("SIMMIM_WORKER_BIN", binary("worker"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator")
+}
+
 /// Starts the coordinator in its own process group, so a test can kill it with its workers.
 pub fn spawn_coordinator(args: &[&str], cwd: &Path) -> Child {
     use std::os::unix::process::CommandExt;

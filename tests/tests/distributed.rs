@@ -126,15 +126,7 @@ fn a_killed_worker_ends_its_generation_and_the_survivors_finish_with_each_sample
     )
     .expect("write");
     let run = dir.path().join("runs/kill");
-    let coordinator = std::process::Command::new(binary("coordinator"))
-        .args(["start", "--config"])
-        .arg(&config)
-        .current_dir(dir.path())
-        .env("SIMMIM_WORKER_BIN", binary("worker"))
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("coordinator");
+    let coordinator = start_in_background(&config, dir.path());
     wait_for_checkpoint(&run, 0);
     kill_rank(&run, 1);
 
@@ -236,15 +228,7 @@ fn restarts_are_bounded_and_the_failure_is_clear() {
     let workers = "  min: 1\n  max: 3\n  last_call_s: 1\n  max_restarts: 1\n";
     let config = run_config(dir.path(), "bounded", &data, 100, 4, workers);
     let run = dir.path().join("runs/bounded");
-    let coordinator = std::process::Command::new(binary("coordinator"))
-        .args(["start", "--config"])
-        .arg(&config)
-        .current_dir(dir.path())
-        .env("SIMMIM_WORKER_BIN", binary("worker"))
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("coordinator");
+    let coordinator = start_in_background(&config, dir.path());
     wait_for_checkpoint(&run, 0);
     kill_rank(&run, 2);
     assert!(wait_until(DEADLINE, || live_status(&run)
@@ -263,15 +247,7 @@ fn intruders_without_the_token_are_refused_and_garbage_does_not_disturb_training
     let workers = "  min: 2\n  max: 2\n  last_call_s: 0\n";
     let config = run_config(dir.path(), "guarded", &data, 30, 4, workers);
     let run = dir.path().join("runs/guarded");
-    let coordinator = std::process::Command::new(binary("coordinator"))
-        .args(["start", "--config"])
-        .arg(&config)
-        .current_dir(dir.path())
-        .env("SIMMIM_WORKER_BIN", binary("worker"))
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("coordinator");
+    let coordinator = start_in_background(&config, dir.path());
     wait_for_checkpoint(&run, 0);
     let (address, _token) = coordinator_info(&run).expect("coordinator.json");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");

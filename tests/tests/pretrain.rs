@@ -397,7 +397,7 @@ fn sigterm_stops_the_run_after_a_checkpoint_of_its_last_step() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = synthetic_image_folder(dir.path(), 2, 20);
     let path = dir.path().join("stop.yaml");
-    // 400 steps, checkpoints every 5: the stop lands between two of them.
+    // 400 steps, no periodic checkpoint before the end: only the stop writes one.
     std::fs::write(
         &path,
         tiny_config(&dir.path().join("runs"), "stop", &data, 80, 5)
@@ -405,14 +405,7 @@ fn sigterm_stops_the_run_after_a_checkpoint_of_its_last_step() {
     )
     .expect("write");
     let run = dir.path().join("runs/stop");
-    let child = std::process::Command::new(binary("coordinator"))
-        .args(["start", "--config", path.to_str().expect("utf8")])
-        .current_dir(dir.path())
-        .env("SIMMIM_WORKER_BIN", binary("worker"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("coordinator");
+    let child = start_in_background(&path, dir.path());
     assert!(
         wait_until(DEADLINE, || metrics(&run).len() >= 20),
         "no progress"

@@ -12,7 +12,6 @@ use burn::backend::Autodiff;
 use burn::tensor::{Distribution, Tensor};
 use burn_flex::Flex;
 use bytes::Bytes;
-use simmim_model::weights::{state_dict, to_safetensors};
 use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMimConfig};
 use simmim_proto::store::RunStore;
 
@@ -35,8 +34,8 @@ fn main() {
     let (model, _) = optimizer.step(1e-4, model, grads);
 
     let started = Instant::now();
-    let weights = to_safetensors(&state_dict(&model, &config), &config).expect("weights");
-    let moments = to_safetensors(&optimizer.state_dict(&model), &config).expect("moments");
+    let (weights, moments) =
+        simmim_worker::checkpoint::serialise(&model, &config, &optimizer).expect("serialise");
     let stall = started.elapsed().as_secs_f64();
     let total = (weights.len() + moments.len()) as f64 / 1e6;
     println!(

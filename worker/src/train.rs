@@ -9,9 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use simmim_model::step::weighted_sum;
-use simmim_model::weights::{
-    load_state_dict, state_dict, state_dict_from_safetensors, to_safetensors,
-};
+use simmim_model::weights::{load_state_dict, state_dict_from_safetensors};
 use simmim_model::{
     loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend,
 };
@@ -310,9 +308,10 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
             // The step loop pauses only for this copy off the device; the upload and the
             // commit run in the background.
             let serialised = Instant::now();
+            let (weights, moments) = checkpoint::serialise(&model, &model_config, &optimizer)?;
             let pieces = CheckpointBytes {
-                model: to_safetensors(&state_dict(&model, &model_config), &model_config)?,
-                optimizer: to_safetensors(&optimizer.state_dict(&model), &model_config)?,
+                model: weights,
+                optimizer: moments,
                 trainer,
             };
             tracing::info!(
