@@ -41,34 +41,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start (or resume) a run. Without --config: the embedded demo (small Swin, CIFAR-10, CPU).
-    Start {
-        /// Run config (YAML); see deploy/configs/.
-        #[arg(long, env = "SIMMIM_CONFIG")]
-        config: Option<PathBuf>,
-        /// Worker processes to start on this machine (default: workers.max from the config).
-        #[arg(long, env = "SIMMIM_LOCAL_WORKERS")]
-        local_workers: Option<usize>,
-        /// gRPC address to serve (default 127.0.0.1 on a free port; use 0.0.0.0:PORT for
-        /// remote workers).
-        #[arg(long, env = "SIMMIM_LISTEN")]
-        listen: Option<SocketAddr>,
-        /// Require an existing checkpoint to resume from (an existing run resumes anyway).
-        #[arg(long)]
-        resume: bool,
-        /// Resume from the committed checkpoint at this step instead of the newest; newer
-        /// checkpoints are deleted.
-        #[arg(long)]
-        resume_from: Option<u64>,
-        /// Override train.max_steps (stop early; the schedule still spans the epochs).
-        #[arg(long)]
-        max_steps: Option<u64>,
-        /// Override run.root (where runs live).
-        #[arg(long)]
-        root: Option<String>,
-        /// Print the run config the coordinator would use, and exit.
-        #[arg(long)]
-        print_config: bool,
-    },
+    Start(StartArgs),
     /// Where a run stands: its newest checkpoint, last metrics and, if it is running, its workers.
     Status {
         /// The run directory or URL (e.g. ./runs/demo, s3://bucket/runs/demo).
@@ -96,28 +69,7 @@ fn main() {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Cmd::Start {
-                config,
-                local_workers,
-                listen,
-                resume,
-                resume_from,
-                max_steps,
-                root,
-                print_config,
-            } => {
-                start(StartArgs {
-                    config,
-                    local_workers,
-                    listen,
-                    resume,
-                    resume_from,
-                    max_steps,
-                    root,
-                    print_config,
-                })
-                .await
-            }
+            Cmd::Start(args) => start(args).await,
             Cmd::Status { run, json } => status::print(&run, json).await.map(|()| 0),
         }
     });
@@ -141,14 +93,33 @@ fn main() {
 #[error("{0}")]
 struct ConfigProblem(String);
 
+#[derive(clap::Args)]
 struct StartArgs {
+    /// Run config (YAML); see deploy/configs/.
+    #[arg(long, env = "SIMMIM_CONFIG")]
     config: Option<PathBuf>,
+    /// Worker processes to start on this machine (default: workers.max from the config).
+    #[arg(long, env = "SIMMIM_LOCAL_WORKERS")]
     local_workers: Option<usize>,
+    /// gRPC address to serve (default 127.0.0.1 on a free port; use 0.0.0.0:PORT for
+    /// remote workers).
+    #[arg(long, env = "SIMMIM_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Require an existing checkpoint to resume from (an existing run resumes anyway).
+    #[arg(long)]
     resume: bool,
+    /// Resume from the committed checkpoint at this step instead of the newest; newer
+    /// checkpoints are deleted.
+    #[arg(long)]
     resume_from: Option<u64>,
+    /// Override train.max_steps (stop early; the schedule still spans the epochs).
+    #[arg(long)]
     max_steps: Option<u64>,
+    /// Override run.root (where runs live).
+    #[arg(long)]
     root: Option<String>,
+    /// Print the run config the coordinator would use, and exit.
+    #[arg(long)]
     print_config: bool,
 }
 
@@ -265,7 +236,6 @@ async fn start(args: StartArgs) -> Result<i32> {
         )),
         events: events_tx,
         config_yaml: config.to_yaml(),
-        run_name: config.run.name.clone(),
         store: store.clone(),
         heartbeat_interval: Duration::from_secs_f64(
             (config.workers.heartbeat_timeout_s / 6.0).clamp(0.2, 5.0),
@@ -495,7 +465,7 @@ fn finish(shared: &Shared, step: u64) -> i32 {
     let stopped = shared.stop.load(Ordering::Relaxed);
     eprintln!(
         "coordinator: run {} {} at step {step}; last loss {}; checkpoint at step {}; results in {}{}",
-        shared.run_name,
+        shared.config.run.name,
         if stopped { "stopped" } else { "finished" },
         status.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
         status.last_checkpoint_step.map_or("-".into(), |s| s.to_string()),

@@ -41,7 +41,6 @@ pub struct Shared {
     pub membership: Mutex<Membership>,
     pub events: mpsc::UnboundedSender<Event>,
     pub config_yaml: String,
-    pub run_name: String,
     pub store: RunStore,
     pub heartbeat_interval: Duration,
     /// The newest committed checkpoint: where a new generation resumes.
