@@ -497,15 +497,17 @@ async fn select_resume(
         tracing::warn!("aborted {aborted} unfinished multipart uploads left by a crash");
     }
     let pointer = store.latest_pointer().await?;
-    let latest_step = match &pointer {
-        Some((key, _)) => key.split('/').nth(1).and_then(|s| s.parse::<u64>().ok()),
-        None => None,
-    };
+    let latest_step = pointer
+        .as_ref()
+        .and_then(|(key, _)| simmim_proto::Manifest::step_of(key));
+    let listing = store.checkpoints().await?;
     let mut chosen: Option<ResumePoint> = None;
-    for key in store.manifests().await? {
-        let Some(step) = key.split('/').nth(1).and_then(|s| s.parse::<u64>().ok()) else {
-            continue;
-        };
+    for &(step, _) in listing
+        .iter()
+        .rev()
+        .filter(|(_, has_manifest)| *has_manifest)
+    {
+        let key = simmim_proto::Manifest::path_for(step);
         let committed = latest_step.is_some_and(|latest| step <= latest);
         let wanted = match resume_from {
             Some(target) => step == target,
@@ -541,11 +543,7 @@ async fn select_resume(
         );
     }
     let keep = chosen.as_ref().map(|c| c.step);
-    for step in store.checkpoint_steps().await? {
-        let has_manifest = store
-            .size(&simmim_proto::Manifest::path_for(step))
-            .await?
-            .is_some();
+    for &(step, has_manifest) in &listing {
         let newer = keep.is_none_or(|k| step > k);
         if newer || !has_manifest {
             tracing::warn!(

@@ -29,11 +29,11 @@ pub async fn apply(
     newest: u64,
 ) -> Result<(), StoreError> {
     let committed: Vec<u64> = store
-        .manifests()
+        .checkpoints()
         .await?
-        .iter()
-        .filter_map(|k| k.split('/').nth(1).and_then(|s| s.parse().ok()))
-        .filter(|&step| step <= newest)
+        .into_iter()
+        .filter(|&(step, has_manifest)| has_manifest && step <= newest)
+        .map(|(step, _)| step)
         .collect();
     for step in doomed(&committed, policy, newest) {
         store.delete_checkpoint(step).await?;

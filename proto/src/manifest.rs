@@ -50,4 +50,14 @@ impl Manifest {
     pub fn path_for(step: u64) -> String {
         format!("{}/{MANIFEST_FILE}", Self::dir_for(step))
     }
+
+    /// The step of a key under `checkpoints/<step>/` (a manifest, a data object, `latest`'s
+    /// content).
+    pub fn step_of(key: &str) -> Option<u64> {
+        key.strip_prefix("checkpoints/")?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()
+    }
 }

@@ -430,19 +430,6 @@ impl RunStore {
         Ok(())
     }
 
-    /// Steps of every checkpoint directory, committed or not.
-    pub async fn checkpoint_steps(&self) -> Result<Vec<u64>, StoreError> {
-        let mut steps: Vec<u64> = self
-            .list("checkpoints")
-            .await?
-            .iter()
-            .filter_map(|k| k.split('/').nth(1).and_then(|s| s.parse().ok()))
-            .collect();
-        steps.sort_unstable();
-        steps.dedup();
-        Ok(steps)
-    }
-
     /// Reads every object of a checkpoint and checks its size and SHA-256.
     pub async fn verify_checksums(&self, manifest: &Manifest) -> Result<(), StoreError> {
         for file in &manifest.files {
@@ -459,17 +446,28 @@ impl RunStore {
         })
     }
 
-    /// Every committed manifest, newest step first.
+    /// Every checkpoint directory, oldest first, with whether its manifest exists (committed
+    /// or at least written): one listing.
+    pub async fn checkpoints(&self) -> Result<Vec<(u64, bool)>, StoreError> {
+        let mut found: std::collections::BTreeMap<u64, bool> = Default::default();
+        for key in self.list("checkpoints").await? {
+            if let Some(step) = Manifest::step_of(&key) {
+                *found.entry(step).or_default() |= key.ends_with(&format!("/{MANIFEST_FILE}"));
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    /// Every manifest's key, newest step first.
     pub async fn manifests(&self) -> Result<Vec<String>, StoreError> {
-        let mut keys: Vec<String> = self
-            .list("checkpoints")
+        Ok(self
+            .checkpoints()
             .await?
             .into_iter()
-            .filter(|k| k.ends_with(&format!("/{MANIFEST_FILE}")))
-            .collect();
-        keys.sort();
-        keys.reverse();
-        Ok(keys)
+            .rev()
+            .filter(|(_, has_manifest)| *has_manifest)
+            .map(|(step, _)| Manifest::path_for(step))
+            .collect())
     }
 
     /// Checks that every object the manifest names exists with its recorded size (a cheap

@@ -105,7 +105,7 @@ fn wait_for_checkpoint(run: &Path, past: u64) {
         wait_until(DEADLINE, || {
             std::fs::read_to_string(run.join("latest"))
                 .ok()
-                .and_then(|l| l.split('/').nth(1).and_then(|s| s.parse::<u64>().ok()))
+                .and_then(|l| simmim_proto::Manifest::step_of(l.trim()))
                 .is_some_and(|step| step > past)
         }),
         "no checkpoint past step {past}"
