@@ -57,6 +57,29 @@ pub struct CheckpointBytes {
     pub trainer: TrainerState,
 }
 
+/// The model weights of a run's newest committed checkpoint (or the one at `step`), checked
+/// against its manifest; the optimizer state is not read.
+pub async fn read_model(
+    store: &RunStore,
+    step: Option<u64>,
+) -> Result<(Manifest, Bytes), StoreError> {
+    let key = match step {
+        Some(step) => Manifest::path_for(step),
+        None => match store.latest_pointer().await? {
+            Some((key, _)) => key,
+            None => {
+                return Err(StoreError::Invalid {
+                    url: store.url().to_string(),
+                    reason: "no committed checkpoint (no `latest`)".into(),
+                })
+            }
+        },
+    };
+    let manifest = store.read_manifest(&key).await?;
+    let model = store.read_checked(&manifest, MODEL_FILE).await?;
+    Ok((manifest, model))
+}
+
 /// Reads a committed checkpoint, verifying every object against its manifest.
 pub async fn read(
     store: &RunStore,

@@ -197,26 +197,28 @@ fn train_cuda(_session: &Session, device: &str) -> Result<u64> {
     .into())
 }
 
-fn export(location: &str, step: Option<u64>, format: &str, out: &std::path::Path) -> Result<()> {
-    if format != "pytorch" && format != "safetensors" {
-        bail!("--format `{format}`: expected pytorch or safetensors");
-    }
+/// The model weights of a run (a directory or URL): its newest checkpoint, or `step`'s.
+fn run_model(
+    location: &str,
+    step: Option<u64>,
+) -> Result<(RunStore, simmim_proto::Manifest, bytes::Bytes)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let store = RunStore::open(location_url(location)?.as_str())?;
-    let key = match step {
-        Some(step) => simmim_proto::Manifest::path_for(step),
-        None => runtime
-            .block_on(store.latest_manifest())?
-            .map(|(key, _)| key)
-            .ok_or_else(|| anyhow!("{}: no committed checkpoint (no `latest`)", store.url()))?,
-    };
-    let (manifest, pieces) = runtime.block_on(checkpoint::read(&store, &key))?;
+    let (manifest, model) = runtime.block_on(checkpoint::read_model(&store, step))?;
+    Ok((store, manifest, model))
+}
+
+fn export(location: &str, step: Option<u64>, format: &str, out: &std::path::Path) -> Result<()> {
+    if format != "pytorch" && format != "safetensors" {
+        bail!("--format `{format}`: expected pytorch or safetensors");
+    }
+    let (store, manifest, model) = run_model(location, step)?;
     let bytes = if format == "safetensors" {
-        pieces.model
+        model.to_vec()
     } else {
-        simmim_worker::export::pth_bytes(&state_dict_from_safetensors(&pieces.model)?)
+        simmim_worker::export::pth_bytes(&state_dict_from_safetensors(&model)?)
     };
     std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
     println!(
@@ -239,16 +241,7 @@ fn reconstruct(
         std::fs::read(checkpoint_location)
             .with_context(|| format!("reading {checkpoint_location}"))?
     } else {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let url = location_url(checkpoint_location)?;
-        let store = RunStore::open(url.as_str())?;
-        let Some((key, _)) = runtime.block_on(store.latest_manifest())? else {
-            bail!("{}: no committed checkpoint (no `latest`)", store.url());
-        };
-        let (_, pieces) = runtime.block_on(checkpoint::read(&store, &key))?;
-        pieces.model
+        run_model(checkpoint_location, None)?.2.to_vec()
     };
     let config = config_from_safetensors(&weights_bytes)?.ok_or_else(|| {
         anyhow!("{checkpoint_location}: the safetensors carry no simmim_config metadata")
