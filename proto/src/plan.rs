@@ -38,28 +38,6 @@ impl DataPlan {
         order
     }
 
-    /// Epoch of global step `step`.
-    pub fn epoch_of(&self, step: u64) -> u64 {
-        step / self.steps_per_epoch().max(1)
-    }
-
-    /// The sample ids rank `rank` uses in accumulation micro-step `micro` of global step
-    /// `step`, given that epoch's `order`, for a run whose batch shape never changed.
-    pub fn micro_batch_ids<'a>(
-        &self,
-        order: &'a [u32],
-        step: u64,
-        rank: usize,
-        micro: usize,
-    ) -> &'a [u32] {
-        let within = step % self.steps_per_epoch().max(1);
-        let cursor = Cursor {
-            epoch: self.epoch_of(step),
-            offset: within * self.global_batch() as u64,
-        };
-        self.ids_at(order, cursor, rank, micro)
-    }
-
     /// The ids for `rank`, micro-step `micro`, of the step that starts at `cursor`: the step's
     /// window of `global_batch` ids is cut into consecutive micro-batches, micro-step-major,
     /// then rank.
@@ -127,19 +105,20 @@ mod tests {
             accumulation: 2,
         };
         assert_eq!(plan.steps_per_epoch(), 4); // 103 / 24
+        let mut cursor = plan.settle(Cursor::default());
         for epoch in 0..2 {
             let order = plan.epoch_order(epoch);
             let mut seen = vec![0u32; plan.dataset_len];
-            let first = epoch * plan.steps_per_epoch();
-            for step in first..first + plan.steps_per_epoch() {
-                assert_eq!(plan.epoch_of(step), epoch);
+            for _ in 0..plan.steps_per_epoch() {
+                assert_eq!(cursor.epoch, epoch);
                 for rank in 0..3 {
                     for micro in 0..2 {
-                        for &id in plan.micro_batch_ids(&order, step, rank, micro) {
+                        for &id in plan.ids_at(&order, cursor, rank, micro) {
                             seen[id as usize] += 1;
                         }
                     }
                 }
+                cursor = plan.advance(cursor);
             }
             assert!(seen.iter().all(|&n| n <= 1), "a sample was used twice");
             assert_eq!(seen.iter().sum::<u32>(), 96, "all full windows used");
@@ -225,14 +204,21 @@ mod tests {
             ..one
         };
         let order = one.epoch_order(0);
-        for step in 0..one.steps_per_epoch() {
-            let mut a: Vec<u32> = one.micro_batch_ids(&order, step, 0, 0).to_vec();
+        let mut cursor = one.settle(Cursor::default());
+        for _ in 0..one.steps_per_epoch() {
+            let mut a: Vec<u32> = one.ids_at(&order, cursor, 0, 0).to_vec();
             let mut b: Vec<u32> = (0..2)
-                .flat_map(|r| two.micro_batch_ids(&order, step, r, 0).to_vec())
+                .flat_map(|r| two.ids_at(&order, cursor, r, 0).to_vec())
                 .collect();
             a.sort_unstable();
             b.sort_unstable();
             assert_eq!(a, b);
+            assert_eq!(
+                one.advance(cursor),
+                two.advance(cursor),
+                "same global batch"
+            );
+            cursor = one.advance(cursor);
         }
     }
 }

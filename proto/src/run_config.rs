@@ -497,11 +497,6 @@ impl RunConfig {
         Ok(())
     }
 
-    /// `global batch / 512`: the factor the official code applies to every learning rate.
-    pub fn lr_scale(&self, world_size: usize) -> f64 {
-        (self.train.micro_batch * self.train.accumulation * world_size) as f64 / 512.0
-    }
-
     /// The configured global batch: `workers.max` ranks of `micro_batch x accumulation`.
     pub fn reference_global_batch(&self) -> usize {
         self.workers.max * self.train.micro_batch * self.train.accumulation
@@ -643,7 +638,8 @@ mod tests {
         let mut c = RunConfig::demo();
         c.train.micro_batch = 128;
         c.train.accumulation = 2;
-        assert_eq!(c.lr_scale(16), 8.0);
+        c.workers.max = 16;
+        assert_eq!(c.batch_for_world(16), (2, 8.0, None));
     }
 }
 

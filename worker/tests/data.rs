@@ -56,10 +56,7 @@ fn collect(
         16,
         MaskGeometry::new(16, 4, 2, 0.6).expect("geometry"),
     ));
-    let first = Cursor {
-        epoch: plan.epoch_of(steps.start),
-        offset: (steps.start % plan.steps_per_epoch()) * plan.global_batch() as u64,
-    };
+    let first = (0..steps.start).fold(plan.settle(Cursor::default()), |c, _| plan.advance(c));
     let spec = LoaderSpec {
         plan,
         rank,
