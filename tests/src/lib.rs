@@ -138,14 +138,34 @@ workers:
     )
 }
 
-/// Runs the coordinator to completion (or kills it at `deadline`).
-pub fn coordinator(args: &[&str], cwd: &Path, deadline: Duration) -> Output {
-    let child = Command::new(binary("coordinator"))
+/// The coordinator with `args`, run in `cwd` with the worker binary beside it and `env`;
+/// stdin closed, stdout discarded, logs at `info`.
+fn coordinator_command(args: &[&str], cwd: &Path, env: &[(String, String)]) -> Command {
+    let mut command = Command::new(binary("coordinator"));
+    command
         .args(args)
         .current_dir(cwd)
         .env("RUST_LOG", "info")
         .env("SIMMIM_WORKER_BIN", binary("worker"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
+/// Runs the coordinator to completion (or kills it at `deadline`).
+pub fn coordinator(args: &[&str], cwd: &Path, deadline: Duration) -> Output {
+    coordinator_with_env(args, cwd, deadline, &[])
+}
+
+/// Like [`coordinator`], with extra environment.
+pub fn coordinator_with_env(
+    args: &[&str],
+    cwd: &Path,
+    deadline: Duration,
+    env: &[(String, String)],
+) -> Output {
+    let child = coordinator_command(args, cwd, env)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -156,13 +176,8 @@ pub fn coordinator(args: &[&str], cwd: &Path, deadline: Duration) -> Output {
 /// `coordinator start --config CONFIG` in the background, its stderr kept for
 /// [`wait_with_deadline`].
 pub fn start_in_background(config: &Path, cwd: &Path) -> Child {
-    Command::new(binary("coordinator"))
-        .args(["start", "--config"])
-        .arg(config)
-        .current_dir(cwd)
-        .env("SIMMIM_WORKER_BIN", binary("worker"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    let config = config.to_str().expect("utf8 path");
+    coordinator_command(&["start", "--config", config], cwd, &[])
         .stderr(Stdio::piped())
         .spawn()
         .expect("start coordinator")
@@ -171,14 +186,24 @@ pub fn start_in_background(config: &Path, cwd: &Path) -> Child {
 /// Starts the coordinator in its own process group, so a test can kill it with its workers.
 pub fn spawn_coordinator(args: &[&str], cwd: &Path) -> Child {
     use std::os::unix::process::CommandExt;
-    Command::new(binary("coordinator"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "info")
-        .env("SIMMIM_WORKER_BIN", binary("worker"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    coordinator_command(args, cwd, &[])
         .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("start coordinator")
+}
+
+/// [`spawn_coordinator`] with extra environment, stderr to `log`.
+pub fn spawn_coordinator_with_env(
+    args: &[&str],
+    cwd: &Path,
+    env: &[(String, String)],
+    log: &Path,
+) -> Child {
+    use std::os::unix::process::CommandExt;
+    let file = std::fs::File::create(log).expect("log file");
+    coordinator_command(args, cwd, env)
+        .stderr(Stdio::from(file))
         .process_group(0)
         .spawn()
         .expect("start coordinator")
@@ -401,50 +426,6 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Like [`coordinator`], with extra environment.
-pub fn coordinator_with_env(
-    args: &[&str],
-    cwd: &Path,
-    deadline: Duration,
-    env: &[(String, String)],
-) -> Output {
-    let child = Command::new(binary("coordinator"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "info")
-        .env("SIMMIM_WORKER_BIN", binary("worker"))
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start coordinator");
-    wait_with_deadline(child, deadline)
-}
-
-/// Starts the coordinator in its own process group with extra environment, stderr to `log`.
-pub fn spawn_coordinator_with_env(
-    args: &[&str],
-    cwd: &Path,
-    env: &[(String, String)],
-    log: &Path,
-) -> Child {
-    use std::os::unix::process::CommandExt;
-    let file = std::fs::File::create(log).expect("log file");
-    Command::new(binary("coordinator"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "info")
-        .env("SIMMIM_WORKER_BIN", binary("worker"))
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(file))
-        .process_group(0)
-        .spawn()
-        .expect("start coordinator")
 }
 
 /// The model weights of a run's newest (or `step`'s) checkpoint, through `worker export`.
