@@ -205,6 +205,20 @@ impl Coordinator for Service {
         // cannot displace a newer one.
         let _serial = self.shared.commit_lock.lock().await;
         let committed = locked(&self.shared.resume).as_ref().map(|r| r.step);
+        let store = &self.shared.store;
+        let key = Manifest::path_for(manifest.step);
+        if committed == Some(manifest.step) {
+            // A retry of the commit that is already in force (its reply was lost): answer it
+            // again rather than refuse it, or the worker would retry its final checkpoint
+            // until the outage limit. A different manifest for that step is still refused.
+            let stored = store
+                .read_manifest(&key)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            if stored == manifest {
+                return Ok(Response::new(CommitReply { manifest: key }));
+            }
+        }
         if committed.is_some_and(|c| manifest.step <= c) {
             return Err(Status::already_exists(format!(
                 "step {} is not newer than the committed step {}",
@@ -212,12 +226,10 @@ impl Coordinator for Service {
                 committed.unwrap_or_default()
             )));
         }
-        let store = &self.shared.store;
         store
             .verify_sizes(&manifest)
             .await
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let key = Manifest::path_for(manifest.step);
         let json =
             serde_json::to_vec_pretty(&manifest).map_err(|e| Status::internal(e.to_string()))?;
         crate::faults::maybe_exit("exit-before-manifest", manifest.step);
