@@ -33,9 +33,11 @@
 //! ```
 
 pub mod backend;
+pub mod classifier;
 pub mod config;
 pub mod error;
 pub mod init;
+pub mod layer_decay;
 pub mod layers;
 pub mod mask;
 pub mod naming;
@@ -48,6 +50,7 @@ pub mod vit;
 pub mod weights;
 
 pub use backend::SimMimBackend;
+pub use classifier::{Classifier, InitClassifier};
 pub use config::{EncoderConfig, SimMimConfig, SwinConfig, VitConfig};
 pub use error::ModelError;
 pub use mask::MaskGeometry;

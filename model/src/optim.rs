@@ -49,6 +49,8 @@ pub struct AdamW<B: Backend> {
     config: AdamWConfig,
     steps: u64,
     moments: HashMap<ParamId, Moments<B>>,
+    /// Learning-rate multipliers by official name (layer-wise decay); absent: 1.
+    lr_scales: HashMap<String, f64>,
 }
 
 /// What one optimizer step saw.
@@ -64,7 +66,15 @@ impl<B: Backend> AdamW<B> {
             config,
             steps: 0,
             moments: HashMap::new(),
+            lr_scales: HashMap::new(),
         }
+    }
+
+    /// Per-parameter learning-rate multipliers (by official name), as torch parameter groups
+    /// with their own `lr` give them: weight decay scales with them too.
+    pub fn with_lr_scales(mut self, scales: HashMap<String, f64>) -> Self {
+        self.lr_scales = scales;
+        self
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -249,6 +259,7 @@ impl<B: Backend> AdamW<B> {
             tracker: PathTracker::default(),
             grads: &mut grads,
             moments: &mut self.moments,
+            lr_scales: &self.lr_scales,
             lr,
             clip_scale,
             beta1,
@@ -267,6 +278,7 @@ struct Updater<'a, B: Backend> {
     tracker: PathTracker,
     grads: &'a mut GradientsParams,
     moments: &'a mut HashMap<ParamId, Moments<B>>,
+    lr_scales: &'a HashMap<String, f64>,
     lr: f64,
     clip_scale: f64,
     beta1: f64,
@@ -298,6 +310,7 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB::InnerBackend> {
             official_shape.reverse();
         }
         let decay = takes_weight_decay(&official.name, &official_shape);
+        let lr = self.lr * self.lr_scales.get(&official.name).copied().unwrap_or(1.0);
         let count: usize = shape.iter().product();
 
         let mut grad = grad.reshape([count]);
@@ -316,14 +329,14 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB::InnerBackend> {
         };
         let mut value = tensor.inner().reshape([count]);
         if decay && self.weight_decay != 0.0 {
-            value = value.mul_scalar(1.0 - self.lr * self.weight_decay);
+            value = value.mul_scalar(1.0 - lr * self.weight_decay);
         }
         let denominator = second
             .clone()
             .sqrt()
             .div_scalar(self.bias_correction2_sqrt)
             .add_scalar(self.eps);
-        value = value - (first.clone() / denominator).mul_scalar(self.lr / self.bias_correction1);
+        value = value - (first.clone() / denominator).mul_scalar(lr / self.bias_correction1);
         self.moments.insert(id, Moments { first, second });
 
         let updated = Tensor::<AB, D>::from_inner(value.reshape(shape)).require_grad();

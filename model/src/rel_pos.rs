@@ -121,3 +121,60 @@ mod tests {
         assert!(mask[3 * 256..].iter().any(|&v| v == -100.0));
     }
 }
+
+/// A Swin relative-position-bias table (`[(2w-1)^2, heads]`, row-major) resized to
+/// `rows_out` rows, as the official fine-tuning does when the window changes (e.g. 6 at
+/// pretraining, 7 at fine-tuning): the table viewed as `heads` square images, resized by
+/// `F.interpolate(mode="bicubic", align_corners=False)`.
+pub fn resize_swin_table(values: &[f32], heads: usize, rows_out: usize) -> Vec<f32> {
+    let rows_in = values.len() / heads.max(1);
+    let side_in = (rows_in as f64).sqrt().round() as usize;
+    let side_out = (rows_out as f64).sqrt().round() as usize;
+    let mut out = vec![0f32; side_out * side_out * heads];
+    for head in 0..heads {
+        let plane: Vec<f32> = (0..rows_in).map(|r| values[r * heads + head]).collect();
+        let resized = bicubic(&plane, side_in, side_out);
+        for (r, v) in resized.into_iter().enumerate() {
+            out[r * heads + head] = v;
+        }
+    }
+    out
+}
+
+/// PyTorch's `upsample_bicubic2d` (align_corners=False, A = -0.75, borders clamped) for one
+/// square plane.
+fn bicubic(plane: &[f32], side_in: usize, side_out: usize) -> Vec<f32> {
+    if side_in == side_out {
+        return plane.to_vec();
+    }
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = side_in as f64 / side_out as f64;
+    // For each output coordinate: the four source indices (clamped) and their weights.
+    let taps: Vec<([usize; 4], [f64; 4])> = (0..side_out)
+        .map(|dst| {
+            let real = scale * (dst as f64 + 0.5) - 0.5;
+            let base = real.floor();
+            let t = real - base;
+            let weights = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+            let index = |offset: i64| (base as i64 + offset).clamp(0, side_in as i64 - 1) as usize;
+            ([index(-1), index(0), index(1), index(2)], weights)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(side_out * side_out);
+    for (rows, row_weights) in &taps {
+        for (cols, col_weights) in &taps {
+            let mut value = 0.0f64;
+            for (r, wr) in rows.iter().zip(row_weights) {
+                let mut line = 0.0f64;
+                for (c, wc) in cols.iter().zip(col_weights) {
+                    line += f64::from(plane[r * side_in + c]) * wc;
+                }
+                value += line * wr;
+            }
+            out.push(value as f32);
+        }
+    }
+    out
+}

@@ -324,4 +324,28 @@ impl<B: SimMimBackend> Swin<B> {
         }
         self.norm.forward(x)
     }
+
+    /// Unmasked tokens leaving stage `stage` (before its patch merging), `[B, L_s, C_s]`;
+    /// the last stage's are normed as in [`Self::forward`]. For probing intermediate stages.
+    pub fn stage_tokens(&self, images: Tensor<B, 4>, stage: usize) -> Tensor<B, 3> {
+        let last = self.layers.len() - 1;
+        if stage >= last {
+            return self.forward(images, None);
+        }
+        let mut x = self.patch_embed.forward(images);
+        if let Some(ape) = &self.absolute_pos_embed {
+            x = x + ape.val();
+        }
+        for (index, layer) in self.layers.iter().enumerate().take(stage + 1) {
+            for block in &layer.blocks {
+                x = block.forward(x);
+            }
+            if index < stage {
+                if let Some(merge) = &layer.downsample {
+                    x = merge.forward(x);
+                }
+            }
+        }
+        x
+    }
 }

@@ -9,11 +9,14 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
+use crate::classifier::Classifier;
 use crate::config::{EncoderConfig, SimMimConfig};
 use crate::error::ModelError;
+use crate::naming::parameters;
 use crate::naming::PathTracker;
-use crate::rel_pos::{swin_relative_position_index, swin_shift_mask, vit_relative_position_index};
-use crate::simmim::SimMim;
+use crate::rel_pos::{
+    resize_swin_table, swin_relative_position_index, swin_shift_mask, vit_relative_position_index,
+};
 
 /// A tensor read from a file, on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -205,11 +208,11 @@ pub fn official_buffers(config: &SimMimConfig) -> StateDict {
 /// Replaces every parameter of `model` with the tensor of the same official name.
 /// Buffers are checked against the config; anything missing, left over or of the wrong shape
 /// fails the whole load with every offending key listed.
-pub fn load_state_dict<B: Backend>(
-    model: SimMim<B>,
+pub fn load_state_dict<B: Backend, M: Module<B>>(
+    model: M,
     config: &SimMimConfig,
     state: &StateDict,
-) -> Result<SimMim<B>, ModelError> {
+) -> Result<M, ModelError> {
     let buffers = official_buffers(config);
     for (name, expected) in &buffers {
         if let Some(found) = state.get(name) {
@@ -225,10 +228,22 @@ pub fn load_state_dict<B: Backend>(
             }
         }
     }
+    load_params(model, state, &|name| buffers.contains_key(name), &|_| false)
+}
 
+/// Copies every tensor of `state` into the parameter of the same official name. Keys for
+/// which `ignored` holds are skipped; parameters missing from `state` are an error unless
+/// `optional` holds for them (they keep their initial values).
+fn load_params<B: Backend, M: Module<B>>(
+    model: M,
+    state: &StateDict,
+    ignored: &dyn Fn(&str) -> bool,
+    optional: &dyn Fn(&str) -> bool,
+) -> Result<M, ModelError> {
     struct Loader<'a, B: Backend> {
         tracker: PathTracker,
         state: &'a StateDict,
+        optional: &'a dyn Fn(&str) -> bool,
         device: B::Device,
         used: BTreeSet<String>,
         missing: Vec<String>,
@@ -248,7 +263,9 @@ pub fn load_state_dict<B: Backend>(
                 expected.reverse();
             }
             let Some(found) = self.state.get(&official.name) else {
-                self.missing.push(official.name);
+                if !(self.optional)(&official.name) {
+                    self.missing.push(official.name);
+                }
                 return param;
             };
             self.used.insert(official.name.clone());
@@ -279,6 +296,7 @@ pub fn load_state_dict<B: Backend>(
     let mut loader = Loader::<B> {
         tracker: PathTracker::default(),
         state,
+        optional,
         device,
         used: BTreeSet::new(),
         missing: Vec::new(),
@@ -287,7 +305,7 @@ pub fn load_state_dict<B: Backend>(
     let model = model.map(&mut loader);
     let unexpected: Vec<String> = state
         .keys()
-        .filter(|k| !loader.used.contains(*k) && !buffers.contains_key(*k))
+        .filter(|k| !loader.used.contains(*k) && !ignored(k))
         .cloned()
         .collect();
     if loader.missing.is_empty() && unexpected.is_empty() && loader.wrong_shape.is_empty() {
@@ -301,8 +319,90 @@ pub fn load_state_dict<B: Backend>(
     }
 }
 
+/// What [`load_pretrained`] did besides copying tensors, for the log.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PretrainedLoad {
+    /// Relative-position tables interpolated to the classifier's window.
+    pub resized: Vec<String>,
+    /// Keys not used: the SimMIM head, derived buffers, a head for another class count.
+    pub dropped: Vec<String>,
+    /// Whether the classifier head came from the checkpoint (else it is freshly initialised).
+    pub head_loaded: bool,
+}
+
+/// Loads an encoder into a classifier as the official `load_pretrained` does: from a SimMIM
+/// checkpoint (`encoder.*` keys; the `decoder` is dropped) or an official classification
+/// checkpoint (unprefixed keys; its `head` kept when the class count matches). Buffers are
+/// derived, not loaded; Swin relative-position tables are resized by bicubic interpolation
+/// when the window differs. Any other key that does not fit is an error naming it.
+pub fn load_pretrained<B: Backend>(
+    model: Classifier<B>,
+    config: &SimMimConfig,
+    state: StateDict,
+) -> Result<(Classifier<B>, PretrainedLoad), ModelError> {
+    let prefixed = state.keys().any(|k| k.starts_with("encoder."));
+    let expected: HashMap<String, Vec<usize>> = parameters::<B, Classifier<B>>(&model)
+        .into_iter()
+        .map(|p| (p.name, p.shape))
+        .collect();
+    let mut report = PretrainedLoad::default();
+    let mut kept = StateDict::new();
+    for (key, tensor) in state {
+        let name = if prefixed || key.starts_with("head.") {
+            key.clone()
+        } else {
+            format!("encoder.{key}")
+        };
+        let buffer = name.ends_with("relative_position_index") || name.ends_with("attn_mask");
+        let foreign = !(name.starts_with("encoder.") || name.starts_with("head."));
+        let other_head = name.starts_with("head.")
+            && expected.get(&name).map(Vec::as_slice) != Some(tensor.shape());
+        if buffer || foreign || other_head {
+            report.dropped.push(key);
+            continue;
+        }
+        let tensor = match (&config.encoder, expected.get(&name), &tensor) {
+            (
+                EncoderConfig::Swin(_),
+                Some(shape),
+                HostTensor::F32 {
+                    shape: found,
+                    values,
+                },
+            ) if name.ends_with("relative_position_bias_table")
+                && found.len() == 2
+                && shape.len() == 2
+                && found[0] != shape[0] =>
+            {
+                if found[1] != shape[1] {
+                    return Err(ModelError::WeightMismatch {
+                        missing: vec![],
+                        unexpected: vec![],
+                        wrong_shape: vec![format!(
+                            "{name}: {} heads in the checkpoint, {} in the model",
+                            found[1], shape[1]
+                        )],
+                    });
+                }
+                report.resized.push(name.clone());
+                HostTensor::F32 {
+                    shape: shape.clone(),
+                    values: resize_swin_table(values, found[1], shape[0]),
+                }
+            }
+            _ => tensor,
+        };
+        kept.insert(name, tensor);
+    }
+    report.head_loaded = kept.contains_key("head.weight");
+    let model = load_params(model, &kept, &|_| false, &|name| {
+        name.starts_with("head.") || name == "encoder.mask_token"
+    })?;
+    Ok((model, report))
+}
+
 /// Every parameter (official name and layout) and every official buffer, ready to serialise.
-pub fn state_dict<B: Backend>(model: &SimMim<B>, config: &SimMimConfig) -> StateDict {
+pub fn state_dict<B: Backend, M: Module<B>>(model: &M, config: &SimMimConfig) -> StateDict {
     struct Saver {
         tracker: PathTracker,
         out: StateDict,
@@ -392,8 +492,8 @@ pub fn config_from_safetensors(bytes: &[u8]) -> Result<Option<SimMimConfig>, Mod
 
 /// Writes the model as safetensors under the official names (loadable with
 /// `model.load_state_dict(safetensors.torch.load_file(path))` in the official code).
-pub fn save_safetensors<B: Backend>(
-    model: &SimMim<B>,
+pub fn save_safetensors<B: Backend, M: Module<B>>(
+    model: &M,
     config: &SimMimConfig,
     path: &Path,
 ) -> Result<(), ModelError> {

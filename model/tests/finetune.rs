@@ -1,0 +1,126 @@
+//! Fine-tuning's model side against fixtures made once with PyTorch
+//! (`tests/fixtures/make_official_swin.py`): an official-format SimMIM checkpoint loads into
+//! the classifier, and relative-position tables resized for a new window match
+//! `F.interpolate(mode="bicubic")`.
+
+use std::path::Path;
+
+use burn::tensor::{Tensor, TensorData};
+use burn_flex::Flex;
+use simmim_model::weights::{load_pretrained, read_state_dict, state_dict, HostTensor};
+use simmim_model::{EncoderConfig, InitClassifier, SimMimConfig};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The fixture's geometry (one stage, window 4), with the window given.
+fn config(window: usize) -> SimMimConfig {
+    let mut config = SimMimConfig::preset("swin_micro").expect("preset");
+    if let EncoderConfig::Swin(c) = &mut config.encoder {
+        (c.img_size, c.patch_size, c.embed_dim) = (40, 2, 16);
+        (c.depths, c.num_heads, c.window_size) = (vec![2], vec![2], window);
+    }
+    config.mask_patch_size = 4;
+    config.validate().expect("valid config");
+    config
+}
+
+fn f32s(t: &HostTensor) -> &[f32] {
+    match t {
+        HostTensor::F32 { values, .. } => values,
+        HostTensor::I64 { .. } => panic!("not a float tensor"),
+    }
+}
+
+fn assert_close(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= tolerance, "{what}: max difference {worst}");
+}
+
+#[test]
+fn an_official_simmim_checkpoint_loads_into_the_classifier() {
+    let official = read_state_dict(&fixture("swin_official.pth")).expect("read .pth");
+    let config = config(4);
+    let device = Default::default();
+    let model = config
+        .init_classifier::<Flex>(7, 0, &device)
+        .expect("classifier");
+    let (model, report) = load_pretrained(model, &config, official.clone()).expect("load");
+    assert!(report.resized.is_empty());
+    assert!(
+        !report.head_loaded,
+        "a SimMIM checkpoint has no classifier head"
+    );
+    assert!(report.dropped.iter().any(|k| k == "decoder.0.weight"));
+    assert!(report
+        .dropped
+        .iter()
+        .any(|k| k.ends_with("relative_position_index")));
+
+    let loaded = state_dict(&model, &config);
+    for (name, tensor) in &official {
+        if name.starts_with("encoder.") && matches!(tensor, HostTensor::F32 { .. }) {
+            if name.ends_with("attn_mask") {
+                continue; // derived from the geometry, not loaded
+            }
+            assert_close(f32s(&loaded[name]), f32s(tensor), 0.0, name);
+        }
+    }
+    assert_eq!(loaded["head.weight"].shape(), &[7, 16]);
+
+    // The loaded classifier computes logits for a batch.
+    let images = Tensor::<Flex, 4>::from_data(
+        TensorData::new(
+            (0..2 * 3 * 40 * 40)
+                .map(|i| ((i % 17) as f32 - 8.0) / 8.0)
+                .collect::<Vec<_>>(),
+            [2, 3, 40, 40],
+        ),
+        &device,
+    );
+    let logits: Vec<f32> = model.forward(images).into_data().to_vec().expect("logits");
+    assert_eq!(logits.len(), 14);
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn tables_are_resized_as_pytorch_bicubic_when_the_window_changes() {
+    let official = read_state_dict(&fixture("swin_official.pth")).expect("read .pth");
+    let expected = read_state_dict(&fixture("swin_tables_w5.pth")).expect("read tables");
+    let config = config(5);
+    let model = config
+        .init_classifier::<Flex>(10, 0, &Default::default())
+        .expect("classifier");
+    let (model, report) = load_pretrained(model, &config, official).expect("load");
+    assert_eq!(report.resized.len(), 2);
+    let loaded = state_dict(&model, &config);
+    for (name, table) in &expected {
+        assert_eq!(loaded[name].shape(), &[81, 2], "{name}");
+        assert_close(f32s(&loaded[name]), f32s(table), 1e-5, name);
+    }
+}
+
+#[test]
+fn a_checkpoint_for_another_architecture_is_refused_with_the_keys_named() {
+    let mut official = read_state_dict(&fixture("swin_official.pth")).expect("read .pth");
+    official.remove("encoder.layers.0.blocks.1.mlp.fc2.weight");
+    let config = config(4);
+    let model = config
+        .init_classifier::<Flex>(10, 0, &Default::default())
+        .expect("classifier");
+    let error = load_pretrained(model, &config, official)
+        .expect_err("a missing tensor must fail")
+        .to_string();
+    assert!(
+        error.contains("encoder.layers.0.blocks.1.mlp.fc2.weight"),
+        "{error}"
+    );
+}
