@@ -102,6 +102,38 @@ impl MetricsSink {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         });
+        let mut line = line;
+        for (key, value) in [
+            ("eval_top1", m.eval_top1),
+            ("eval_top5", m.eval_top5),
+            ("probe_knn_top1", m.probe_knn_top1),
+            ("probe_linear_top1", m.probe_linear_top1),
+        ] {
+            if let Some(value) = value {
+                line[key] = serde_json::json!(value);
+            }
+        }
+        if let (Some(top1), Some(top5)) = (m.eval_top1, m.eval_top5) {
+            self.bar.suspend(|| {
+                tracing::info!(
+                    "step {} epoch {}: test top-1 {:.2}%, top-5 {:.2}%",
+                    m.step,
+                    m.epoch,
+                    100.0 * top1,
+                    100.0 * top5
+                )
+            });
+        }
+        if let Some(knn) = m.probe_knn_top1 {
+            self.bar.suspend(|| {
+                tracing::info!(
+                    "step {}: probe k-NN top-1 {:.2}%, linear top-1 {:.2}%",
+                    m.step,
+                    100.0 * knn,
+                    100.0 * m.probe_linear_top1.unwrap_or(f64::NAN)
+                )
+            });
+        }
         let mut text = line.to_string();
         text.push('\n');
         if let Some(file) = &mut self.local {

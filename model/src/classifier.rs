@@ -69,17 +69,27 @@ impl<B: SimMimBackend> Classifier<B> {
     /// Average-pooled features `[B, C]`: of the final (normed) tokens, or, for a Swin, of the
     /// tokens leaving stage `stage` (before its patch merging); ViT ignores `stage`.
     pub fn features(&self, images: Tensor<B, 4>, stage: Option<usize>) -> Tensor<B, 2> {
-        let tokens = match (&self.encoder, stage) {
-            (Encoder::Swin(swin), Some(stage)) => swin.stage_tokens(images, stage),
-            (encoder, _) => encoder.forward(images, None),
-        };
-        let [batch, _, dim] = tokens.dims();
-        tokens.mean_dim(1).reshape([batch, dim])
+        pooled_features(&self.encoder, images, stage)
     }
 
     pub fn num_classes(&self) -> usize {
         self.head.weight.dims()[1]
     }
+}
+
+/// Average-pooled unmasked features `[B, C]` of an encoder (see [`Classifier::features`]);
+/// also what the probe reads from a SimMIM model during pretraining.
+pub fn pooled_features<B: SimMimBackend>(
+    encoder: &Encoder<B>,
+    images: Tensor<B, 4>,
+    stage: Option<usize>,
+) -> Tensor<B, 2> {
+    let tokens = match (encoder, stage) {
+        (Encoder::Swin(swin), Some(stage)) => swin.stage_tokens(images, stage),
+        (encoder, _) => encoder.forward(images, None),
+    };
+    let [batch, _, dim] = tokens.dims();
+    tokens.mean_dim(1).reshape([batch, dim])
 }
 
 /// Cross-entropy against soft targets `[B, classes]` (one-hot, label-smoothed or mixed),

@@ -7,12 +7,13 @@
 //! each sub-batch's masked-L1 loss is weighted by its share of the masked pixels, so the sum
 //! equals the full-batch loss up to the loss's 1e-5 guard term.
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
 use crate::backend::SimMimBackend;
+use crate::classifier::{soft_cross_entropy, Classifier};
 use crate::simmim::SimMim;
 
 /// Loss (as a number) and gradients for `images` `[B, C, H, W]` and `mask` `[B, h, w]`,
@@ -24,31 +25,62 @@ pub fn loss_and_grads<B: AutodiffBackend + SimMimBackend>(
     shards: usize,
 ) -> (f64, GradientsParams) {
     let batch = images.dims()[0];
+    sharded(model, batch, shards, |replica, start, len| {
+        let mask = mask.clone().narrow(0, start, len);
+        // Each sub-batch's loss is a mean over its masked pixels: weight by their count.
+        let masked: f64 = mask.clone().sum().into_scalar().elem();
+        let output = replica.forward(images.clone().narrow(0, start, len), mask);
+        (output.loss, masked)
+    })
+}
+
+/// Cross-entropy against soft targets `[B, classes]` and its gradients for a classifier,
+/// as sub-batches on `shards` threads.
+pub fn classifier_loss_and_grads<B: AutodiffBackend + SimMimBackend>(
+    model: &Classifier<B>,
+    images: Tensor<B, 4>,
+    targets: Tensor<B, 2>,
+    shards: usize,
+) -> (f64, GradientsParams) {
+    let batch = images.dims()[0];
+    sharded(model, batch, shards, |replica, start, len| {
+        let logits = replica.forward(images.clone().narrow(0, start, len));
+        let loss = soft_cross_entropy(logits, targets.clone().narrow(0, start, len));
+        (loss, len as f64)
+    })
+}
+
+/// Runs `forward(replica, start, len)` (a loss and its weight) for `shards` slices of a batch
+/// of `batch`, each on its own thread with its own autodiff graph, and combines the losses
+/// and gradients weighted by those weights: the full batch's loss and gradient.
+fn sharded<B, M, F>(model: &M, batch: usize, shards: usize, forward: F) -> (f64, GradientsParams)
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + Send,
+    F: Fn(&M, usize, usize) -> (Tensor<B, 1>, f64) + Sync,
+{
     let shards = shards.clamp(1, batch.max(1));
     if shards == 1 {
-        let output = model.forward(images, mask);
-        let loss: f64 = output.loss.clone().into_scalar().elem();
+        let (loss_tensor, _) = forward(model, 0, batch);
+        let loss: f64 = loss_tensor.clone().into_scalar().elem();
         return (
             loss,
-            GradientsParams::from_grads(output.loss.backward(), model),
+            GradientsParams::from_grads(loss_tensor.backward(), model),
         );
     }
-
+    let forward = &forward;
     let results: Vec<(f64, f64, GradientsParams)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..shards)
             .map(|shard| {
                 let start = shard * batch / shards;
                 let len = (shard + 1) * batch / shards - start;
-                let images = images.clone().narrow(0, start, len);
-                let mask = mask.clone().narrow(0, start, len);
                 // A replica with fresh autodiff leaves: each thread builds its own graph.
-                let replica = SimMim::<B>::from_inner(model.valid());
+                let replica = M::from_inner(model.valid());
                 scope.spawn(move || {
-                    let masked: f64 = mask.clone().sum().into_scalar().elem();
-                    let output = replica.forward(images, mask);
-                    let loss: f64 = output.loss.clone().into_scalar().elem();
-                    let grads = GradientsParams::from_grads(output.loss.backward(), &replica);
-                    (loss, masked, grads)
+                    let (loss_tensor, weight) = forward(&replica, start, len);
+                    let loss: f64 = loss_tensor.clone().into_scalar().elem();
+                    let grads = GradientsParams::from_grads(loss_tensor.backward(), &replica);
+                    (loss, weight, grads)
                 })
             })
             .collect();
@@ -61,12 +93,12 @@ pub fn loss_and_grads<B: AutodiffBackend + SimMimBackend>(
             .collect()
     });
 
-    let total_masked: f64 = results.iter().map(|(_, m, _)| m).sum();
+    let total: f64 = results.iter().map(|(_, w, _)| w).sum();
     let weights: Vec<f64> = results
         .iter()
-        .map(|(_, m, _)| {
-            if total_masked > 0.0 {
-                m / total_masked
+        .map(|(_, w, _)| {
+            if total > 0.0 {
+                w / total
             } else {
                 1.0 / shards as f64
             }
@@ -78,13 +110,13 @@ pub fn loss_and_grads<B: AutodiffBackend + SimMimBackend>(
         .map(|((l, _, _), w)| l * w)
         .sum();
     let parts: Vec<GradientsParams> = results.into_iter().map(|(_, _, g)| g).collect();
-    (loss, weighted_sum::<B>(model, parts, &weights))
+    (loss, weighted_sum::<B, M>(model, parts, &weights))
 }
 
 /// `sum_i weights[i] * grads[i]`, parameter by parameter: sub-batch gradients into the
 /// batch's, or accumulation micro-steps into the optimizer step's.
-pub fn weighted_sum<B: AutodiffBackend>(
-    model: &SimMim<B>,
+pub fn weighted_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
     mut parts: Vec<GradientsParams>,
     weights: &[f64],
 ) -> GradientsParams {

@@ -26,6 +26,76 @@ pub struct RunConfig {
     /// TLS (rustls) for the coordinator's gRPC endpoint; absent: plain HTTP/2.
     #[serde(default)]
     pub tls: Option<TlsSection>,
+    /// Present: the run fine-tunes a classifier on the labels of `data.train` instead of
+    /// pretraining with SimMIM.
+    #[serde(default)]
+    pub finetune: Option<FinetuneSection>,
+    /// k-NN and linear-probe accuracy of the encoder's frozen features during pretraining:
+    /// a cheap health signal in `metrics.jsonl`.
+    #[serde(default)]
+    pub probe: Option<ProbeSection>,
+}
+
+/// Fine-tuning settings, as the official `main_finetune.py` configs name them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSection {
+    /// Weights to start from: a run directory or checkpoint directory of this project, or
+    /// an official `.pth` / a `.safetensors` file (local path or object-store URL);
+    /// absent: train from scratch.
+    #[serde(default)]
+    pub pretrained: Option<String>,
+    /// Layer-wise learning-rate decay (`TRAIN.LAYER_DECAY`); 1.0 turns it off.
+    #[serde(default = "default_layer_decay")]
+    pub layer_decay: f64,
+    #[serde(default = "default_label_smoothing")]
+    pub label_smoothing: f64,
+    /// Mixup alpha (`AUG.MIXUP`); 0 turns it off.
+    #[serde(default)]
+    pub mixup: f64,
+    /// CutMix alpha (`AUG.CUTMIX`); 0 turns it off.
+    #[serde(default)]
+    pub cutmix: f64,
+    /// Chance that a batch is mixed at all (`AUG.MIXUP_PROB`).
+    #[serde(default = "default_mix_prob")]
+    pub mix_prob: f64,
+    /// Chance of CutMix rather than Mixup when both are on (`AUG.MIXUP_SWITCH_PROB`).
+    #[serde(default = "default_switch_prob")]
+    pub switch_prob: f64,
+    /// RandomResizedCrop's area range for training images.
+    #[serde(default = "default_crop_scale")]
+    pub crop_scale: (f64, f64),
+    /// Evaluation: resize the shorter side to `img_size / crop_pct`, then centre-crop
+    /// (`TEST.CROP`, 0.875 officially); `null`: resize straight to `img_size`.
+    #[serde(default = "default_crop_pct")]
+    pub test_crop_pct: Option<f64>,
+    /// Score the test split every this many epochs (and at the end).
+    #[serde(default = "default_eval_every")]
+    pub eval_every_epochs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSection {
+    /// Steps between probes (and one at the end).
+    pub every_steps: u64,
+    /// Labelled images to fit on; default `data.train`.
+    #[serde(default)]
+    pub train: Option<String>,
+    /// Labelled images to score; default `data.test`.
+    #[serde(default)]
+    pub test: Option<String>,
+    /// At most this many images of each, spread evenly over the dataset's sorted order.
+    #[serde(default = "default_probe_train")]
+    pub train_limit: usize,
+    #[serde(default = "default_probe_test")]
+    pub test_limit: usize,
+    /// Neighbours for the k-NN vote.
+    #[serde(default = "default_knn_k")]
+    pub k: usize,
+    /// Swin stage whose tokens are pooled (0-based); default: the final features.
+    #[serde(default)]
+    pub stage: Option<usize>,
 }
 
 /// PEM files on the coordinator's machine. Workers trust the certificate through
@@ -75,6 +145,16 @@ pub struct DataSection {
     /// Micro-batches decoded ahead of the step.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// The labelled evaluation split (same class folders as `train`): fine-tuning scores
+    /// top-1/top-5 on it each epoch, the probe scores on it.
+    #[serde(default)]
+    pub test: Option<String>,
+    /// Train on only this many images of each class, drawn with `subset_seed` (fine-tuning
+    /// with few labels).
+    #[serde(default)]
+    pub labels_per_class: Option<usize>,
+    #[serde(default)]
+    pub subset_seed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,6 +380,36 @@ fn default_rejoin_timeout() -> f64 {
 fn default_true() -> bool {
     true
 }
+fn default_layer_decay() -> f64 {
+    0.9
+}
+fn default_label_smoothing() -> f64 {
+    0.1
+}
+fn default_mix_prob() -> f64 {
+    1.0
+}
+fn default_switch_prob() -> f64 {
+    0.5
+}
+fn default_crop_scale() -> (f64, f64) {
+    (0.08, 1.0)
+}
+fn default_crop_pct() -> Option<f64> {
+    Some(0.875)
+}
+fn default_eval_every() -> u64 {
+    1
+}
+fn default_probe_train() -> usize {
+    5000
+}
+fn default_probe_test() -> usize {
+    1000
+}
+fn default_knn_k() -> usize {
+    20
+}
 
 /// A config could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
@@ -494,6 +604,88 @@ impl RunConfig {
         }
         non_negative_f("workers.last_call_s", w.last_call_s)?;
         positive_f("workers.rejoin_timeout_s", w.rejoin_timeout_s)?;
+        if self.data.labels_per_class == Some(0) {
+            return Err(config_error("data.labels_per_class", "must be at least 1"));
+        }
+        if let Some(f) = &self.finetune {
+            self.validate_finetune(f)?;
+        }
+        if let Some(p) = &self.probe {
+            if p.every_steps == 0 {
+                return Err(config_error("probe.every_steps", "must be at least 1"));
+            }
+            if p.test.is_none() && self.data.test.is_none() {
+                return Err(config_error(
+                    "probe.test",
+                    "the probe needs labelled test images: set probe.test or data.test",
+                ));
+            }
+            if p.train_limit == 0 || p.test_limit == 0 || p.k == 0 {
+                return Err(config_error(
+                    "probe",
+                    "train_limit, test_limit and k must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_finetune(&self, f: &FinetuneSection) -> Result<(), ConfigError> {
+        if self.data.test.is_none() {
+            return Err(config_error(
+                "data.test",
+                "fine-tuning evaluates every epoch: name the labelled test split",
+            ));
+        }
+        if !(f.layer_decay > 0.0 && f.layer_decay <= 1.0) {
+            return Err(config_error(
+                "finetune.layer_decay",
+                format!("{} must be in (0, 1]", f.layer_decay),
+            ));
+        }
+        if !(0.0..1.0).contains(&f.label_smoothing) {
+            return Err(config_error(
+                "finetune.label_smoothing",
+                format!("{} must be in [0, 1)", f.label_smoothing),
+            ));
+        }
+        if f.eval_every_epochs == 0 {
+            return Err(config_error(
+                "finetune.eval_every_epochs",
+                "must be at least 1",
+            ));
+        }
+        non_negative_f("finetune.mixup", f.mixup)?;
+        non_negative_f("finetune.cutmix", f.cutmix)?;
+        for (field, p) in [
+            ("finetune.mix_prob", f.mix_prob),
+            ("finetune.switch_prob", f.switch_prob),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(config_error(field, format!("{p} is not a probability")));
+            }
+        }
+        let (lo, hi) = f.crop_scale;
+        if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+            return Err(config_error(
+                "finetune.crop_scale",
+                format!("[{lo}, {hi}] must satisfy 0 < low <= high <= 1"),
+            ));
+        }
+        if let Some(pct) = f.test_crop_pct {
+            if !(pct > 0.0 && pct <= 1.0) {
+                return Err(config_error(
+                    "finetune.test_crop_pct",
+                    format!("{pct} must be in (0, 1]"),
+                ));
+            }
+        }
+        if self.probe.is_some() {
+            return Err(config_error(
+                "probe",
+                "the probe is for pretraining runs; a fine-tuning run reports test accuracy",
+            ));
+        }
         Ok(())
     }
 

@@ -31,18 +31,19 @@ pub struct TrainerState {
 
 /// The model (official names) and the AdamW state as safetensors bytes, the two made on two
 /// threads: this copy off the device is the only part of a checkpoint the step loop waits for.
-pub fn serialise<B>(
-    model: &simmim_model::SimMim<B>,
+pub fn serialise<B, M>(
+    model: &M,
     config: &simmim_model::SimMimConfig,
     optimizer: &simmim_model::AdamW<B::InnerBackend>,
 ) -> Result<(Vec<u8>, Vec<u8>), simmim_model::ModelError>
 where
     B: burn::tensor::backend::AutodiffBackend,
+    M: burn::module::AutodiffModule<B> + Sync,
 {
     use simmim_model::weights::{state_dict, to_safetensors};
     std::thread::scope(|scope| {
-        let weights = scope.spawn(|| to_safetensors(&state_dict(model, config), config));
-        let moments = to_safetensors(&optimizer.state_dict(model), config);
+        let weights = scope.spawn(|| to_safetensors(&state_dict::<B, M>(model, config), config));
+        let moments = to_safetensors(&optimizer.state_dict::<B, M>(model), config);
         let weights = weights
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));

@@ -5,11 +5,16 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod eval;
 pub mod export;
+pub mod finetune;
+pub mod probe;
 pub mod recon;
 pub mod schedule;
 pub mod session;
+pub mod steps;
 pub mod train;
+pub mod weights_source;
 
 /// Exit status for errors a restart cannot fix (invalid config, missing dataset); the
 /// coordinator and Kubernetes' podFailurePolicy stop retrying on it.

@@ -11,6 +11,7 @@ use simmim_model::weights::{
 use simmim_model::{mask_tensor, InitModel};
 use simmim_proto::store::{location_url, RunStore};
 use simmim_worker::data::augment::Augment;
+use simmim_worker::finetune::finetune;
 use simmim_worker::session::Session;
 use simmim_worker::train::{train, Permanent};
 use simmim_worker::{checkpoint, data, recon, EXIT_DO_NOT_RETRY};
@@ -47,6 +48,44 @@ enum Command {
         format: String,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Fine-tune a classifier: runs `coordinator start` (beside this binary) on a run config
+    /// with a `finetune:` section, so fine-tuning is distributed and resumable like
+    /// pretraining. Extra arguments go to the coordinator (e.g. --local-workers 2).
+    Finetune {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        coordinator_args: Vec<String>,
+    },
+    /// k-NN and linear-probe accuracy of an encoder's frozen, average-pooled features.
+    Probe {
+        /// A run directory or URL (newest checkpoint), a checkpoint directory, a
+        /// .safetensors file (this project's carry their model config), or an official .pth
+        /// (then give --config).
+        #[arg(long)]
+        weights: String,
+        /// A run config whose model section describes the weights (needed for a .pth).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Labelled ImageFolder (or shard index) to fit on.
+        #[arg(long)]
+        train: String,
+        /// Labelled ImageFolder (or shard index) to score, with the same classes.
+        #[arg(long)]
+        test: String,
+        #[arg(long, default_value_t = 10_000)]
+        train_limit: usize,
+        #[arg(long, default_value_t = 10_000)]
+        test_limit: usize,
+        #[arg(long, default_value_t = 20)]
+        k: usize,
+        /// Swin stage to pool (0-based); default: the final features.
+        #[arg(long)]
+        stage: Option<usize>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Pack an ImageFolder tree into tar shards plus `index.json` (use the index as `data.train`).
     PackShards {
@@ -118,6 +157,30 @@ fn run(cli: Cli) -> Result<()> {
             out,
             mask_seed,
         }) => reconstruct(&checkpoint, &image, &out, mask_seed),
+        Some(Command::Finetune {
+            config,
+            coordinator_args,
+        }) => finetune_via_coordinator(&config, &coordinator_args),
+        Some(Command::Probe {
+            weights,
+            config,
+            train,
+            test,
+            train_limit,
+            test_limit,
+            k,
+            stage,
+            json,
+        }) => probe_cli(ProbeArgs {
+            weights,
+            config,
+            train,
+            test,
+            limits: (train_limit, test_limit),
+            k,
+            stage,
+            json,
+        }),
         None => {
             let url = cli.coordinator.ok_or_else(|| {
                 anyhow!(
@@ -142,7 +205,7 @@ fn join(url: &str, device: &str) -> Result<()> {
         let session = Session::join(&runtime, url, device)?;
         let generation = session.joined.generation;
         let result = match device {
-            "cpu" => train::<Autodiff<Flex>>(&session, Default::default()),
+            "cpu" => run_generation::<Autodiff<Flex>>(&session, Default::default()),
             other => train_cuda(&session, other),
         };
         match result {
@@ -167,6 +230,130 @@ fn join(url: &str, device: &str) -> Result<()> {
     bail!("gave up after {MAX_GENERATIONS} generations")
 }
 
+/// Pretraining or fine-tuning, as the run config says.
+fn run_generation<B>(session: &Session, device: B::Device) -> Result<u64>
+where
+    B: burn::tensor::backend::AutodiffBackend + simmim_model::SimMimBackend,
+    B::InnerBackend: simmim_model::SimMimBackend,
+{
+    if session.config.finetune.is_some() {
+        finetune::<B>(session, device)
+    } else {
+        train::<B>(session, device)
+    }
+}
+
+fn finetune_via_coordinator(config: &std::path::Path, args: &[String]) -> Result<()> {
+    let me = std::env::current_exe().context("locating the worker executable")?;
+    let coordinator = me.with_file_name("coordinator");
+    if !coordinator.is_file() {
+        bail!(
+            "no coordinator binary at {}; build it (cargo build --release -p simmim-coordinator)",
+            coordinator.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let parsed = simmim_proto::RunConfig::from_yaml(&text, &config.display().to_string())?;
+    if parsed.finetune.is_none() {
+        bail!(
+            "{}: no `finetune:` section; this is a pretraining config (use coordinator start)",
+            config.display()
+        );
+    }
+    let status = std::process::Command::new(&coordinator)
+        .arg("start")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .status()
+        .with_context(|| format!("starting {}", coordinator.display()))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => std::process::exit(code),
+        None => bail!("the coordinator was killed by a signal"),
+    }
+}
+
+struct ProbeArgs {
+    weights: String,
+    config: Option<PathBuf>,
+    train: String,
+    test: String,
+    limits: (usize, usize),
+    k: usize,
+    stage: Option<usize>,
+    json: bool,
+}
+
+fn probe_cli(args: ProbeArgs) -> Result<()> {
+    use simmim_model::InitClassifier;
+    use simmim_worker::eval::EvalSpec;
+    use simmim_worker::probe::{feature_dim, probe, ProbeSets};
+    let started = std::time::Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (weights, stored_config) =
+        simmim_worker::weights_source::read_weights(&args.weights, runtime.handle())?;
+    let model_config = match (&args.config, stored_config) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            simmim_proto::RunConfig::from_yaml(&text, &path.display().to_string())?
+                .model_config()?
+        }
+        (None, Some(config)) => config,
+        (None, None) => bail!(
+            "{}: the weights do not say which model they are for; give --config run.yaml",
+            args.weights
+        ),
+    };
+    let sets = ProbeSets::open(&args.train, &args.test, args.limits, runtime.handle())?;
+    let device = Default::default();
+    let model = model_config.init_classifier::<Flex>(sets.classes, 0, &device)?;
+    let (model, _) = simmim_model::weights::load_pretrained(model, &model_config, weights)?;
+    let spec = EvalSpec {
+        img_size: model_config.encoder.img_size(),
+        crop_pct: None,
+        batch: 256,
+        rank: 0,
+        world: 1,
+    };
+    let dim = feature_dim(&model_config.encoder, args.stage);
+    let (knn, linear) = probe(
+        &model.encoder,
+        &sets,
+        (args.stage, dim, args.k),
+        &spec,
+        &mut |_| Ok(()),
+        &device,
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "weights": args.weights, "knn_top1": knn, "linear_top1": linear, "k": args.k,
+                "train_images": sets.train.len(), "test_images": sets.test.len(),
+                "feature_dim": dim, "stage": args.stage, "seconds": seconds,
+            })
+        );
+    } else {
+        println!(
+            "{}: k-NN (k={}) top-1 {:.2}%, linear probe top-1 {:.2}% ({} train / {} test images, {dim} features, {seconds:.1} s)",
+            args.weights,
+            args.k,
+            100.0 * knn,
+            100.0 * linear,
+            sets.train.len(),
+            sets.test.len()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(feature = "cuda")]
 fn train_cuda(session: &Session, device: &str) -> Result<u64> {
     let index = match device.strip_prefix("cuda") {
@@ -186,7 +373,7 @@ fn train_cuda(session: &Session, device: &str) -> Result<u64> {
             Permanent("--device cuda: the CUDA driver library is not present".into()).into(),
         );
     }
-    train::<Autodiff<burn_cuda::Cuda>>(session, burn_cuda::CudaDevice::new(index))
+    run_generation::<Autodiff<burn_cuda::Cuda>>(session, burn_cuda::CudaDevice::new(index))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
+use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use simmim_model::step::weighted_sum;
@@ -14,18 +15,20 @@ use simmim_model::{
     loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend,
 };
 use simmim_proto::pb::StepMetrics;
-use simmim_proto::plan::{Cursor, DataPlan};
-use simmim_proto::store::{config_hash, RunStore};
+use simmim_proto::plan::Cursor;
+use simmim_proto::store::RunStore;
 
-use crate::checkpoint::{self, CheckpointBytes, Checkpointer, TrainerState};
-use crate::collective::flat::{flatten, unflatten, weights_digest};
+use crate::checkpoint::{self, CheckpointBytes, Checkpointer};
+use crate::collective::flat::weights_digest;
 use crate::collective::verify_replicas;
 use crate::data::augment::Augment;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{Batch, Loader, LoaderSpec};
+use crate::eval::EvalSpec;
+use crate::probe::{feature_dim, probe, ProbeSets};
 use crate::recon;
-use crate::schedule::Schedule;
 use crate::session::Session;
+use crate::steps::{all_reduce, read_resume, sum_over_ranks, trainer_state, Position, RunPlan};
 
 /// An error a restart cannot fix (bad config, missing dataset): the worker exits with
 /// [`crate::EXIT_DO_NOT_RETRY`] so supervisors stop retrying.
@@ -36,23 +39,11 @@ pub struct Permanent(pub String);
 /// Steps between checks that every replica holds the same weights.
 const REPLICA_CHECK_EVERY: u64 = 50;
 
-/// Where a position in the data is on the schedule, in steps of the configured global batch.
-struct Progress {
-    steps_per_epoch: u64,
-    reference_batch: u64,
-}
-
-impl Progress {
-    fn at(&self, cursor: Cursor) -> f64 {
-        (cursor.epoch * self.steps_per_epoch) as f64
-            + cursor.offset as f64 / self.reference_batch as f64
-    }
-}
-
-pub fn train<B: AutodiffBackend + SimMimBackend>(
-    session: &Session,
-    device: B::Device,
-) -> Result<u64> {
+pub fn train<B>(session: &Session, device: B::Device) -> Result<u64>
+where
+    B: AutodiffBackend + SimMimBackend,
+    B::InnerBackend: SimMimBackend,
+{
     let config = &session.config;
     let joined = &session.joined;
     let (rank, world) = (joined.rank as usize, joined.world_size as usize);
@@ -67,28 +58,8 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
         .data
         .limit
         .map_or(dataset.len(), |l| l.min(dataset.len()));
-    let plan = DataPlan {
-        seed: config.run.seed,
-        dataset_len,
-        world_size: world,
-        micro_batch: joined.micro_batch.max(1) as usize,
-        accumulation: joined.accumulation.max(1) as usize,
-    };
-    let reference_batch = joined.reference_global_batch.max(1);
-    if plan.steps_per_epoch() == 0 || dataset_len < reference_batch as usize {
-        return Err(Permanent(format!(
-            "data.train: {dataset_len} samples are fewer than one global batch of {} \
-             (train.micro_batch x train.accumulation x workers)",
-            plan.global_batch().max(reference_batch as usize)
-        ))
-        .into());
-    }
-    let progress = Progress {
-        steps_per_epoch: dataset_len as u64 / reference_batch,
-        reference_batch,
-    };
-    let schedule = Schedule::new(&config.train, progress.steps_per_epoch, joined.lr_scale);
-    let hash = config_hash(config);
+    let run = RunPlan::new(session, dataset_len)?;
+    let plan = run.plan;
 
     let adamw = AdamWConfig {
         betas: config.train.betas,
@@ -98,48 +69,34 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
     };
     let mut model: SimMim<B> = model_config.init(config.run.seed, &device)?;
     let mut optimizer = AdamW::<B::InnerBackend>::new(adamw);
-    let mut step = 0;
-    let mut cursor = Cursor::default();
-    let mut samples_seen = 0;
-    let mut skipped_before = 0;
-    if let Some(resume) = &joined.resume {
-        let (manifest, pieces) = session
-            .runtime
-            .block_on(checkpoint::read(&store, &resume.manifest))
-            .with_context(|| format!("loading checkpoint {}", store.url_of(&resume.manifest)))?;
-        if manifest.config_hash != hash {
-            return Err(Permanent(format!(
-                "checkpoint {} was made with another config (hash {} vs {hash}); \
-                 resume with the run's own config or start a new run name",
-                store.url_of(&resume.manifest),
-                manifest.config_hash
-            ))
-            .into());
-        }
+    let mut at = Position {
+        step: 0,
+        cursor: Cursor::default(),
+        samples_seen: 0,
+        samples_skipped: 0,
+    };
+    if let Some(pieces) = read_resume(session, &store, &run.config_hash)? {
         let weights = state_dict_from_safetensors(&pieces.model)?;
         model = load_state_dict(model, &model_config, &weights)?;
         let moments = state_dict_from_safetensors(&pieces.optimizer)?;
         optimizer.load_state_dict(&model, &moments, &device)?;
-        step = pieces.trainer.step;
-        cursor = Cursor {
-            epoch: pieces.trainer.epoch,
-            offset: pieces.trainer.epoch_offset,
+        at = Position {
+            step: pieces.trainer.step,
+            cursor: Cursor {
+                epoch: pieces.trainer.epoch,
+                offset: pieces.trainer.epoch_offset,
+            },
+            samples_seen: pieces.trainer.samples_seen,
+            samples_skipped: pieces.trainer.samples_skipped,
         };
-        samples_seen = pieces.trainer.samples_seen;
-        skipped_before = pieces.trainer.samples_skipped;
-        tracing::info!(step, "resumed from {}", store.url_of(&resume.manifest));
     }
-    cursor = plan.settle(cursor);
+    let skipped_before = at.samples_skipped;
+    let mut cursor = plan.settle(at.cursor);
+    let mut step = at.step;
+    let mut samples_seen = at.samples_seen;
 
     // The steps this generation will run: until the schedule's end or train.max_steps.
-    let max_steps = config.train.max_steps.unwrap_or(u64::MAX);
-    let total = schedule.total_steps as f64 - 1e-9;
-    let mut remaining = 0u64;
-    let mut probe = cursor;
-    while progress.at(probe) < total && step + remaining < max_steps {
-        remaining += 1;
-        probe = plan.advance(probe);
-    }
+    let remaining = run.steps_left(cursor, step, config.train.max_steps.unwrap_or(u64::MAX));
     let end_step = step + remaining;
     if remaining == 0 {
         return Ok(step);
@@ -164,6 +121,21 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
     let shards = config.train.compute_threads.unwrap_or(2 * cores);
     let grid = geometry.token_grid();
 
+    let probe_sets = match &config.probe {
+        Some(p) => {
+            let train = p.train.as_deref().unwrap_or(&config.data.train);
+            let test = p
+                .test
+                .as_deref()
+                .or(config.data.test.as_deref())
+                .unwrap_or_default();
+            Some(
+                ProbeSets::open(train, test, (p.train_limit, p.test_limit), &session.runtime)
+                    .map_err(|e| Permanent(format!("probe: {e}")))?,
+            )
+        }
+        None => None,
+    };
     let mut checkpointer = Checkpointer::new(
         store.clone(),
         session,
@@ -201,48 +173,33 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
             }
             last_batch = Some(batch);
         }
-        let mut grads = if parts.len() == 1 {
+        let grads = if parts.len() == 1 {
             parts.pop().unwrap_or_default()
         } else {
             let weights = vec![1.0 / parts.len() as f64; parts.len()];
             weighted_sum(&model, parts, &weights)
         };
 
-        // Reduce: one buffer carries the gradients, the loss and the decisions every rank
-        // must take together (stop, checkpoint now).
-        let stop_requested = session.stop.load(Ordering::Relaxed);
         let checkpoint_clock = config
             .checkpoint
             .every_minutes
             .is_some_and(|m| last_checkpoint.elapsed().as_secs_f64() > m * 60.0);
-        let reduce_started = Instant::now();
-        let mut loss = loss_sum / plan.accumulation as f64;
-        let (mut stop, mut clock_due) = (stop_requested, checkpoint_clock);
-        if world > 1 {
-            let mut buffer = flatten(&model, &grads);
-            let n = buffer.len();
-            buffer.extend_from_slice(&[
-                loss as f32,
-                f32::from(u8::from(stop_requested)),
-                f32::from(u8::from(checkpoint_clock && rank == 0)),
-            ]);
-            session
-                .collective
-                .lock()
-                .map_err(|_| anyhow!("transport lock poisoned"))?
-                .all_reduce_sum(&mut buffer)?;
-            let scale = 1.0 / world as f32;
-            buffer[..n].iter_mut().for_each(|v| *v *= scale);
-            loss = f64::from(buffer[n]) / world as f64;
-            stop = buffer[n + 1] > 0.0;
-            clock_due = buffer[n + 2] > 0.0;
-            grads = unflatten(&model, &buffer[..n], &device);
-        }
-        let allreduce_seconds = reduce_started.elapsed().as_secs_f64();
+        let reduced = all_reduce(
+            session,
+            &model,
+            grads,
+            loss_sum / plan.accumulation as f64,
+            session.stop.load(Ordering::Relaxed),
+            checkpoint_clock,
+            &device,
+        )?;
+        let (loss, stop, clock_due) = (reduced.loss, reduced.stop, reduced.checkpoint_clock);
+        let allreduce_seconds = reduced.seconds;
+        let grads = reduced.grads;
         if !loss.is_finite() {
             bail!("the loss is {loss} at step {step}; lower train.base_lr or check the data");
         }
-        let lr = schedule.lr(progress.at(cursor));
+        let lr = run.schedule.lr(run.progress.at(cursor));
         let (next, stats) = optimizer.step(lr, model, grads);
         model = next;
         step += 1;
@@ -250,7 +207,7 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
         cursor = plan.advance(cursor);
         samples_seen += plan.global_batch() as u64;
         let seconds = started.elapsed().as_secs_f64();
-        session.report(StepMetrics {
+        let mut metrics = StepMetrics {
             step,
             epoch,
             loss,
@@ -263,7 +220,40 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
             end_step,
             allreduce_seconds,
             sample_ids,
-        });
+            ..Default::default()
+        };
+        if let (Some(p), Some(sets)) = (&config.probe, &probe_sets) {
+            if step % p.every_steps == 0 || step == end_step {
+                let started = Instant::now();
+                let spec = EvalSpec {
+                    img_size,
+                    crop_pct: None,
+                    batch: 256,
+                    rank,
+                    world,
+                };
+                let dim = feature_dim(&model_config.encoder, p.stage);
+                let inner = model.valid();
+                let (knn, linear) = probe(
+                    &inner.encoder,
+                    sets,
+                    (p.stage, dim, p.k),
+                    &spec,
+                    &mut |values| sum_over_ranks(session, values),
+                    &device,
+                )?;
+                tracing::info!(
+                    step,
+                    "probe: k-NN top-1 {:.2}%, linear top-1 {:.2}% ({:.1} s)",
+                    100.0 * knn,
+                    100.0 * linear,
+                    started.elapsed().as_secs_f64()
+                );
+                metrics.probe_knn_top1 = Some(knn);
+                metrics.probe_linear_top1 = Some(linear);
+            }
+        }
+        session.report(metrics);
 
         let recon_every = config.output.recon_every_steps;
         if rank == 0 && recon_every > 0 && (step % recon_every == 0 || step == end_step) {
@@ -290,21 +280,15 @@ pub fn train<B: AutodiffBackend + SimMimBackend>(
         let due =
             step % config.checkpoint.every_steps == 0 || step == end_step || stop || clock_due;
         if due && rank == 0 {
-            let trainer = TrainerState {
-                step,
-                epoch: cursor.epoch,
-                epoch_offset: cursor.offset,
-                samples_seen,
-                world_size: world as u32,
-                micro_batch: plan.micro_batch,
-                accumulation: plan.accumulation,
-                seed: plan.seed,
-                samples_skipped: skipped_before + loader.skipped(),
-                config_hash: hash.clone(),
-                randomness:
-                    "every draw derives from (seed, epoch, sample id); nothing else to restore"
-                        .into(),
-            };
+            let trainer = trainer_state(
+                &run,
+                &Position {
+                    step,
+                    cursor,
+                    samples_seen,
+                    samples_skipped: skipped_before + loader.skipped(),
+                },
+            );
             // The step loop pauses only for this copy off the device; the upload and the
             // commit run in the background.
             let serialised = Instant::now();

@@ -27,6 +27,7 @@ pub struct Augment {
 pub struct Prepared {
     pub pixels: Vec<f32>,
     pub mask: Vec<u8>,
+    pub label: u32,
 }
 
 impl Augment {
@@ -66,6 +67,7 @@ impl Augment {
         Ok(Prepared {
             pixels: normalise(&resized),
             mask,
+            label: 0,
         })
     }
 
@@ -121,7 +123,62 @@ impl Augment {
         Ok(Prepared {
             pixels: normalise(&resized),
             mask: self.geometry.generate(mask_seed),
+            label: 0,
         })
+    }
+}
+
+/// The official evaluation transform: shorter side resized to `img_size / crop_pct`
+/// (bicubic), then a centre crop of `img_size`; without `crop_pct` a plain resize to
+/// `img_size x img_size`. Returns normalised `[3, H, W]`.
+pub fn evaluation_pixels(
+    bytes: &[u8],
+    name: &str,
+    img_size: usize,
+    crop_pct: Option<f64>,
+) -> Result<Vec<f32>, DataError> {
+    let image = decode_rgb(bytes, name)?;
+    let side = img_size as u32;
+    let Some(pct) = crop_pct else {
+        return Ok(normalise(&image::imageops::resize(
+            &image,
+            side,
+            side,
+            FilterType::CatmullRom,
+        )));
+    };
+    let short = ((img_size as f64) / pct).floor().max(img_size as f64) as u32;
+    let (w, h) = (image.width(), image.height());
+    let (rw, rh) = if w <= h {
+        (
+            short,
+            ((u64::from(h) * u64::from(short)) / u64::from(w)) as u32,
+        )
+    } else {
+        (
+            ((u64::from(w) * u64::from(short)) / u64::from(h)) as u32,
+            short,
+        )
+    };
+    let resized =
+        image::imageops::resize(&image, rw.max(side), rh.max(side), FilterType::CatmullRom);
+    let crop = image::imageops::crop_imm(
+        &resized,
+        (resized.width() - side) / 2,
+        (resized.height() - side) / 2,
+        side,
+        side,
+    )
+    .to_image();
+    Ok(normalise(&crop))
+}
+
+impl Augment {
+    /// The same transform with another RandomResizedCrop area range (fine-tuning uses
+    /// `[0.08, 1]` where pretraining uses `[0.67, 1]`).
+    pub fn with_scale(mut self, scale: (f64, f64)) -> Self {
+        self.scale = scale;
+        self
     }
 }
 

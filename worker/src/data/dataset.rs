@@ -18,6 +18,11 @@ pub struct RawSample {
 
 pub enum Dataset {
     Folder(ImageFolder),
+    /// Some samples of another dataset, renumbered `0..ids.len()`.
+    Subset {
+        inner: Box<Dataset>,
+        ids: Vec<u32>,
+    },
     Shards {
         store: RunStore,
         index: ShardIndex,
@@ -126,6 +131,7 @@ impl Dataset {
     pub fn len(&self) -> usize {
         match self {
             Dataset::Folder(f) => f.files.len(),
+            Dataset::Subset { ids, .. } => ids.len(),
             Dataset::Shards { index, .. } => index.samples.len(),
         }
     }
@@ -137,12 +143,102 @@ impl Dataset {
     pub fn classes(&self) -> &[String] {
         match self {
             Dataset::Folder(f) => &f.classes,
+            Dataset::Subset { inner, .. } => inner.classes(),
             Dataset::Shards { index, .. } => &index.classes,
         }
     }
 
+    /// The class of sample `id`, without reading it.
+    pub fn label(&self, id: usize) -> u32 {
+        match self {
+            Dataset::Folder(f) => f.files[id].1,
+            Dataset::Subset { inner, ids } => inner.label(ids[id] as usize),
+            Dataset::Shards { index, .. } => index.samples[id].label,
+        }
+    }
+
+    /// `per_class` samples of each class, drawn with `seed` (few-label fine-tuning): the same
+    /// images for the same seed on every rank and every run.
+    pub fn labels_per_class(self, per_class: usize, seed: u64) -> Result<Self, DataError> {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut by_class: Vec<Vec<u32>> = vec![Vec::new(); self.classes().len()];
+        for id in 0..self.len() {
+            if let Some(ids) = by_class.get_mut(self.label(id) as usize) {
+                ids.push(id as u32);
+            }
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut chosen = Vec::with_capacity(per_class * by_class.len());
+        for (class, mut ids) in by_class.into_iter().enumerate() {
+            if ids.len() < per_class {
+                return Err(DataError::Dataset {
+                    location: format!("class `{}`", self.classes()[class]),
+                    reason: format!(
+                        "data.labels_per_class is {per_class} but it has only {} images",
+                        ids.len()
+                    ),
+                });
+            }
+            ids.shuffle(&mut rng);
+            chosen.extend_from_slice(&ids[..per_class]);
+        }
+        chosen.sort_unstable();
+        Ok(Dataset::Subset {
+            inner: Box::new(self),
+            ids: chosen,
+        })
+    }
+
+    /// At most `count` samples spread evenly over the dataset's order (every class is
+    /// represented in a class-sorted ImageFolder).
+    pub fn spread(self, count: usize) -> Self {
+        let len = self.len();
+        if count >= len {
+            return self;
+        }
+        let ids = (0..count).map(|i| (i * len / count) as u32).collect();
+        Dataset::Subset {
+            inner: Box::new(self),
+            ids,
+        }
+    }
+
+    /// Fails, naming the differences, unless `other` has exactly this dataset's classes in
+    /// the same order (labels would silently mean different things otherwise).
+    pub fn check_same_classes(&self, other: &Dataset, other_name: &str) -> Result<(), DataError> {
+        let (mine, theirs) = (self.classes(), other.classes());
+        if mine == theirs {
+            return Ok(());
+        }
+        let missing: Vec<&str> = mine
+            .iter()
+            .filter(|c| !theirs.contains(c))
+            .map(String::as_str)
+            .collect();
+        let extra: Vec<&str> = theirs
+            .iter()
+            .filter(|c| !mine.contains(c))
+            .map(String::as_str)
+            .collect();
+        Err(DataError::Dataset {
+            location: other_name.to_string(),
+            reason: format!(
+                "its class folders differ from data.train's: missing [{}], extra [{}]{}",
+                missing.join(", "),
+                extra.join(", "),
+                if missing.is_empty() && extra.is_empty() {
+                    " (same names, different order)"
+                } else {
+                    ""
+                }
+            ),
+        })
+    }
+
     pub fn read(&self, id: usize) -> Result<RawSample, DataError> {
         match self {
+            Dataset::Subset { inner, ids } => inner.read(ids[id] as usize),
             Dataset::Folder(f) => {
                 let (path, label) = &f.files[id];
                 let name = path.display().to_string();

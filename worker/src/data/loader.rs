@@ -25,6 +25,8 @@ pub struct Batch {
     /// `[B, h, w]` token masks, 1 = masked.
     pub masks: Vec<u8>,
     pub ids: Vec<u32>,
+    /// The class of each image (ImageFolder order).
+    pub labels: Vec<u32>,
 }
 
 pub struct Loader {
@@ -129,9 +131,11 @@ fn load_batch(
     let side = augment.img_size;
     let mut pixels = Vec::with_capacity(ids.len() * 3 * side * side);
     let mut masks = Vec::with_capacity(ids.len() * augment.geometry.token_grid().pow(2));
+    let mut labels = Vec::with_capacity(ids.len());
     for p in prepared {
         pixels.extend_from_slice(&p.pixels);
         masks.extend_from_slice(&p.mask);
+        labels.push(p.label);
     }
     Ok(Batch {
         cursor,
@@ -140,6 +144,7 @@ fn load_batch(
         pixels,
         masks,
         ids,
+        labels,
     })
 }
 
@@ -157,7 +162,9 @@ pub fn load_sample(
     for attempt in 0..=MAX_SUBSTITUTES {
         let result = dataset.read(candidate as usize).and_then(|raw| {
             let mut rng = Augment::sample_rng(seed, epoch, candidate);
-            augment.prepare(&raw.bytes, &raw.name, &mut rng)
+            let mut prepared = augment.prepare(&raw.bytes, &raw.name, &mut rng)?;
+            prepared.label = raw.label;
+            Ok(prepared)
         });
         match result {
             Ok(prepared) => return Ok(prepared),
