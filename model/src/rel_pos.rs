@@ -84,44 +84,6 @@ pub fn swin_shift_mask(resolution: usize, window: usize, shift: usize) -> Vec<f3
     mask
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn swin_index_matches_the_official_formula_corners() {
-        let w = 2;
-        let index = swin_relative_position_index(w);
-        // Same token: offset (0,0) -> (w-1)*(2w-1) + (w-1) = 4.
-        assert_eq!(index[0], 4);
-        // token 0 (0,0) vs token 3 (1,1): (-1,-1) -> 0.
-        assert_eq!(index[3], 0);
-        // token 3 vs token 0: (1,1) -> 2*3+2 = 8.
-        assert_eq!(index[3 * 4], 8);
-        assert!(index.iter().all(|&i| (i as usize) < swin_table_rows(w)));
-    }
-
-    #[test]
-    fn vit_index_has_cls_rows() {
-        let index = vit_relative_position_index(2);
-        let rows = vit_table_rows(2) as i64;
-        assert_eq!(index[0], rows - 1);
-        assert_eq!(index[1], rows - 3);
-        assert_eq!(index[5], rows - 2);
-        assert_eq!(index[6], 4);
-    }
-
-    #[test]
-    fn shift_mask_blocks_regions() {
-        let mask = swin_shift_mask(8, 4, 2);
-        assert_eq!(mask.len(), 4 * 16 * 16);
-        // First window never crosses a region boundary.
-        assert!(mask[..256].iter().all(|&v| v == 0.0));
-        // Last window mixes four regions: some pairs masked.
-        assert!(mask[3 * 256..].iter().any(|&v| v == -100.0));
-    }
-}
-
 /// A Swin relative-position-bias table (`[(2w-1)^2, heads]`, row-major) resized to
 /// `rows_out` rows, as the official fine-tuning does when the window changes (e.g. 6 at
 /// pretraining, 7 at fine-tuning): the table viewed as `heads` square images, resized by
@@ -177,4 +139,42 @@ fn bicubic(plane: &[f32], side_in: usize, side_out: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swin_index_matches_the_official_formula_corners() {
+        let w = 2;
+        let index = swin_relative_position_index(w);
+        // Same token: offset (0,0) -> (w-1)*(2w-1) + (w-1) = 4.
+        assert_eq!(index[0], 4);
+        // token 0 (0,0) vs token 3 (1,1): (-1,-1) -> 0.
+        assert_eq!(index[3], 0);
+        // token 3 vs token 0: (1,1) -> 2*3+2 = 8.
+        assert_eq!(index[3 * 4], 8);
+        assert!(index.iter().all(|&i| (i as usize) < swin_table_rows(w)));
+    }
+
+    #[test]
+    fn vit_index_has_cls_rows() {
+        let index = vit_relative_position_index(2);
+        let rows = vit_table_rows(2) as i64;
+        assert_eq!(index[0], rows - 1);
+        assert_eq!(index[1], rows - 3);
+        assert_eq!(index[5], rows - 2);
+        assert_eq!(index[6], 4);
+    }
+
+    #[test]
+    fn shift_mask_blocks_regions() {
+        let mask = swin_shift_mask(8, 4, 2);
+        assert_eq!(mask.len(), 4 * 16 * 16);
+        // First window never crosses a region boundary.
+        assert!(mask[..256].iter().all(|&v| v == 0.0));
+        // Last window mixes four regions: some pairs masked.
+        assert!(mask[3 * 256..].iter().any(|&v| v == -100.0));
+    }
 }

@@ -152,6 +152,6 @@ fn repeat(dataset: &Arc<Dataset>, len: usize) -> Arc<Dataset> {
                 files,
             }))
         }
-        Dataset::Shards { .. } => dataset.clone(),
+        Dataset::Shards { .. } | Dataset::Subset { .. } => dataset.clone(),
     }
 }

@@ -231,7 +231,7 @@ where
             if mix_spec.enabled() {
                 // One draw per (seed, step, micro-batch): the same on a resumed run.
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(
-                    mix(plan.seed ^ 0x6d69_7875_70, step),
+                    mix(plan.seed ^ 0x006d_6978_7570, step),
                     (micro * world + rank) as u64,
                 ));
                 mix_batch(
@@ -349,7 +349,7 @@ where
         }
         session.report(metrics);
 
-        if world > 1 && step % 50 == 0 {
+        if world > 1 && step.is_multiple_of(50) {
             let mut collective = session
                 .collective
                 .lock()
@@ -358,7 +358,7 @@ where
         }
         let (stop, clock_due) = (reduced.stop, reduced.checkpoint_clock);
         let due =
-            step % config.checkpoint.every_steps == 0 || step == end_step || stop || clock_due;
+            step.is_multiple_of(config.checkpoint.every_steps) || step == end_step || stop || clock_due;
         if due && rank == 0 {
             let trainer = trainer_state(
                 &run,

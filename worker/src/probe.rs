@@ -159,57 +159,6 @@ pub fn linear_top1<B: Backend>(
     correct as f64 / test.rows() as f64
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use burn_flex::Flex;
-    use rand::{Rng, SeedableRng};
-
-    /// Two classes as two noisy clusters in 8 dimensions, separable by a hyperplane.
-    fn clusters(per_class: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut values = Vec::new();
-        let mut labels = Vec::new();
-        for i in 0..2 * per_class {
-            let label = (i % 2) as u32;
-            for d in 0..8 {
-                let centre = if d == 0 { 1.0 } else { 0.2 } * if label == 0 { 1.0 } else { -1.0 };
-                values.push(centre + rng.random_range(-0.3f32..0.3));
-            }
-            labels.push(label);
-        }
-        (values, labels)
-    }
-
-    #[test]
-    fn both_probes_separate_clusters_and_fail_on_shuffled_labels() {
-        let (train_v, train_l) = clusters(100, 1);
-        let (test_v, test_l) = clusters(50, 2);
-        let train = Features {
-            values: &train_v,
-            labels: &train_l,
-            dim: 8,
-        };
-        let test = Features {
-            values: &test_v,
-            labels: &test_l,
-            dim: 8,
-        };
-        assert!(knn_top1(&train, &test, 2, 5) > 0.95);
-        assert!(linear_top1::<Flex>(&train, &test, 2, &Default::default()) > 0.95);
-
-        // Labels unrelated to the features: about chance.
-        let noise: Vec<u32> = (0..train_l.len()).map(|i| ((i / 2) % 2) as u32).collect();
-        let train = Features {
-            values: &train_v,
-            labels: &noise,
-            dim: 8,
-        };
-        let knn = knn_top1(&train, &test, 2, 5);
-        assert!((0.2..0.8).contains(&knn), "k-NN on noise labels: {knn}");
-    }
-}
-
 /// The labelled images a probe fits on and scores, with the same classes.
 pub struct ProbeSets {
     pub train: crate::data::dataset::Dataset,
@@ -284,5 +233,56 @@ pub fn feature_dim(encoder: &simmim_model::EncoderConfig, stage: Option<usize>) 
     match (encoder, stage) {
         (simmim_model::EncoderConfig::Swin(c), Some(s)) if s + 1 < c.depths.len() => c.stage_dim(s),
         _ => encoder.num_features(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_flex::Flex;
+    use rand::{Rng, SeedableRng};
+
+    /// Two classes as two noisy clusters in 8 dimensions, separable by a hyperplane.
+    fn clusters(per_class: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut values = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..2 * per_class {
+            let label = (i % 2) as u32;
+            for d in 0..8 {
+                let centre = if d == 0 { 1.0 } else { 0.2 } * if label == 0 { 1.0 } else { -1.0 };
+                values.push(centre + rng.random_range(-0.3f32..0.3));
+            }
+            labels.push(label);
+        }
+        (values, labels)
+    }
+
+    #[test]
+    fn both_probes_separate_clusters_and_fail_on_shuffled_labels() {
+        let (train_v, train_l) = clusters(100, 1);
+        let (test_v, test_l) = clusters(50, 2);
+        let train = Features {
+            values: &train_v,
+            labels: &train_l,
+            dim: 8,
+        };
+        let test = Features {
+            values: &test_v,
+            labels: &test_l,
+            dim: 8,
+        };
+        assert!(knn_top1(&train, &test, 2, 5) > 0.95);
+        assert!(linear_top1::<Flex>(&train, &test, 2, &Default::default()) > 0.95);
+
+        // Labels unrelated to the features: about chance.
+        let noise: Vec<u32> = (0..train_l.len()).map(|i| ((i / 2) % 2) as u32).collect();
+        let train = Features {
+            values: &train_v,
+            labels: &noise,
+            dim: 8,
+        };
+        let knn = knn_top1(&train, &test, 2, 5);
+        assert!((0.2..0.8).contains(&knn), "k-NN on noise labels: {knn}");
     }
 }

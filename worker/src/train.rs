@@ -223,7 +223,7 @@ where
             ..Default::default()
         };
         if let (Some(p), Some(sets)) = (&config.probe, &probe_sets) {
-            if step % p.every_steps == 0 || step == end_step {
+            if step.is_multiple_of(p.every_steps) || step == end_step {
                 let started = Instant::now();
                 let spec = EvalSpec {
                     img_size,
@@ -256,7 +256,7 @@ where
         session.report(metrics);
 
         let recon_every = config.output.recon_every_steps;
-        if rank == 0 && recon_every > 0 && (step % recon_every == 0 || step == end_step) {
+        if rank == 0 && recon_every > 0 && (step.is_multiple_of(recon_every) || step == end_step) {
             if let Some(batch) = &last_batch {
                 let n = config.output.recon_images;
                 write_recon(
@@ -270,7 +270,7 @@ where
                 )?;
             }
         }
-        if world > 1 && step % REPLICA_CHECK_EVERY == 0 {
+        if world > 1 && step.is_multiple_of(REPLICA_CHECK_EVERY) {
             let mut collective = session
                 .collective
                 .lock()
@@ -278,7 +278,7 @@ where
             verify_replicas(collective.as_mut(), weights_digest(&model))?;
         }
         let due =
-            step % config.checkpoint.every_steps == 0 || step == end_step || stop || clock_due;
+            step.is_multiple_of(config.checkpoint.every_steps) || step == end_step || stop || clock_due;
         if due && rank == 0 {
             let trainer = trainer_state(
                 &run,
