@@ -357,8 +357,10 @@ where
             verify_replicas(collective.as_mut(), weights_digest(&model))?;
         }
         let (stop, clock_due) = (reduced.stop, reduced.checkpoint_clock);
-        let due =
-            step.is_multiple_of(config.checkpoint.every_steps) || step == end_step || stop || clock_due;
+        let due = step.is_multiple_of(config.checkpoint.every_steps)
+            || step == end_step
+            || stop
+            || clock_due;
         if due && rank == 0 {
             let trainer = trainer_state(
                 &run,

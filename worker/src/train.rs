@@ -277,8 +277,10 @@ where
                 .map_err(|_| anyhow!("transport lock poisoned"))?;
             verify_replicas(collective.as_mut(), weights_digest(&model))?;
         }
-        let due =
-            step.is_multiple_of(config.checkpoint.every_steps) || step == end_step || stop || clock_due;
+        let due = step.is_multiple_of(config.checkpoint.every_steps)
+            || step == end_step
+            || stop
+            || clock_due;
         if due && rank == 0 {
             let trainer = trainer_state(
                 &run,
