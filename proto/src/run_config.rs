@@ -784,6 +784,67 @@ mod tests {
     }
 
     #[test]
+    fn finetune_and_probe_settings_are_checked_by_name() {
+        let finetune = |section: &str, data: &str| {
+            let text = DEMO_CONFIG.replace(
+                "  train: ./data/cifar10/train\n",
+                &format!("  train: ./data/cifar10/train\n{data}"),
+            ) + section;
+            RunConfig::from_yaml(&text, "ft.yaml")
+        };
+        let ok = finetune(
+            "finetune:\n  pretrained: ./runs/demo\n",
+            "  test: ./data/cifar10/test\n",
+        )
+        .expect("a valid fine-tuning config");
+        let f = ok.finetune.expect("section");
+        assert_eq!(
+            (f.layer_decay, f.label_smoothing, f.eval_every_epochs),
+            (0.9, 0.1, 1)
+        );
+        assert_eq!(f.test_crop_pct, Some(0.875));
+
+        for (section, data, field) in [
+            ("finetune:\n  layer_decay: 0.9\n", "", "data.test"),
+            (
+                "finetune:\n  layer_decay: 1.5\n",
+                "  test: t\n",
+                "finetune.layer_decay",
+            ),
+            (
+                "finetune:\n  crop_scale: [0.9, 0.2]\n",
+                "  test: t\n",
+                "finetune.crop_scale",
+            ),
+            (
+                "finetune:\n  mix_prob: 2\n",
+                "  test: t\n",
+                "finetune.mix_prob",
+            ),
+            ("probe:\n  every_steps: 10\n", "", "probe.test"),
+            (
+                "probe:\n  every_steps: 0\n",
+                "  test: t\n",
+                "probe.every_steps",
+            ),
+            ("", "  labels_per_class: 0\n", "data.labels_per_class"),
+        ] {
+            let err = finetune(section, data).expect_err(field).to_string();
+            assert!(
+                err.contains(field) && err.contains("ft.yaml"),
+                "{field}: {err}"
+            );
+        }
+        let err = finetune(
+            "finetune:\n  layer_decay: 0.9\n  warmup: 3\n",
+            "  test: t\n",
+        )
+        .expect_err("unknown field")
+        .to_string();
+        assert!(err.contains("warmup"), "{err}");
+    }
+
+    #[test]
     fn nested_model_errors_carry_the_section() {
         let mut c = RunConfig::demo();
         let mut model = c.model_config().expect("model");
