@@ -900,12 +900,15 @@ mod tests {
 mod shipped_configs {
     use super::*;
 
-    /// Every config in deploy/configs parses and validates.
+    /// Every config in deploy/configs and experiments/ parses and validates.
     #[test]
     fn deploy_configs_are_valid() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configs");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut count = 0;
-        for entry in std::fs::read_dir(&dir).expect("deploy/configs") {
+        let entries = ["deploy/configs", "experiments/cifar10"]
+            .iter()
+            .flat_map(|dir| std::fs::read_dir(root.join(dir)).expect("config directory"));
+        for entry in entries {
             let path = entry.expect("entry").path();
             if path.extension().is_some_and(|e| e == "yaml") {
                 let text = std::fs::read_to_string(&path).expect("read");
@@ -916,8 +919,8 @@ mod shipped_configs {
             }
         }
         assert!(
-            count >= 4,
-            "expected the demo and three official configs, found {count}"
+            count >= 6,
+            "expected the demo, four official configs and the experiment's, found {count}"
         );
     }
 }
