@@ -68,6 +68,44 @@ fn transport_listener(coordinator_url: &str) -> Result<RingListener> {
         .with_context(|| format!("binding the gradient transport on {bind}:{port}"))
 }
 
+/// NCCL between GPU workers (set up over the ring, which then closes), unless
+/// `SIMMIM_COLLECTIVE=ring` keeps the TCP ring; CPU workers keep the ring.
+#[cfg(feature = "cuda")]
+fn gpu_transport(
+    mut ring: Box<dyn Collective>,
+    device: &str,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    use crate::collective::nccl::{share_unique_id, Nccl};
+    let Some(rest) = device.strip_prefix("cuda") else {
+        return Ok(ring);
+    };
+    if std::env::var("SIMMIM_COLLECTIVE").is_ok_and(|v| v == "ring") {
+        tracing::info!("SIMMIM_COLLECTIVE=ring: gradients stay on the TCP ring");
+        return Ok(ring);
+    }
+    let ordinal: usize = rest.trim_start_matches(':').parse().unwrap_or(0);
+    let started = Instant::now();
+    let id = share_unique_id(ring.as_mut())?;
+    let nccl = Nccl::connect(ordinal, ring.rank(), ring.world(), id, timeout)?;
+    tracing::info!(
+        rank = ring.rank(),
+        world = ring.world(),
+        "NCCL communicator formed on cuda:{ordinal} in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Box::new(nccl))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_transport(
+    ring: Box<dyn Collective>,
+    _device: &str,
+    _timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    Ok(ring)
+}
+
 impl Session {
     pub fn join(runtime: &tokio::runtime::Runtime, url: &str, device: &str) -> Result<Self> {
         let handle = runtime.handle().clone();
@@ -135,7 +173,11 @@ impl Session {
                 "gradient ring formed in {:.2} s",
                 started.elapsed().as_secs_f64()
             );
-            Box::new(ring)
+            gpu_transport(
+                Box::new(ring),
+                device,
+                io_timeout(config.workers.heartbeat_timeout_s),
+            )?
         };
         Ok(Self {
             client,

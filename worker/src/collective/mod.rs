@@ -1,8 +1,10 @@
 //! Gradient all-reduce behind one trait. The train loop sums (then averages) one flat buffer
 //! per step and never knows which transport it has: `Solo` for a world of one, `Ring` (TCP
-//! between CPU workers) otherwise.
+//! between CPU workers), or `Nccl` between GPU workers (builds with the `cuda` feature).
 
 pub mod flat;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 
 use std::time::Duration;
