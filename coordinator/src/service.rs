@@ -320,9 +320,10 @@ impl Coordinator for Service {
 
 impl Service {
     /// Moves `latest` with a conditional update. When the version check fails, `latest` is
-    /// read again: if it names a manifest this coordinator wrote itself (a timed-out request
-    /// the store applied late), the update is retried against the fresh version; anything
-    /// else means another writer, and the commit is refused.
+    /// read again: if it already names `key` (this very write, applied late after a timeout),
+    /// the commit stands; if it names an earlier manifest this coordinator wrote, the update is
+    /// retried against the fresh version; anything else means another writer, and the commit
+    /// is refused.
     async fn move_latest(&self, key: &str) -> Result<object_store::UpdateVersion, Status> {
         let store = &self.shared.store;
         let seen = locked(&self.shared.latest_version).clone();
@@ -333,6 +334,16 @@ impl Service {
                     .latest_pointer()
                     .await
                     .map_err(|e| Status::unavailable(e.to_string()))?;
+                // The write in hand, applied late by the store (its reply was lost and the
+                // client's retry then failed the version check): already done.
+                if let Some((pointer, version)) = &current {
+                    if pointer == key {
+                        tracing::info!(
+                            "`latest` already names {key} (a timed-out write the store applied)"
+                        );
+                        return Ok(version.clone());
+                    }
+                }
                 let ours = match &current {
                     Some((pointer, _)) => locked(&self.shared.written_latest).contains(pointer),
                     None => false,
