@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use simmim_model::classifier::smoothed_targets;
 use simmim_model::layer_decay::lr_scales;
 use simmim_model::naming::parameters;
-use simmim_model::step::{classifier_loss_and_grads, weighted_sum};
+use simmim_model::step::classifier_loss_and_grads;
 use simmim_model::weights::{
     load_pretrained, load_state_dict, state_dict, state_dict_from_safetensors, to_safetensors,
 };
@@ -26,16 +26,17 @@ use simmim_proto::plan::{mix, Cursor};
 use simmim_proto::run_config::FinetuneSection;
 use simmim_proto::store::RunStore;
 
-use crate::checkpoint::{self, CheckpointBytes, Checkpointer};
-use crate::collective::flat::weights_digest;
-use crate::collective::verify_replicas;
+use crate::checkpoint::Checkpointer;
 use crate::data::augment::Augment;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{Loader, LoaderSpec};
 use crate::data::mix::{mix_batch, MixSpec};
 use crate::eval::{accuracy_share, EvalSpec};
 use crate::session::Session;
-use crate::steps::{all_reduce, read_resume, sum_over_ranks, trainer_state, Position, RunPlan};
+use crate::steps::{
+    all_reduce, check_replicas, mean_gradients, read_resume, submit_checkpoint, sum_over_ranks,
+    CheckpointClock, Position, RunPlan,
+};
 use crate::train::Permanent;
 use crate::weights_source::read_weights;
 
@@ -209,7 +210,7 @@ where
         session,
         std::time::Duration::from_secs_f64(config.checkpoint.max_outage_minutes * 60.0),
     );
-    let mut last_checkpoint = Instant::now();
+    let mut clock = CheckpointClock::new(config.checkpoint.every_minutes);
     while step < end_step {
         checkpointer.reap(false)?;
         if let Some(reason) = session.lost_reason() {
@@ -255,23 +256,14 @@ where
                 sample_ids.extend_from_slice(&batch.ids);
             }
         }
-        let grads = if parts.len() == 1 {
-            parts.pop().unwrap_or_default()
-        } else {
-            let weights = vec![1.0 / parts.len() as f64; parts.len()];
-            weighted_sum(&model, parts, &weights)
-        };
-        let checkpoint_clock = config
-            .checkpoint
-            .every_minutes
-            .is_some_and(|m| last_checkpoint.elapsed().as_secs_f64() > m * 60.0);
+        let grads = mean_gradients(&model, parts);
         let reduced = all_reduce(
             session,
             &model,
             grads,
             loss_sum / plan.accumulation as f64,
             session.stop.load(Ordering::Relaxed),
-            checkpoint_clock,
+            clock.due(),
             &device,
         )?;
         if !reduced.loss.is_finite() {
@@ -349,40 +341,30 @@ where
         }
         session.report(metrics);
 
-        if world > 1 && step.is_multiple_of(50) {
-            let mut collective = session
-                .collective
-                .lock()
-                .map_err(|_| anyhow!("transport lock poisoned"))?;
-            verify_replicas(collective.as_mut(), weights_digest(&model))?;
-        }
+        check_replicas(session, &model, step)?;
         let (stop, clock_due) = (reduced.stop, reduced.checkpoint_clock);
         let due = step.is_multiple_of(config.checkpoint.every_steps)
             || step == end_step
             || stop
             || clock_due;
         if due && rank == 0 {
-            let trainer = trainer_state(
+            let at = Position {
+                step,
+                cursor,
+                samples_seen,
+                samples_skipped: skipped_before + loader.skipped(),
+            };
+            submit_checkpoint(
+                &mut checkpointer,
                 &run,
-                &Position {
-                    step,
-                    cursor,
-                    samples_seen,
-                    samples_skipped: skipped_before + loader.skipped(),
-                },
-            );
-            let (weights, moments) = checkpoint::serialise(&model, &model_config, &optimizer)?;
-            checkpointer.submit(
-                CheckpointBytes {
-                    model: weights,
-                    optimizer: moments,
-                    trainer,
-                },
+                &at,
+                (&model, &model_config),
+                &optimizer,
                 step == end_step || stop,
             )?;
         }
         if due {
-            last_checkpoint = Instant::now();
+            clock.reset();
         }
         if stop {
             tracing::info!(step, "stopping as the coordinator asked");

@@ -206,3 +206,93 @@ pub fn trainer_state(run: &RunPlan, at: &Position) -> TrainerState {
             .into(),
     }
 }
+
+/// The mean of the accumulation micro-steps' gradients.
+pub fn mean_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    mut parts: Vec<GradientsParams>,
+) -> GradientsParams {
+    if parts.len() == 1 {
+        return parts.pop().unwrap_or_default();
+    }
+    let weights = vec![1.0 / parts.len() as f64; parts.len()];
+    simmim_model::step::weighted_sum(model, parts, &weights)
+}
+
+/// Steps between checks that every replica holds the same weights.
+const REPLICA_CHECK_EVERY: u64 = 50;
+
+/// Every [`REPLICA_CHECK_EVERY`] steps of a world of several: fails if the ranks' weights
+/// differ (a bug or a bad node; continuing would train diverged copies).
+pub fn check_replicas<B: AutodiffBackend, M: AutodiffModule<B>>(
+    session: &Session,
+    model: &M,
+    step: u64,
+) -> Result<()> {
+    if session.joined.world_size <= 1 || !step.is_multiple_of(REPLICA_CHECK_EVERY) {
+        return Ok(());
+    }
+    let mut collective = session
+        .collective
+        .lock()
+        .map_err(|_| anyhow!("transport lock poisoned"))?;
+    crate::collective::verify_replicas(
+        collective.as_mut(),
+        crate::collective::flat::weights_digest(model),
+    )?;
+    Ok(())
+}
+
+/// Serialises a checkpoint of `model` and `optimizer` at `at` and hands it to the
+/// background uploader; the step loop pauses only for this copy off the device.
+pub fn submit_checkpoint<B, M>(
+    checkpointer: &mut checkpoint::Checkpointer,
+    run: &RunPlan,
+    at: &Position,
+    (model, model_config): (&M, &simmim_model::SimMimConfig),
+    optimizer: &simmim_model::AdamW<B::InnerBackend>,
+    must_land: bool,
+) -> Result<()>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + Sync,
+{
+    let started = Instant::now();
+    let (weights, moments) = checkpoint::serialise(model, model_config, optimizer)?;
+    let pieces = CheckpointBytes {
+        model: weights,
+        optimizer: moments,
+        trainer: trainer_state(run, at),
+    };
+    tracing::info!(
+        step = at.step,
+        "checkpoint serialised in {:.2} s ({:.1} MB); uploading in the background",
+        started.elapsed().as_secs_f64(),
+        (pieces.model.len() + pieces.optimizer.len()) as f64 / 1e6
+    );
+    checkpointer.submit(pieces, must_land)
+}
+
+/// Minutes since the last checkpoint, against `checkpoint.every_minutes`.
+pub struct CheckpointClock {
+    last: Instant,
+    every_minutes: Option<f64>,
+}
+
+impl CheckpointClock {
+    pub fn new(every_minutes: Option<f64>) -> Self {
+        Self {
+            last: Instant::now(),
+            every_minutes,
+        }
+    }
+
+    pub fn due(&self) -> bool {
+        self.every_minutes
+            .is_some_and(|m| self.last.elapsed().as_secs_f64() > m * 60.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.last = Instant::now();
+    }
+}

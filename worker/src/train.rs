@@ -9,7 +9,6 @@ use anyhow::{anyhow, bail, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use simmim_model::step::weighted_sum;
 use simmim_model::weights::{load_state_dict, state_dict_from_safetensors};
 use simmim_model::{
     loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend,
@@ -18,9 +17,7 @@ use simmim_proto::pb::StepMetrics;
 use simmim_proto::plan::Cursor;
 use simmim_proto::store::RunStore;
 
-use crate::checkpoint::{self, CheckpointBytes, Checkpointer};
-use crate::collective::flat::weights_digest;
-use crate::collective::verify_replicas;
+use crate::checkpoint::Checkpointer;
 use crate::data::augment::Augment;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{Batch, Loader, LoaderSpec};
@@ -28,16 +25,16 @@ use crate::eval::EvalSpec;
 use crate::probe::{feature_dim, probe, ProbeSets};
 use crate::recon;
 use crate::session::Session;
-use crate::steps::{all_reduce, read_resume, sum_over_ranks, trainer_state, Position, RunPlan};
+use crate::steps::{
+    all_reduce, check_replicas, mean_gradients, read_resume, submit_checkpoint, sum_over_ranks,
+    CheckpointClock, Position, RunPlan,
+};
 
 /// An error a restart cannot fix (bad config, missing dataset): the worker exits with
 /// [`crate::EXIT_DO_NOT_RETRY`] so supervisors stop retrying.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Permanent(pub String);
-
-/// Steps between checks that every replica holds the same weights.
-const REPLICA_CHECK_EVERY: u64 = 50;
 
 pub fn train<B>(session: &Session, device: B::Device) -> Result<u64>
 where
@@ -141,7 +138,7 @@ where
         session,
         std::time::Duration::from_secs_f64(config.checkpoint.max_outage_minutes * 60.0),
     );
-    let mut last_checkpoint = Instant::now();
+    let mut clock = CheckpointClock::new(config.checkpoint.every_minutes);
     while step < end_step {
         checkpointer.reap(false)?;
         if let Some(reason) = session.lost_reason() {
@@ -173,24 +170,15 @@ where
             }
             last_batch = Some(batch);
         }
-        let grads = if parts.len() == 1 {
-            parts.pop().unwrap_or_default()
-        } else {
-            let weights = vec![1.0 / parts.len() as f64; parts.len()];
-            weighted_sum(&model, parts, &weights)
-        };
+        let grads = mean_gradients(&model, parts);
 
-        let checkpoint_clock = config
-            .checkpoint
-            .every_minutes
-            .is_some_and(|m| last_checkpoint.elapsed().as_secs_f64() > m * 60.0);
         let reduced = all_reduce(
             session,
             &model,
             grads,
             loss_sum / plan.accumulation as f64,
             session.stop.load(Ordering::Relaxed),
-            checkpoint_clock,
+            clock.due(),
             &device,
         )?;
         let (loss, stop, clock_due) = (reduced.loss, reduced.stop, reduced.checkpoint_clock);
@@ -270,46 +258,29 @@ where
                 )?;
             }
         }
-        if world > 1 && step.is_multiple_of(REPLICA_CHECK_EVERY) {
-            let mut collective = session
-                .collective
-                .lock()
-                .map_err(|_| anyhow!("transport lock poisoned"))?;
-            verify_replicas(collective.as_mut(), weights_digest(&model))?;
-        }
+        check_replicas(session, &model, step)?;
         let due = step.is_multiple_of(config.checkpoint.every_steps)
             || step == end_step
             || stop
             || clock_due;
         if due && rank == 0 {
-            let trainer = trainer_state(
-                &run,
-                &Position {
-                    step,
-                    cursor,
-                    samples_seen,
-                    samples_skipped: skipped_before + loader.skipped(),
-                },
-            );
-            // The step loop pauses only for this copy off the device; the upload and the
-            // commit run in the background.
-            let serialised = Instant::now();
-            let (weights, moments) = checkpoint::serialise(&model, &model_config, &optimizer)?;
-            let pieces = CheckpointBytes {
-                model: weights,
-                optimizer: moments,
-                trainer,
-            };
-            tracing::info!(
+            let at = Position {
                 step,
-                "checkpoint serialised in {:.2} s ({:.1} MB); uploading in the background",
-                serialised.elapsed().as_secs_f64(),
-                (pieces.model.len() + pieces.optimizer.len()) as f64 / 1e6
-            );
-            checkpointer.submit(pieces, step == end_step || stop)?;
+                cursor,
+                samples_seen,
+                samples_skipped: skipped_before + loader.skipped(),
+            };
+            submit_checkpoint(
+                &mut checkpointer,
+                &run,
+                &at,
+                (&model, &model_config),
+                &optimizer,
+                step == end_step || stop,
+            )?;
         }
         if due {
-            last_checkpoint = Instant::now();
+            clock.reset();
         }
         if stop {
             tracing::info!(step, "stopping as the coordinator asked");
