@@ -10,7 +10,7 @@
 #      (its best one is the baseline)                    -> runs/cifar10-ft/scratch-*
 #   4. a table of test top-1 (full 10,000-image test set) and the learning-curve plot
 #
-# experiments/cifar10/run.sh [all|pretrain|finetune|scratch|summary]   (default all; each step resumes
+# experiments/cifar10/run.sh [all|pretrain|finetune|scratch|pretrained|seeds|summary]   (default all; each step resumes
 # or skips what is already done, so re-running after an interruption continues)
 # SEEDS="0 1" sets the fine-tuning seeds of the 10% arms (default "0 1").
 set -euo pipefail
@@ -128,6 +128,8 @@ case "$stage" in
   pretrain) pretrain ;;
   finetune) finetune_all ;;
   scratch) scratch_arms ;;
+  pretrained) pretrained_arms ;;
+  seeds) scratch_seeds ;;
   summary) python3 experiments/cifar10/summary.py "$out" --plot docs/images/cifar10-finetune.png ;;
   all) pretrain; finetune_all; python3 experiments/cifar10/summary.py "$out" --plot docs/images/cifar10-finetune.png ;;
   *) echo "usage: $0 [all|pretrain|finetune|summary]" >&2; exit 2 ;;
