@@ -132,5 +132,5 @@ case "$stage" in
   seeds) scratch_seeds ;;
   summary) python3 experiments/cifar10/summary.py "$out" --plot docs/images/cifar10-finetune.png ;;
   all) pretrain; finetune_all; python3 experiments/cifar10/summary.py "$out" --plot docs/images/cifar10-finetune.png ;;
-  *) echo "usage: $0 [all|pretrain|finetune|summary]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|pretrain|finetune|scratch|pretrained|seeds|summary]" >&2; exit 2 ;;
 esac
