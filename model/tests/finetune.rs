@@ -124,3 +124,37 @@ fn a_checkpoint_for_another_architecture_is_refused_with_the_keys_named() {
         "{error}"
     );
 }
+
+#[test]
+fn a_simmim_vit_checkpoint_becomes_a_vit_classifier() {
+    let mut config = SimMimConfig::preset("vit_base").expect("preset");
+    if let EncoderConfig::Vit(c) = &mut config.encoder {
+        (c.img_size, c.patch_size, c.embed_dim, c.depth, c.num_heads) = (32, 8, 32, 2, 2);
+    }
+    config.mask_patch_size = 8;
+    config.validate().expect("valid config");
+    let device = Default::default();
+    // A pretraining model's weights, as its checkpoint holds them.
+    let pretrained = {
+        use simmim_model::InitModel;
+        let model = config.init::<Flex>(5, &device).expect("SimMIM model");
+        state_dict(&model, &config)
+    };
+    let model = config
+        .init_classifier::<Flex>(4, 1, &device)
+        .expect("classifier");
+    let (model, report) = load_pretrained(model, &config, pretrained.clone()).expect("load");
+    assert!(!report.head_loaded);
+    let loaded = state_dict(&model, &config);
+    assert_close(
+        f32s(&loaded["encoder.blocks.1.mlp.fc2.weight"]),
+        f32s(&pretrained["encoder.blocks.1.mlp.fc2.weight"]),
+        0.0,
+        "a ViT block weight",
+    );
+    let images = Tensor::<Flex, 4>::from_data(
+        TensorData::new(vec![0.25f32; 3 * 3 * 32 * 32], [3, 3, 32, 32]),
+        &device,
+    );
+    assert_eq!(model.forward(images).dims(), [3, 4]);
+}
