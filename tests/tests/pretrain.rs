@@ -432,3 +432,46 @@ fn sigterm_stops_the_run_after_a_checkpoint_of_its_last_step() {
         "no step lost"
     );
 }
+
+/// Background checkpoints that land reset the outage clock: a run much longer than
+/// `checkpoint.max_outage_minutes` whose checkpoints keep landing trains through in one
+/// generation (an upload handle dropped before it finished once made every run fail its
+/// generation each `max_outage_minutes`, losing the steps since the last checkpoint).
+#[test]
+fn landed_background_checkpoints_keep_a_long_run_in_one_generation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synthetic_image_folder(dir.path(), 2, 20);
+    // 0.03 minutes: the outage limit is 1.8 s, the run takes several times that.
+    let config = tiny_config(&dir.path().join("runs"), "long", &data, 120, 3).replace(
+        "  every_minutes: null\n",
+        "  every_minutes: null\n  max_outage_minutes: 0.03\n",
+    );
+    let path = dir.path().join("long.yaml");
+    std::fs::write(&path, config).expect("config");
+    let started = std::time::Instant::now();
+    let out = coordinator(
+        &["start", "--config", path.to_str().expect("utf8")],
+        dir.path(),
+        DEADLINE,
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "coordinator failed:\n{}",
+        stderr(&out)
+    );
+    let run = dir.path().join("runs/long");
+    let metrics = metrics(&run);
+    assert_eq!(metrics.len(), 600, "5 steps x 120 epochs");
+    assert!(
+        metrics.iter().all(|m| m["generation"] == 0),
+        "the run never restarted"
+    );
+    assert!(
+        seconds > 2.0 * 1.8,
+        "the run outlasted the outage limit ({seconds:.1} s)"
+    );
+    let log = std::fs::read_to_string(run.join("logs/worker-0.log")).expect("worker log");
+    let landed = log.matches("checkpoint committed").count();
+    assert!(landed > 100, "periodic checkpoints are collected: {landed}");
+}

@@ -201,7 +201,14 @@ impl Checkpointer {
     /// landed for longer than `max_outage`.
     pub fn reap(&mut self, wait: bool) -> anyhow::Result<()> {
         let finished = self.in_flight.as_ref().is_some_and(|h| h.is_finished());
-        if let (true, Some(handle)) = (wait || finished, self.in_flight.take()) {
+        // Take the handle only when collecting it: an upload still running stays in flight
+        // (dropping its handle would detach it, and its landing would never reset the clock).
+        let collect = if wait || finished {
+            self.in_flight.take()
+        } else {
+            None
+        };
+        if let Some(handle) = collect {
             match self.runtime.block_on(handle) {
                 Ok(Ok(landed)) => self.landed(landed),
                 Ok(Err(e)) => tracing::warn!("checkpoint not written: {e}"),
