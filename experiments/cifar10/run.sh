@@ -102,19 +102,22 @@ scratch_arms() {
 
 pretrained_arms() {
   local pre=./runs/cifar10-pretrain
-  for seed in $seeds; do
-    finetune "pre-10pct-s$seed" "$pre" 500 64 5.0e-3 600 7.7 1 "$seed"
+  # The same three learning rates as the scratch baseline (layer decay 0.9).
+  for lr in 2.5e-3 5.0e-3 1.0e-2; do
+    finetune "pre-10pct-lr$lr-s0" "$pre" 500 64 "$lr" 600 7.7 1 0
   done
-  finetune "pre-1pct-s0" "$pre" 50 50 5.0e-3 300 30 10 0
+  finetune "pre-1pct-lr5.0e-3-s0" "$pre" 50 50 5.0e-3 300 30 10 0
 }
 
-# The best scratch learning rate at 10% again with the other seeds.
+# Each arm's best learning rate at 10% again with the other seeds.
 scratch_seeds() {
-  local best
-  best=$(python3 experiments/cifar10/summary.py --best-scratch "$out" 10pct)
+  local pre=./runs/cifar10-pretrain best
   for seed in $seeds; do
     [[ "$seed" == 0 ]] && continue
+    best=$(python3 experiments/cifar10/summary.py --best scratch "$out" 10pct)
     finetune "scratch-10pct-lr$best-s$seed" "" 500 64 "$best" 600 7.7 1 "$seed"
+    best=$(python3 experiments/cifar10/summary.py --best pre "$out" 10pct)
+    finetune "pre-10pct-lr$best-s$seed" "$pre" 500 64 "$best" 600 7.7 1 "$seed"
   done
 }
 

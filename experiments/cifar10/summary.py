@@ -2,7 +2,7 @@
 test top-1 per run and per arm, and (when matplotlib is installed) the learning curves.
 
 python3 experiments/cifar10/summary.py runs/cifar10-ft [--plot docs/images/cifar10-finetune.png]
-python3 experiments/cifar10/summary.py --best-scratch runs/cifar10-ft 10pct   (prints an LR)
+python3 experiments/cifar10/summary.py --best scratch|pre runs/cifar10-ft 10pct   (prints an LR)
 Standard library only, except for the plot.
 """
 import json
@@ -48,15 +48,15 @@ def runs(root):
         }
 
 
-def best_scratch(all_runs, labels):
-    """The scratch LR with the highest final top-1 at seed 0."""
-    scratch = [r for r in all_runs if r["arm"] == "scratch" and r["labels"] == labels and r["seed"] == 0]
-    return max(scratch, key=lambda r: r["final"])["lr"] if scratch else "5.0e-3"
+def best_lr(all_runs, arm, labels):
+    """The arm's learning rate with the highest final top-1 at seed 0."""
+    runs_ = [r for r in all_runs if r["arm"] == arm and r["labels"] == labels and r["seed"] == 0]
+    return max(runs_, key=lambda r: r["final"])["lr"] if runs_ else "5.0e-3"
 
 
 def main(argv):
-    if argv and argv[0] == "--best-scratch":
-        print(best_scratch(list(runs(argv[1])), argv[2]))
+    if argv and argv[0] == "--best":
+        print(best_lr(list(runs(argv[2])), argv[1], argv[3]))
         return
     root = argv[0] if argv else "runs/cifar10-ft"
     plot = argv[argv.index("--plot") + 1] if "--plot" in argv else None
@@ -69,15 +69,17 @@ def main(argv):
               f"{100 * r['final']:.2f}% | {100 * r['best']:.2f}% | {100 * r['final5']:.2f}% | {wall} |")
     print()
     for labels in sorted({r["labels"] for r in all_runs}):
-        lr = best_scratch(all_runs, labels)
-        pre = [r["final"] for r in all_runs if r["arm"] == "pre" and r["labels"] == labels]
-        scratch = [r["final"] for r in all_runs
-                   if r["arm"] == "scratch" and r["labels"] == labels and r["lr"] == lr]
+        arms = {}
+        for arm in ("pre", "scratch"):
+            lr = best_lr(all_runs, arm, labels)
+            arms[arm] = (lr, [r["final"] for r in all_runs
+                              if r["arm"] == arm and r["labels"] == labels and r["lr"] == lr])
+        (pre_lr, pre), (scratch_lr, scratch) = arms["pre"], arms["scratch"]
         if pre and scratch:
             gap = statistics.mean(pre) - statistics.mean(scratch)
-            print(f"{labels}: pretrained {100 * statistics.mean(pre):.2f}% (n={len(pre)}) vs "
-                  f"best scratch LR {lr}: {100 * statistics.mean(scratch):.2f}% (n={len(scratch)}): "
-                  f"{100 * gap:+.2f} points")
+            print(f"{labels}: pretrained (LR {pre_lr}) {100 * statistics.mean(pre):.2f}% (n={len(pre)}) vs "
+                  f"scratch (LR {scratch_lr}) {100 * statistics.mean(scratch):.2f}% (n={len(scratch)}): "
+                  f"{100 * gap:+.2f} points (means over seeds, each arm at its best seed-0 LR)")
     if plot:
         try:
             import matplotlib
