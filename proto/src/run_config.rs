@@ -72,6 +72,22 @@ pub struct FinetuneSection {
     /// Score the test split every this many epochs (and at the end).
     #[serde(default = "default_eval_every")]
     pub eval_every_epochs: u64,
+    /// timm's RandAugment on training images (`rand-m9-mstd0.5-inc1` officially:
+    /// `{layers: 2, magnitude: 9, magnitude_std: 0.5}`); absent: off.
+    #[serde(default)]
+    pub rand_augment: Option<RandAugmentSection>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandAugmentSection {
+    #[serde(default = "default_ra_layers")]
+    pub layers: usize,
+    /// Out of 10.
+    #[serde(default = "default_ra_magnitude")]
+    pub magnitude: f64,
+    #[serde(default = "default_ra_std")]
+    pub magnitude_std: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -398,6 +414,15 @@ fn default_crop_scale() -> (f64, f64) {
 fn default_crop_pct() -> Option<f64> {
     Some(0.875)
 }
+fn default_ra_layers() -> usize {
+    2
+}
+fn default_ra_magnitude() -> f64 {
+    9.0
+}
+fn default_ra_std() -> f64 {
+    0.5
+}
 fn default_eval_every() -> u64 {
     1
 }
@@ -648,6 +673,15 @@ impl RunConfig {
                 "finetune.label_smoothing",
                 format!("{} must be in [0, 1)", f.label_smoothing),
             ));
+        }
+        if let Some(ra) = &f.rand_augment {
+            if !(0.0..=10.0).contains(&ra.magnitude) {
+                return Err(config_error(
+                    "finetune.rand_augment.magnitude",
+                    format!("{} must be in [0, 10]", ra.magnitude),
+                ));
+            }
+            non_negative_f("finetune.rand_augment.magnitude_std", ra.magnitude_std)?;
         }
         if f.eval_every_epochs == 0 {
             return Err(config_error(

@@ -84,7 +84,7 @@ fn pretrain_with_probe_then_finetune_on_two_workers_then_probe() {
         &train,
         &test,
         &format!(
-            "  pretrained: {}\n  layer_decay: 0.8\n  mixup: 0.8\n  cutmix: 1.0\n  test_crop_pct: 0.875\n",
+            "  pretrained: {}\n  layer_decay: 0.8\n  mixup: 0.8\n  cutmix: 1.0\n  test_crop_pct: 0.875\n  rand_augment: {{layers: 2, magnitude: 9}}\n",
             pre_run.display()
         ),
     );

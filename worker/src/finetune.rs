@@ -31,6 +31,7 @@ use crate::data::augment::Augment;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{Loader, LoaderSpec};
 use crate::data::mix::{mix_batch, MixSpec};
+use crate::data::rand_augment::RandAugmentSpec;
 use crate::eval::{accuracy_share, EvalSpec};
 use crate::session::Session;
 use crate::steps::{
@@ -175,8 +176,15 @@ where
     }
 
     let img_size = model_config.encoder.img_size();
-    let augment =
-        Arc::new(Augment::new(img_size, model_config.mask_geometry()?).with_scale(ft.crop_scale));
+    let augment = Arc::new(
+        Augment::new(img_size, model_config.mask_geometry()?)
+            .with_scale(ft.crop_scale)
+            .with_rand_augment(ft.rand_augment.map(|ra| RandAugmentSpec {
+                layers: ra.layers,
+                magnitude: ra.magnitude,
+                magnitude_std: ra.magnitude_std,
+            })),
+    );
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let loader = Loader::start(
         Arc::new(train_set),

@@ -21,6 +21,8 @@ pub struct Augment {
     pub scale: (f64, f64),
     pub ratio: (f64, f64),
     pub geometry: MaskGeometry,
+    /// Fine-tuning only (pretraining uses crop and flip alone, as the official code).
+    pub rand_augment: Option<super::rand_augment::RandAugmentSpec>,
 }
 
 /// A decoded, augmented, normalised sample: `[3, H, W]` floats and its token mask.
@@ -37,6 +39,7 @@ impl Augment {
             scale: (0.67, 1.0),
             ratio: (3.0 / 4.0, 4.0 / 3.0),
             geometry,
+            rand_augment: None,
         }
     }
 
@@ -62,6 +65,9 @@ impl Augment {
         );
         if rng.random_bool(0.5) {
             image::imageops::flip_horizontal_in_place(&mut resized);
+        }
+        if let Some(spec) = &self.rand_augment {
+            spec.apply(&mut resized, rng);
         }
         let mask = self.geometry.generate_with(rng);
         Ok(Prepared {
@@ -178,6 +184,11 @@ impl Augment {
     /// `[0.08, 1]` where pretraining uses `[0.67, 1]`).
     pub fn with_scale(mut self, scale: (f64, f64)) -> Self {
         self.scale = scale;
+        self
+    }
+
+    pub fn with_rand_augment(mut self, spec: Option<super::rand_augment::RandAugmentSpec>) -> Self {
+        self.rand_augment = spec;
         self
     }
 }

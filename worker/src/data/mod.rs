@@ -6,6 +6,7 @@ pub mod augment;
 pub mod dataset;
 pub mod loader;
 pub mod mix;
+pub mod rand_augment;
 pub mod shards;
 
 /// A problem with the training data. Errors name the file or object at fault.
