@@ -27,6 +27,15 @@ echo "== cargo build --release (the binaries the system tests run)"
 cargo build --release --workspace --bins
 echo "== cargo test --release"
 cargo test --workspace --release
+echo "== the CIFAR-10 experiment, scaled down (SMOKE=1 experiments/cifar10/run.sh)"
+rm -rf runs/cifar10-smoke
+mkdir -p runs
+if ! SMOKE=1 SIMMIM_BIN=target/release experiments/cifar10/run.sh all > runs/cifar10-smoke.log 2>&1; then
+  tail -40 runs/cifar10-smoke.log
+  echo "experiment smoke run failed (log: runs/cifar10-smoke.log)" >&2
+  exit 1
+fi
+grep '^|' runs/cifar10-smoke.log | head -4
 echo "== cargo check --features cuda"
 cargo check -p simmim-model -p simmim-worker --all-targets --features cuda
 echo "== all checks passed"

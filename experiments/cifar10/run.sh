@@ -13,6 +13,8 @@
 # experiments/cifar10/run.sh [all|pretrain|finetune|scratch|pretrained|seeds|summary]   (default all; each step resumes
 # or skips what is already done, so re-running after an interruption continues)
 # SEEDS="0 1" sets the fine-tuning seeds of the 10% arms (default "0 1").
+# SMOKE=1 runs every stage scaled down (16 pretraining steps, 8 and 4 fine-tuning steps) under
+# runs/cifar10-smoke and fails unless every run was evaluated: scripts/test.sh runs it.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -20,6 +22,17 @@ stage="${1:-all}"
 bin="${SIMMIM_BIN:-target/release}"
 seeds="${SEEDS:-0 1}"
 out=runs/cifar10-ft
+pre_run=./runs/cifar10-pretrain
+steps10=600
+steps1=300
+summary_args=(--plot docs/images/cifar10-finetune.png)
+if [[ -n "${SMOKE:-}" ]]; then
+  out=runs/cifar10-smoke/ft
+  pre_run=./runs/cifar10-smoke/pretrain
+  steps10=8
+  steps1=4
+  summary_args=(--require 10)
+fi
 
 if [[ -z "${SIMMIM_BIN:-}" ]]; then
   scripts/setup.sh
@@ -27,7 +40,14 @@ if [[ -z "${SIMMIM_BIN:-}" ]]; then
 fi
 
 pretrain() {
-  "$bin/coordinator" start --config experiments/cifar10/pretrain.yaml
+  if [[ -n "${SMOKE:-}" ]]; then
+    mkdir -p runs/cifar10-smoke
+    sed -e 's/^  name: cifar10-pretrain/  name: pretrain/' -e 's|^  root: ./runs|  root: ./runs/cifar10-smoke|' \
+      experiments/cifar10/pretrain.yaml > runs/cifar10-smoke/pretrain.yaml
+    "$bin/coordinator" start --config runs/cifar10-smoke/pretrain.yaml --max-steps 16
+  else
+    "$bin/coordinator" start --config experiments/cifar10/pretrain.yaml
+  fi
 }
 
 # finetune NAME PRETRAINED(or "") LABELS_PER_CLASS MICRO_BATCH BASE_LR STEPS EPOCHS EVAL_EVERY SEED
@@ -92,31 +112,31 @@ YAML
 scratch_arms() {
   # 10% labels: 5,000 images, batch 64 (78 steps an epoch), 600 steps.
   for lr in 2.5e-3 5.0e-3 1.0e-2; do
-    finetune "scratch-10pct-lr$lr-s0" "" 500 64 "$lr" 600 7.7 1 0
+    finetune "scratch-10pct-lr$lr-s0" "" 500 64 "$lr" "$steps10" 7.7 1 0
   done
   # 1% labels: 500 images, batch 50 (10 steps an epoch), 300 steps.
   for lr in 2.5e-3 5.0e-3 1.0e-2; do
-    finetune "scratch-1pct-lr$lr-s0" "" 50 50 "$lr" 300 30 10 0
+    finetune "scratch-1pct-lr$lr-s0" "" 50 50 "$lr" "$steps1" 30 10 0
   done
 }
 
 pretrained_arms() {
-  local pre=./runs/cifar10-pretrain
+  local pre=$pre_run
   # One learning rate (5e-3 per 512, with layer decay 0.9), untuned; the scratch baseline
   # gets the best of three.
-  finetune "pre-10pct-lr5.0e-3-s0" "$pre" 500 64 5.0e-3 600 7.7 1 0
-  finetune "pre-1pct-lr5.0e-3-s0" "$pre" 50 50 5.0e-3 300 30 10 0
+  finetune "pre-10pct-lr5.0e-3-s0" "$pre" 500 64 5.0e-3 "$steps10" 7.7 1 0
+  finetune "pre-1pct-lr5.0e-3-s0" "$pre" 50 50 5.0e-3 "$steps1" 30 10 0
 }
 
 # Each arm's best learning rate at 10% again with the other seeds.
 scratch_seeds() {
-  local pre=./runs/cifar10-pretrain best
+  local pre=$pre_run best
   for seed in $seeds; do
     [[ "$seed" == 0 ]] && continue
     best=$(python3 experiments/cifar10/summary.py --best scratch "$out" 10pct)
-    finetune "scratch-10pct-lr$best-s$seed" "" 500 64 "$best" 600 7.7 1 "$seed"
+    finetune "scratch-10pct-lr$best-s$seed" "" 500 64 "$best" "$steps10" 7.7 1 "$seed"
     best=$(python3 experiments/cifar10/summary.py --best pre "$out" 10pct)
-    finetune "pre-10pct-lr$best-s$seed" "$pre" 500 64 "$best" 600 7.7 1 "$seed"
+    finetune "pre-10pct-lr$best-s$seed" "$pre" 500 64 "$best" "$steps10" 7.7 1 "$seed"
   done
 }
 
@@ -132,7 +152,7 @@ case "$stage" in
   scratch) scratch_arms ;;
   pretrained) pretrained_arms ;;
   seeds) scratch_seeds ;;
-  summary) python3 experiments/cifar10/summary.py "$out" --plot docs/images/cifar10-finetune.png ;;
-  all) pretrain; finetune_all; python3 experiments/cifar10/summary.py "$out" --plot docs/images/cifar10-finetune.png ;;
+  summary) python3 experiments/cifar10/summary.py "$out" "${summary_args[@]}" ;;
+  all) pretrain; finetune_all; python3 experiments/cifar10/summary.py "$out" "${summary_args[@]}" ;;
   *) echo "usage: $0 [all|pretrain|finetune|scratch|pretrained|seeds|summary]" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 """Summarises the CIFAR-10 fine-tuning runs of experiments/cifar10/run.sh: a Markdown table of
 test top-1 per run and per arm, and (when matplotlib is installed) the learning curves.
 
-python3 experiments/cifar10/summary.py runs/cifar10-ft [--plot docs/images/cifar10-finetune.png]
+python3 experiments/cifar10/summary.py runs/cifar10-ft [--plot docs/images/cifar10-finetune.png] [--require N]
 python3 experiments/cifar10/summary.py --best scratch|pre runs/cifar10-ft 10pct   (prints an LR)
 Standard library only, except for the plot.
 """
@@ -60,7 +60,11 @@ def main(argv):
         return
     root = argv[0] if argv else "runs/cifar10-ft"
     plot = argv[argv.index("--plot") + 1] if "--plot" in argv else None
+    required = int(argv[argv.index("--require") + 1]) if "--require" in argv else 0
     all_runs = list(runs(root))
+    if len(all_runs) < required:
+        print(f"only {len(all_runs)} evaluated runs in {root}, expected {required}", file=sys.stderr)
+        sys.exit(1)
     print("| run | labels | LR (per 512) | seed | steps | final top-1 | best top-1 | final top-5 | wall |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in all_runs:
