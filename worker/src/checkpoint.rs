@@ -139,11 +139,10 @@ pub struct Landed {
 }
 
 impl Checkpointer {
-    pub fn new(
-        store: RunStore,
-        session: &crate::session::Session,
-        max_outage: std::time::Duration,
-    ) -> Self {
+    /// `checkpoint.max_outage_minutes` of the session's config bounds an outage.
+    pub fn new(store: RunStore, session: &crate::session::Session) -> Self {
+        let max_outage =
+            std::time::Duration::from_secs_f64(session.config.checkpoint.max_outage_minutes * 60.0);
         Self {
             store,
             runtime: session.runtime.clone(),

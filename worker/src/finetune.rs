@@ -4,7 +4,6 @@
 //! test split at the end of every epoch, and keeps the best model under `best/`.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
@@ -20,25 +19,24 @@ use simmim_model::step::classifier_loss_and_grads;
 use simmim_model::weights::{
     load_pretrained, load_state_dict, state_dict, state_dict_from_safetensors, to_safetensors,
 };
-use simmim_model::{AdamW, AdamWConfig, Classifier, InitClassifier, SimMimBackend};
+use simmim_model::{AdamW, Classifier, InitClassifier, SimMimBackend};
 use simmim_proto::pb::StepMetrics;
-use simmim_proto::plan::{mix, Cursor};
+use simmim_proto::plan::mix;
 use simmim_proto::run_config::FinetuneSection;
 use simmim_proto::store::RunStore;
 
 use crate::checkpoint::Checkpointer;
 use crate::data::augment::Augment;
 use crate::data::dataset::Dataset;
-use crate::data::loader::{Loader, LoaderSpec};
 use crate::data::mix::{mix_batch, MixSpec};
 use crate::data::rand_augment::RandAugmentSpec;
 use crate::eval::{accuracy_share, EvalSpec};
 use crate::session::Session;
 use crate::steps::{
-    all_reduce, check_replicas, mean_gradients, read_resume, submit_checkpoint, sum_over_ranks,
-    CheckpointClock, Position, RunPlan,
+    adamw_config, all_reduce, check_replicas, mean_gradients, read_resume, start_loader,
+    submit_checkpoint, sum_over_ranks, usable_len, CheckpointClock, Position, RunPlan,
 };
-use crate::train::Permanent;
+use crate::train::permanent;
 use crate::weights_source::read_weights;
 
 /// Where the best model by test top-1 is kept (outside the checkpoint rotation).
@@ -55,10 +53,6 @@ pub struct BestRecord {
 
 /// Images per forward pass when scoring the test split.
 const EVAL_BATCH: usize = 256;
-
-fn permanent(e: impl std::fmt::Display) -> anyhow::Error {
-    Permanent(e.to_string()).into()
-}
 
 pub fn finetune<B>(session: &Session, device: B::Device) -> Result<u64>
 where
@@ -92,10 +86,7 @@ where
             .labels_per_class(per_class, config.data.subset_seed)
             .map_err(permanent)?;
     }
-    let dataset_len = config
-        .data
-        .limit
-        .map_or(train_set.len(), |l| l.min(train_set.len()));
+    let dataset_len = usable_len(config, &train_set);
     let run = RunPlan::new(session, dataset_len)?;
     let plan = run.plan;
 
@@ -110,20 +101,10 @@ where
         &model_config.encoder,
         ft.layer_decay,
     );
-    let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig {
-        betas: config.train.betas,
-        eps: config.train.eps,
-        weight_decay: config.train.weight_decay,
-        clip_grad: config.train.clip_grad,
-    })
-    .with_lr_scales(scales);
+    let mut optimizer =
+        AdamW::<B::InnerBackend>::new(adamw_config(&config.train)).with_lr_scales(scales);
 
-    let mut at = Position {
-        step: 0,
-        cursor: Cursor::default(),
-        samples_seen: 0,
-        samples_skipped: 0,
-    };
+    let mut at = Position::default();
     if let Some(pieces) = read_resume(session, &store, &run.config_hash)? {
         model = load_state_dict(
             model,
@@ -135,15 +116,7 @@ where
             &state_dict_from_safetensors(&pieces.optimizer)?,
             &device,
         )?;
-        at = Position {
-            step: pieces.trainer.step,
-            cursor: Cursor {
-                epoch: pieces.trainer.epoch,
-                offset: pieces.trainer.epoch_offset,
-            },
-            samples_seen: pieces.trainer.samples_seen,
-            samples_skipped: pieces.trainer.samples_skipped,
-        };
+        at = Position::resumed(&pieces.trainer);
     } else if let Some(source) = &ft.pretrained {
         let (weights, _) = read_weights(source, &session.runtime)
             .map_err(|e| permanent(format!("finetune.pretrained: {e:#}")))?;
@@ -176,29 +149,14 @@ where
     }
 
     let img_size = model_config.encoder.img_size();
-    let augment = Arc::new(
-        Augment::new(img_size, model_config.mask_geometry()?)
-            .with_scale(ft.crop_scale)
-            .with_rand_augment(ft.rand_augment.map(|ra| RandAugmentSpec {
-                layers: ra.layers,
-                magnitude: ra.magnitude,
-                magnitude_std: ra.magnitude_std,
-            })),
-    );
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let loader = Loader::start(
-        Arc::new(train_set),
-        augment,
-        LoaderSpec {
-            plan,
-            rank,
-            first: cursor,
-            steps: remaining,
-            threads: config.data.loader_threads.unwrap_or(cores),
-            prefetch: config.data.prefetch,
-        },
-    )?;
-    let shards = config.train.compute_threads.unwrap_or(2 * cores);
+    let augment = Augment::new(img_size, model_config.mask_geometry()?)
+        .with_scale(ft.crop_scale)
+        .with_rand_augment(ft.rand_augment.map(|ra| RandAugmentSpec {
+            layers: ra.layers,
+            magnitude: ra.magnitude,
+            magnitude_std: ra.magnitude_std,
+        }));
+    let (loader, shards) = start_loader(session, train_set, augment, &run, cursor, remaining)?;
     let mix_spec = MixSpec {
         mixup: ft.mixup,
         cutmix: ft.cutmix,
@@ -213,12 +171,8 @@ where
         world,
     };
 
-    let mut checkpointer = Checkpointer::new(
-        store.clone(),
-        session,
-        std::time::Duration::from_secs_f64(config.checkpoint.max_outage_minutes * 60.0),
-    );
-    let mut clock = CheckpointClock::new(config.checkpoint.every_minutes);
+    let mut checkpointer = Checkpointer::new(store.clone(), session);
+    let mut clock = CheckpointClock::new(&config.checkpoint, end_step);
     while step < end_step {
         checkpointer.reap(false)?;
         if let Some(reason) = session.lost_reason() {
@@ -350,11 +304,8 @@ where
         session.report(metrics);
 
         check_replicas(session, &model, step)?;
-        let (stop, clock_due) = (reduced.stop, reduced.checkpoint_clock);
-        let due = step.is_multiple_of(config.checkpoint.every_steps)
-            || step == end_step
-            || stop
-            || clock_due;
+        let stop = reduced.stop;
+        let due = clock.checkpoint_after(step, stop, reduced.checkpoint_clock);
         if due && rank == 0 {
             let at = Position {
                 step,
@@ -370,9 +321,6 @@ where
                 &optimizer,
                 step == end_step || stop,
             )?;
-        }
-        if due {
-            clock.reset();
         }
         if stop {
             tracing::info!(step, "stopping as the coordinator asked");

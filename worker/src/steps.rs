@@ -11,8 +11,17 @@ use burn::tensor::backend::AutodiffBackend;
 use simmim_proto::plan::{Cursor, DataPlan};
 use simmim_proto::store::{config_hash, RunStore};
 
+use std::sync::Arc;
+
+use simmim_model::AdamWConfig;
+use simmim_proto::run_config::{CheckpointSection, TrainSection};
+use simmim_proto::RunConfig;
+
 use crate::checkpoint::{self, CheckpointBytes, TrainerState};
 use crate::collective::flat::{flatten, unflatten};
+use crate::data::augment::Augment;
+use crate::data::dataset::Dataset;
+use crate::data::loader::{Loader, LoaderSpec};
 use crate::schedule::Schedule;
 use crate::session::Session;
 use crate::train::Permanent;
@@ -183,11 +192,72 @@ pub fn sum_over_ranks(session: &Session, values: &mut [f32]) -> Result<()> {
 }
 
 /// The loop's position for `trainer.json`.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Position {
     pub step: u64,
     pub cursor: Cursor,
     pub samples_seen: u64,
     pub samples_skipped: u64,
+}
+
+impl Position {
+    /// Where a checkpoint's trainer state left the loop.
+    pub fn resumed(trainer: &TrainerState) -> Self {
+        Self {
+            step: trainer.step,
+            cursor: Cursor {
+                epoch: trainer.epoch,
+                offset: trainer.epoch_offset,
+            },
+            samples_seen: trainer.samples_seen,
+            samples_skipped: trainer.samples_skipped,
+        }
+    }
+}
+
+/// The run config's optimizer settings.
+pub fn adamw_config(train: &TrainSection) -> AdamWConfig {
+    AdamWConfig {
+        betas: train.betas,
+        eps: train.eps,
+        weight_decay: train.weight_decay,
+        clip_grad: train.clip_grad,
+    }
+}
+
+/// Samples of `dataset` the plan draws from: all, or the first `data.limit`.
+pub fn usable_len(config: &RunConfig, dataset: &Dataset) -> usize {
+    config
+        .data
+        .limit
+        .map_or(dataset.len(), |l| l.min(dataset.len()))
+}
+
+/// Starts the prefetching loader on this rank's share of `steps` optimizer steps from `first`;
+/// returns it with the number of sub-batches to compute concurrently.
+pub fn start_loader(
+    session: &Session,
+    dataset: Dataset,
+    augment: Augment,
+    run: &RunPlan,
+    first: Cursor,
+    steps: u64,
+) -> Result<(Loader, usize)> {
+    let config = &session.config;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let loader = Loader::start(
+        Arc::new(dataset),
+        Arc::new(augment),
+        LoaderSpec {
+            plan: run.plan,
+            rank: session.joined.rank as usize,
+            first,
+            steps,
+            threads: config.data.loader_threads.unwrap_or(cores),
+            prefetch: config.data.prefetch,
+        },
+    )?;
+    Ok((loader, config.train.compute_threads.unwrap_or(2 * cores)))
 }
 
 pub fn trainer_state(run: &RunPlan, at: &Position) -> TrainerState {
@@ -273,26 +343,40 @@ where
     checkpointer.submit(pieces, must_land)
 }
 
-/// Minutes since the last checkpoint, against `checkpoint.every_minutes`.
+/// When checkpoints are due: every `checkpoint.every_steps`, at the generation's last step,
+/// on a stop, and when `checkpoint.every_minutes` have passed since the last one.
 pub struct CheckpointClock {
     last: Instant,
     every_minutes: Option<f64>,
+    every_steps: u64,
+    end_step: u64,
 }
 
 impl CheckpointClock {
-    pub fn new(every_minutes: Option<f64>) -> Self {
+    pub fn new(checkpoint: &CheckpointSection, end_step: u64) -> Self {
         Self {
             last: Instant::now(),
-            every_minutes,
+            every_minutes: checkpoint.every_minutes,
+            every_steps: checkpoint.every_steps,
+            end_step,
         }
     }
 
+    /// This rank's vote that the minutes have passed (rank 0's vote decides, through the
+    /// all-reduce).
     pub fn due(&self) -> bool {
         self.every_minutes
             .is_some_and(|m| self.last.elapsed().as_secs_f64() > m * 60.0)
     }
 
-    pub fn reset(&mut self) {
-        self.last = Instant::now();
+    /// Whether `step` ends with a checkpoint, given the agreed stop and clock flags; restarts
+    /// the clock when it does.
+    pub fn checkpoint_after(&mut self, step: u64, stop: bool, clock_due: bool) -> bool {
+        let due =
+            step.is_multiple_of(self.every_steps) || step == self.end_step || stop || clock_due;
+        if due {
+            self.last = Instant::now();
+        }
+        due
     }
 }

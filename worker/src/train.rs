@@ -2,7 +2,6 @@
 //! (all-reduce, clip, AdamW), report, checkpoint.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
@@ -10,24 +9,21 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use simmim_model::weights::{load_state_dict, state_dict_from_safetensors};
-use simmim_model::{
-    loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimBackend,
-};
+use simmim_model::{loss_and_grads, mask_tensor, AdamW, InitModel, SimMim, SimMimBackend};
 use simmim_proto::pb::StepMetrics;
-use simmim_proto::plan::Cursor;
 use simmim_proto::store::RunStore;
 
 use crate::checkpoint::Checkpointer;
 use crate::data::augment::Augment;
 use crate::data::dataset::Dataset;
-use crate::data::loader::{Batch, Loader, LoaderSpec};
+use crate::data::loader::Batch;
 use crate::eval::EvalSpec;
 use crate::probe::{feature_dim, probe, ProbeSets};
 use crate::recon;
 use crate::session::Session;
 use crate::steps::{
-    all_reduce, check_replicas, mean_gradients, read_resume, submit_checkpoint, sum_over_ranks,
-    CheckpointClock, Position, RunPlan,
+    adamw_config, all_reduce, check_replicas, mean_gradients, read_resume, start_loader,
+    submit_checkpoint, sum_over_ranks, usable_len, CheckpointClock, Position, RunPlan,
 };
 
 /// An error a restart cannot fix (bad config, missing dataset): the worker exits with
@@ -35,6 +31,11 @@ use crate::steps::{
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Permanent(pub String);
+
+/// `e` as a [`Permanent`] error.
+pub fn permanent(e: impl std::fmt::Display) -> anyhow::Error {
+    Permanent(e.to_string()).into()
+}
 
 pub fn train<B>(session: &Session, device: B::Device) -> Result<u64>
 where
@@ -44,48 +45,23 @@ where
     let config = &session.config;
     let joined = &session.joined;
     let (rank, world) = (joined.rank as usize, joined.world_size as usize);
-    let model_config = config
-        .model_config()
-        .map_err(|e| Permanent(e.to_string()))?;
+    let model_config = config.model_config().map_err(permanent)?;
     let store = RunStore::open(&joined.run_url)?;
 
-    let dataset = Dataset::open(&config.data.train, session.runtime.clone())
-        .map_err(|e| Permanent(e.to_string()))?;
-    let dataset_len = config
-        .data
-        .limit
-        .map_or(dataset.len(), |l| l.min(dataset.len()));
+    let dataset = Dataset::open(&config.data.train, session.runtime.clone()).map_err(permanent)?;
+    let dataset_len = usable_len(config, &dataset);
     let run = RunPlan::new(session, dataset_len)?;
     let plan = run.plan;
 
-    let adamw = AdamWConfig {
-        betas: config.train.betas,
-        eps: config.train.eps,
-        weight_decay: config.train.weight_decay,
-        clip_grad: config.train.clip_grad,
-    };
     let mut model: SimMim<B> = model_config.init(config.run.seed, &device)?;
-    let mut optimizer = AdamW::<B::InnerBackend>::new(adamw);
-    let mut at = Position {
-        step: 0,
-        cursor: Cursor::default(),
-        samples_seen: 0,
-        samples_skipped: 0,
-    };
+    let mut optimizer = AdamW::<B::InnerBackend>::new(adamw_config(&config.train));
+    let mut at = Position::default();
     if let Some(pieces) = read_resume(session, &store, &run.config_hash)? {
         let weights = state_dict_from_safetensors(&pieces.model)?;
         model = load_state_dict(model, &model_config, &weights)?;
         let moments = state_dict_from_safetensors(&pieces.optimizer)?;
         optimizer.load_state_dict(&model, &moments, &device)?;
-        at = Position {
-            step: pieces.trainer.step,
-            cursor: Cursor {
-                epoch: pieces.trainer.epoch,
-                offset: pieces.trainer.epoch_offset,
-            },
-            samples_seen: pieces.trainer.samples_seen,
-            samples_skipped: pieces.trainer.samples_skipped,
-        };
+        at = Position::resumed(&pieces.trainer);
     }
     let skipped_before = at.samples_skipped;
     let mut cursor = plan.settle(at.cursor);
@@ -101,21 +77,8 @@ where
 
     let geometry = model_config.mask_geometry()?;
     let img_size = model_config.encoder.img_size();
-    let augment = Arc::new(Augment::new(img_size, geometry));
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let loader = Loader::start(
-        Arc::new(dataset),
-        augment,
-        LoaderSpec {
-            plan,
-            rank,
-            first: cursor,
-            steps: remaining,
-            threads: config.data.loader_threads.unwrap_or(cores),
-            prefetch: config.data.prefetch,
-        },
-    )?;
-    let shards = config.train.compute_threads.unwrap_or(2 * cores);
+    let augment = Augment::new(img_size, geometry);
+    let (loader, shards) = start_loader(session, dataset, augment, &run, cursor, remaining)?;
     let grid = geometry.token_grid();
 
     let probe_sets = match &config.probe {
@@ -133,12 +96,8 @@ where
         }
         None => None,
     };
-    let mut checkpointer = Checkpointer::new(
-        store.clone(),
-        session,
-        std::time::Duration::from_secs_f64(config.checkpoint.max_outage_minutes * 60.0),
-    );
-    let mut clock = CheckpointClock::new(config.checkpoint.every_minutes);
+    let mut checkpointer = Checkpointer::new(store.clone(), session);
+    let mut clock = CheckpointClock::new(&config.checkpoint, end_step);
     while step < end_step {
         checkpointer.reap(false)?;
         if let Some(reason) = session.lost_reason() {
@@ -259,10 +218,7 @@ where
             }
         }
         check_replicas(session, &model, step)?;
-        let due = step.is_multiple_of(config.checkpoint.every_steps)
-            || step == end_step
-            || stop
-            || clock_due;
+        let due = clock.checkpoint_after(step, stop, clock_due);
         if due && rank == 0 {
             let at = Position {
                 step,
@@ -278,9 +234,6 @@ where
                 &optimizer,
                 step == end_step || stop,
             )?;
-        }
-        if due {
-            clock.reset();
         }
         if stop {
             tracing::info!(step, "stopping as the coordinator asked");
