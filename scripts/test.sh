@@ -13,10 +13,18 @@ if ! command -v kubectl >/dev/null; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq kubernetes-client
   else sudo apt-get update -qq && sudo apt-get install -y -qq kubernetes-client; fi
 fi
-# ...and a real S3-compatible server for the object-storage tests (moto_server).
-if [ ! -x .venv-tools/bin/kubernetes-validate ] || [ ! -x .venv-tools/bin/moto_server ]; then
-  echo "setup: installing kubernetes-validate and moto[server] into .venv-tools"
-  python3 -m venv .venv-tools && .venv-tools/bin/pip install -q kubernetes-validate 'moto[server]'
+# ...promtool for the Prometheus endpoint test (Debian's prometheus package)...
+if ! command -v promtool >/dev/null; then
+  echo "setup: installing promtool (Debian's prometheus)"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus
+  else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends prometheus; fi
+fi
+# ...a real S3-compatible server for the object-storage tests (moto_server), and TensorBoard's
+# own reader for the event-file tests.
+if [ ! -x .venv-tools/bin/kubernetes-validate ] || [ ! -x .venv-tools/bin/moto_server ] \
+  || [ ! -x .venv-tools/bin/tensorboard ]; then
+  echo "setup: installing kubernetes-validate, moto[server] and tensorboard into .venv-tools"
+  python3 -m venv .venv-tools && .venv-tools/bin/pip install -q kubernetes-validate 'moto[server]' tensorboard
 fi
 
 echo "== cargo fmt --check"

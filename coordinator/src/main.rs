@@ -1,10 +1,12 @@
 mod faults;
 mod membership;
 mod metrics;
+mod prometheus;
 mod retention;
 mod service;
 mod status;
 mod supervisor;
+mod tensorboard;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +52,12 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Follow the run live (refreshing), until it ends.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 2.0)]
+        every: f64,
     },
 }
 
@@ -70,7 +78,13 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Cmd::Start(args) => start(args).await,
-            Cmd::Status { run, json } => status::print(&run, json).await.map(|()| 0),
+            Cmd::Status {
+                run,
+                watch: true,
+                every,
+                ..
+            } => status::watch(&run, Duration::from_secs_f64(every.max(0.1))).await,
+            Cmd::Status { run, json, .. } => status::print(&run, json).await.map(|()| 0),
         }
     });
     supervisor::kill_all();
@@ -118,6 +132,9 @@ struct StartArgs {
     /// Override run.root (where runs live).
     #[arg(long)]
     root: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464); off by default.
+    #[arg(long, env = "SIMMIM_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Print the run config the coordinator would use, and exit.
     #[arg(long)]
     print_config: bool,
@@ -246,7 +263,18 @@ async fn start(args: StartArgs) -> Result<i32> {
         commit_lock: tokio::sync::Mutex::new(()),
         stop: Default::default(),
         refused: Default::default(),
-        metrics: Mutex::new(MetricsSink::new(&store, progress)?),
+        metrics: Mutex::new(MetricsSink::new(
+            &store,
+            progress,
+            config.output.tensorboard.then(|| {
+                tensorboard::TensorBoard::start(
+                    store.clone(),
+                    &config,
+                    resume.as_ref().map_or(0, |r| r.step),
+                )
+            }),
+        )?),
+        counters: Default::default(),
         status: Mutex::new(RunStatus {
             run: config.run.name.clone(),
             run_url: store.url().to_string(),
@@ -290,6 +318,10 @@ async fn start(args: StartArgs) -> Result<i32> {
             tracing::error!("gRPC server stopped: {e}");
         }
     });
+    if let Some(listen) = args.metrics_listen {
+        let bound = prometheus::serve(listen, prometheus::registry(shared.clone())).await?;
+        tracing::info!("Prometheus metrics on http://{bound}/metrics");
+    }
     // The address (and, for a loopback-only run, the made-up token) for `coordinator status`.
     let mut info =
         serde_json::json!({ "address": advertised, "pid": std::process::id(), "state": "running" });
@@ -433,8 +465,18 @@ async fn start(args: StartArgs) -> Result<i32> {
     // Let workers that are still connected hear the end before their processes are stopped.
     tokio::time::sleep(Duration::from_millis(200)).await;
     supervisor::kill_all();
-    if let Ok(mut sink) = shared.metrics.lock() {
-        sink.finish();
+    let tensorboard_written = shared
+        .metrics
+        .lock()
+        .ok()
+        .and_then(|mut sink| sink.finish(state == "finished" || state == "stopped"));
+    if let Some(written) = tensorboard_written {
+        if tokio::time::timeout(Duration::from_secs(30), written)
+            .await
+            .is_err()
+        {
+            tracing::warn!("TensorBoard: the last event file was not written within 30 s");
+        }
     }
     if let Ok(mut s) = shared.status.lock() {
         s.state = state.into();

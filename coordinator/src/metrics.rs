@@ -9,6 +9,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use simmim_proto::pb::StepMetrics;
 use simmim_proto::store::RunStore;
 
+use crate::tensorboard::TensorBoard;
+
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SAMPLES_FILE: &str = "samples.jsonl";
 
@@ -19,10 +21,15 @@ pub struct MetricsSink {
     bar: ProgressBar,
     last_log: Instant,
     first_step_at: Option<(Instant, u64)>,
+    tensorboard: Option<TensorBoard>,
 }
 
 impl MetricsSink {
-    pub fn new(store: &RunStore, progress: bool) -> std::io::Result<Self> {
+    pub fn new(
+        store: &RunStore,
+        progress: bool,
+        tensorboard: Option<TensorBoard>,
+    ) -> std::io::Result<Self> {
         let local = match store.local_dir() {
             Some(dir) => Some(
                 std::fs::OpenOptions::new()
@@ -59,6 +66,7 @@ impl MetricsSink {
             bar,
             last_log: Instant::now(),
             first_step_at: None,
+            tensorboard,
         })
     }
 
@@ -134,6 +142,9 @@ impl MetricsSink {
                 )
             });
         }
+        if let Some(tb) = &self.tensorboard {
+            tb.record(&line);
+        }
         let mut text = line.to_string();
         text.push('\n');
         if let Some(file) = &mut self.local {
@@ -177,6 +188,9 @@ impl MetricsSink {
 
     /// Makes the metrics durable: fsync locally, or rewrite the object remotely.
     pub fn flush(&mut self) {
+        if let Some(tb) = &self.tensorboard {
+            tb.flush();
+        }
         if let Some(file) = &mut self.local {
             let _ = file.sync_data();
         }
@@ -190,8 +204,11 @@ impl MetricsSink {
         }
     }
 
-    pub fn finish(&mut self) {
+    /// Ends the progress bar and writes what is left; the receiver completes when the
+    /// TensorBoard writer (if any) has written its last file.
+    pub fn finish(&mut self, success: bool) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.bar.finish();
         self.flush();
+        self.tensorboard.as_ref().map(|tb| tb.close(success))
     }
 }

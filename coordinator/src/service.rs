@@ -55,14 +55,20 @@ pub struct Shared {
     pub refused: std::sync::atomic::AtomicU64,
     pub metrics: Mutex<MetricsSink>,
     pub status: Mutex<RunStatus>,
+    pub counters: Counters,
+}
+
+/// Event counts for the Prometheus endpoint.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub commits: std::sync::atomic::AtomicU64,
+    pub commit_failures: std::sync::atomic::AtomicU64,
+    /// Calls refused by the membership (stale generation, unknown rank, full).
+    pub refused_membership: std::sync::atomic::AtomicU64,
 }
 
 pub struct Service {
     pub shared: std::sync::Arc<Shared>,
-}
-
-fn refused(r: Refusal) -> Status {
-    Status::failed_precondition(r.to_string())
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -90,7 +96,9 @@ impl Coordinator for Service {
         };
         let (generation, rank) = {
             let mut m = locked(&self.shared.membership);
-            let rank = m.register(&joiner, Instant::now()).map_err(refused)?;
+            let rank = m
+                .register(&joiner, Instant::now())
+                .map_err(|r| self.refused(r))?;
             (m.generation, rank)
         };
         tracing::info!(rank, generation, worker = %req.worker_id, host = %req.hostname, "worker registered");
@@ -101,9 +109,11 @@ impl Coordinator for Service {
             {
                 let mut m = locked(&self.shared.membership);
                 if m.generation != generation {
-                    return Err(refused(Refusal::Stale {
+                    let current = m.generation;
+                    drop(m);
+                    return Err(self.refused(Refusal::Stale {
                         sent: generation,
-                        current: m.generation,
+                        current,
                     }));
                 }
                 if let Some(world) = m.try_form(Instant::now()) {
@@ -148,7 +158,7 @@ impl Coordinator for Service {
         let req = request.into_inner();
         locked(&self.shared.membership)
             .heartbeat(req.generation, req.rank, req.step, Instant::now())
-            .map_err(refused)?;
+            .map_err(|r| self.refused(r))?;
         Ok(Response::new(HeartbeatReply {
             stop: self.shared.stop.load(Ordering::Relaxed),
         }))
@@ -161,7 +171,8 @@ impl Coordinator for Service {
         let req = request.into_inner();
         {
             let mut m = locked(&self.shared.membership);
-            m.check(req.generation, req.rank).map_err(refused)?;
+            m.check(req.generation, req.rank)
+                .map_err(|r| self.refused(r))?;
             if let (Some(member), Some(last)) = (m.members.get_mut(&req.rank), req.steps.last()) {
                 member.step = member.step.max(last.step);
                 member.step_seconds = last.step_seconds;
@@ -185,7 +196,10 @@ impl Coordinator for Service {
                 status.epoch = step.epoch;
                 status.total_steps = step.end_step;
                 status.last_loss = Some(step.loss);
+                status.last_lr = Some(step.lr);
                 status.images_per_sec = Some(step.images_per_sec);
+                status.data_wait_share = Some(step.data_wait_share);
+                status.allreduce_seconds = Some(step.allreduce_seconds);
             }
         }
         Ok(Response::new(Ack {}))
@@ -195,10 +209,70 @@ impl Coordinator for Service {
         &self,
         request: Request<CommitRequest>,
     ) -> Result<Response<CommitReply>, Status> {
+        let outcome = self.commit(request.into_inner()).await;
+        let counter = match &outcome {
+            Ok(_) => &self.shared.counters.commits,
+            Err(_) => &self.shared.counters.commit_failures,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+
+    async fn report_done(&self, request: Request<DoneRequest>) -> Result<Response<Ack>, Status> {
+        let req = request.into_inner();
+        let all = locked(&self.shared.membership)
+            .mark_done(req.generation, req.rank)
+            .map_err(|r| self.refused(r))?;
+        if all {
+            let _ = self.shared.events.send(Event::AllDone {
+                step: req.final_step,
+            });
+        }
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn report_failure(
+        &self,
+        request: Request<FailureRequest>,
+    ) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
         locked(&self.shared.membership)
             .check(req.generation, req.rank)
-            .map_err(refused)?;
+            .map_err(|r| self.refused(r))?;
+        let _ = self.shared.events.send(Event::Failed {
+            generation: req.generation,
+            rank: req.rank,
+            message: req.message,
+            retryable: req.retryable,
+        });
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        let json = serde_json::to_string(&self.shared.snapshot())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(StatusReply { status_json: json }))
+    }
+}
+
+impl Service {
+    fn refused(&self, r: Refusal) -> Status {
+        self.shared
+            .counters
+            .refused_membership
+            .fetch_add(1, Ordering::Relaxed);
+        Status::failed_precondition(r.to_string())
+    }
+
+    /// Commits a checkpoint the workers have written: its objects verified, the manifest
+    /// created, `latest` moved, retention applied.
+    async fn commit(&self, req: CommitRequest) -> Result<Response<CommitReply>, Status> {
+        locked(&self.shared.membership)
+            .check(req.generation, req.rank)
+            .map_err(|r| self.refused(r))?;
         let manifest: Manifest = serde_json::from_str(&req.manifest_json)
             .map_err(|e| Status::invalid_argument(format!("not a manifest: {e}")))?;
         // One commit at a time, and never backwards: a late retry of an old checkpoint
@@ -278,47 +352,6 @@ impl Coordinator for Service {
         Ok(Response::new(CommitReply { manifest: key }))
     }
 
-    async fn report_done(&self, request: Request<DoneRequest>) -> Result<Response<Ack>, Status> {
-        let req = request.into_inner();
-        let all = locked(&self.shared.membership)
-            .mark_done(req.generation, req.rank)
-            .map_err(refused)?;
-        if all {
-            let _ = self.shared.events.send(Event::AllDone {
-                step: req.final_step,
-            });
-        }
-        Ok(Response::new(Ack {}))
-    }
-
-    async fn report_failure(
-        &self,
-        request: Request<FailureRequest>,
-    ) -> Result<Response<Ack>, Status> {
-        let req = request.into_inner();
-        locked(&self.shared.membership)
-            .check(req.generation, req.rank)
-            .map_err(refused)?;
-        let _ = self.shared.events.send(Event::Failed {
-            generation: req.generation,
-            rank: req.rank,
-            message: req.message,
-            retryable: req.retryable,
-        });
-        Ok(Response::new(Ack {}))
-    }
-
-    async fn status(
-        &self,
-        _request: Request<StatusRequest>,
-    ) -> Result<Response<StatusReply>, Status> {
-        let json = serde_json::to_string(&self.shared.snapshot())
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(StatusReply { status_json: json }))
-    }
-}
-
-impl Service {
     /// Moves `latest` with a conditional update. When the version check fails, `latest` is
     /// read again: if it already names `key` (this very write, applied late after a timeout),
     /// the commit stands; if it names an earlier manifest this coordinator wrote, the update is
@@ -369,6 +402,11 @@ impl Shared {
         let m = locked(&self.membership);
         let now = Instant::now();
         status.generation = m.generation;
+        status.workers_waiting = if m.world.is_none() {
+            m.members.len() as u32
+        } else {
+            0
+        };
         let mut times: Vec<f64> = m.members.values().map(|w| w.step_seconds).collect();
         times.sort_by(f64::total_cmp);
         let median = times.get(times.len() / 2).copied().unwrap_or(0.0);

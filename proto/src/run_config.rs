@@ -257,6 +257,9 @@ pub struct OutputSection {
     /// Record every step's sample ids per rank in `samples.jsonl` (audits and tests).
     #[serde(default)]
     pub log_samples: bool,
+    /// TensorBoard event files under `<run>/tb/`, written by the coordinator.
+    #[serde(default = "default_true")]
+    pub tensorboard: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -308,6 +311,7 @@ impl Default for OutputSection {
             recon_every_steps: default_recon_every(),
             recon_images: default_recon_images(),
             log_samples: false,
+            tensorboard: true,
         }
     }
 }

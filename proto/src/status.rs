@@ -29,10 +29,20 @@ pub struct RunStatus {
     pub total_steps: u64,
     pub epoch: u64,
     pub last_loss: Option<f64>,
+    #[serde(default)]
+    pub last_lr: Option<f64>,
     pub images_per_sec: Option<f64>,
+    /// Rank 0's newest step: share of it spent waiting for data, and its all-reduce time.
+    #[serde(default)]
+    pub data_wait_share: Option<f64>,
+    #[serde(default)]
+    pub allreduce_seconds: Option<f64>,
     pub last_checkpoint_step: Option<u64>,
     pub restarts: u32,
     pub world_size: u32,
+    /// Workers registered for a generation that has not formed yet.
+    #[serde(default)]
+    pub workers_waiting: u32,
     /// Connections refused for a missing or wrong run token.
     pub refused_unauthenticated: u64,
     pub workers: Vec<WorkerStatus>,

@@ -167,6 +167,33 @@ fn overlays_keep_the_invariants_a_schema_cannot_check() {
             args.contains(&format!("0.0.0.0:{port}").as_str()),
             "{overlay}: --listen matches the Service port"
         );
+        // Prometheus: the port the coordinator serves /metrics on is the container's and the
+        // Service's `metrics` port, and the scrape annotations name it.
+        let metrics_port = coordinator["ports"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "metrics")
+            .and_then(|p| p["containerPort"].as_u64())
+            .expect("a `metrics` container port");
+        let listen_at = args.iter().position(|a| *a == "--metrics-listen");
+        assert_eq!(
+            listen_at.and_then(|i| args.get(i + 1)).copied(),
+            Some(format!("0.0.0.0:{metrics_port}").as_str()),
+            "{overlay}: --metrics-listen matches the metrics port"
+        );
+        let template = &find(&docs, "Job", "simmim-coordinator")["spec"]["template"];
+        let annotations = &template["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(
+            annotations["prometheus.io/port"].as_str(),
+            Some(metrics_port.to_string().as_str())
+        );
+        assert!(service["spec"]["ports"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == "metrics" && p["targetPort"] == "metrics"));
         assert_eq!(
             find(&docs, "Job", "simmim-coordinator")["spec"]["template"]["spec"]["restartPolicy"],
             "OnFailure"
