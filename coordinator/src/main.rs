@@ -241,16 +241,29 @@ async fn start(args: StartArgs) -> Result<i32> {
     }
     let token = configured.unwrap_or_else(random_token);
 
+    // Generation numbers continue across coordinator restarts, so a worker still in a
+    // generation of the previous incarnation is refused as stale, never mistaken for a member.
+    let first_generation = match store.get_opt("coordinator.json").await {
+        Ok(Some(bytes)) => serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["generation"].as_u64())
+            .map_or(0, |g| g + 1),
+        _ => 0,
+    };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let shared = Arc::new(Shared {
         config: config.clone(),
         run_over: Mutex::new(None),
-        membership: Mutex::new(Membership::new(
-            config.workers.min,
-            config.workers.max,
-            Duration::from_secs_f64(config.workers.last_call_s),
-        )),
+        membership: Mutex::new({
+            let mut m = Membership::new(
+                config.workers.min,
+                config.workers.max,
+                Duration::from_secs_f64(config.workers.last_call_s),
+            );
+            m.generation = first_generation;
+            m
+        }),
         events: events_tx,
         config_yaml: config.to_yaml(),
         store: store.clone(),
@@ -323,8 +336,12 @@ async fn start(args: StartArgs) -> Result<i32> {
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
     }
     // The address (and, for a loopback-only run, the made-up token) for `coordinator status`.
-    let mut info =
-        serde_json::json!({ "address": advertised, "pid": std::process::id(), "state": "running" });
+    let mut info = serde_json::json!({
+        "address": advertised,
+        "pid": std::process::id(),
+        "state": "running",
+        "generation": first_generation,
+    });
     if generated {
         info["token"] = serde_json::Value::String(token.clone());
     }
@@ -351,6 +368,7 @@ async fn start(args: StartArgs) -> Result<i32> {
     let mut restarts = 0u32;
     let mut interrupts = 0u32;
     let mut generation_began = Instant::now();
+    let mut written_generation = first_generation;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // SIGTERM (Kubernetes deleting the pod, a scheduler's stop) is treated like Ctrl-C.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -369,7 +387,7 @@ async fn start(args: StartArgs) -> Result<i32> {
                     let (generation, member) = shared
                         .membership
                         .lock()
-                        .map(|m| (m.generation, m.rank_of(&supervisor::worker_id(exit.index)).is_some()))
+                        .map(|m| (m.generation, m.is_active(&supervisor::worker_id(exit.index))))
                         .unwrap_or((0, false));
                     tracing::warn!("local worker {} exited with {:?}", exit.index, exit.code);
                     if member || permanent {
@@ -381,6 +399,16 @@ async fn start(args: StartArgs) -> Result<i32> {
             }
             Some(event) = events.recv() => match event {
                 Event::AllDone { step } => break Ok(finish(&shared, step)),
+                Event::Regroup { generation } => {
+                    if let Ok(mut m) = shared.membership.lock() {
+                        if m.generation == generation {
+                            tracing::info!(generation, "generation stopped after a checkpoint; the next one forms with every worker present");
+                            m.next_generation(Instant::now());
+                            generation_began = Instant::now();
+                        }
+                    }
+                    None
+                }
                 Event::Failed { generation, rank, message, retryable } => {
                     Some((generation, format!("rank {rank}: {message}"), !retryable))
                 }
@@ -389,11 +417,32 @@ async fn start(args: StartArgs) -> Result<i32> {
                 let (generation, silent, formed) = shared
                     .membership
                     .lock()
-                    .map(|m| (m.generation, m.silent(Instant::now(), timeout), m.world.is_some()))
+                    .map(|mut m| {
+                        let now = Instant::now();
+                        if m.should_grow(now) {
+                            m.regroup = true;
+                            tracing::info!(
+                                generation = m.generation,
+                                waiting = m.waiting.len(),
+                                "workers are waiting: the generation stops after a checkpoint of its next step and regroups"
+                            );
+                        }
+                        (m.generation, m.silent(now, timeout), m.world.is_some())
+                    })
                     .unwrap_or_default();
+                if generation != written_generation {
+                    written_generation = generation;
+                    info["generation"] = serde_json::json!(generation);
+                    let (store, bytes) = (store.clone(), Bytes::from(info.to_string()));
+                    tokio::spawn(async move {
+                        if let Err(e) = store.put("coordinator.json", bytes).await {
+                            tracing::warn!("cannot update coordinator.json: {e}");
+                        }
+                    });
+                }
                 if let Some(rank) = silent.first() {
                     Some((generation, format!("rank {rank} sent no heartbeat for {:.0} s", timeout.as_secs_f64()), false))
-                } else if !formed && (generation_began.elapsed() > rejoin_timeout || (local > 0 && alive_local == 0 && generation > 0)) {
+                } else if !formed && (generation_began.elapsed() > rejoin_timeout || (local > 0 && alive_local == 0 && generation > first_generation)) {
                     break Err(anyhow!(
                         "generation {generation} did not form: fewer than workers.min = {} workers joined within {:.0} s",
                         config.workers.min,
@@ -446,7 +495,7 @@ async fn start(args: StartArgs) -> Result<i32> {
             resume.as_ref().map_or(0, |r| r.step)
         );
         if let Ok(mut m) = shared.membership.lock() {
-            m.next_generation();
+            m.next_generation(Instant::now());
         }
         if let Ok(mut s) = shared.status.lock() {
             s.restarts = restarts;
@@ -484,7 +533,13 @@ async fn start(args: StartArgs) -> Result<i32> {
     let _ = store
         .put(
             "coordinator.json",
-            Bytes::from(serde_json::json!({ "state": state }).to_string()),
+            Bytes::from(
+                serde_json::json!({
+                    "state": state,
+                    "generation": shared.membership.lock().map(|m| m.generation).unwrap_or(0),
+                })
+                .to_string(),
+            ),
         )
         .await;
     outcome

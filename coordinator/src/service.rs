@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use simmim_proto::pb::coordinator_server::Coordinator;
 use simmim_proto::pb::{
-    Ack, CommitReply, CommitRequest, DoneRequest, FailureRequest, HeartbeatReply, HeartbeatRequest,
+    Ack, CommitReply, CommitRequest, DoneReply, DoneRequest, FailureRequest, HeartbeatReply, HeartbeatRequest,
     MetricsReport, RegisterReply, RegisterRequest, ResumePoint, StatusReply, StatusRequest,
 };
 use simmim_proto::store::RunStore;
@@ -17,7 +17,10 @@ use simmim_proto::{Manifest, RunStatus};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use crate::membership::{Joiner, Membership, Refusal};
+use crate::membership::{Admission, Joiner, Membership, Refusal};
+
+/// How long one register call waits for a place before the worker is told to ask again.
+const REGISTER_POLL: Duration = Duration::from_secs(20);
 use crate::metrics::MetricsSink;
 
 /// What the supervisor needs to hear about.
@@ -31,6 +34,11 @@ pub enum Event {
     },
     AllDone {
         step: u64,
+    },
+    /// Every member stopped after a checkpoint so the next generation can form (with the
+    /// workers waiting, or without one that left): not a failure.
+    Regroup {
+        generation: u64,
     },
 }
 
@@ -84,9 +92,6 @@ impl Coordinator for Service {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
         let req = request.into_inner();
-        if let Some(reason) = locked(&self.shared.run_over).clone() {
-            return Err(Status::aborted(format!("the run has ended: {reason}")));
-        }
         let joiner = Joiner {
             worker_id: req.worker_id.clone(),
             hostname: req.hostname.clone(),
@@ -94,39 +99,54 @@ impl Coordinator for Service {
             pid: req.pid,
             transport_addr: req.transport_addr.clone(),
         };
-        let (generation, rank) = {
-            let mut m = locked(&self.shared.membership);
-            let rank = m
-                .register(&joiner, Instant::now())
-                .map_err(|r| self.refused(r))?;
-            (m.generation, rank)
-        };
-        tracing::info!(rank, generation, worker = %req.worker_id, host = %req.hostname, "worker registered");
-        // Wait for the generation to form (all workers present, or the minimum after the
-        // last call); bounded so a client that gives up does not leave a task behind.
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let (world, peers) = loop {
-            {
+        // Wait for a place: in the forming generation (all workers present, or the minimum
+        // after the last call), or, while a generation runs, in the next one (the running one
+        // is asked to regroup when it has room). The call is bounded so a client that gives up
+        // leaves no task behind; the worker asks again and keeps its place in the queue.
+        let deadline = Instant::now() + REGISTER_POLL;
+        let mut announced = false;
+        let (generation, rank, world, peers) = loop {
+            if let Some(reason) = locked(&self.shared.run_over).clone() {
+                return Err(Status::aborted(format!("the run has ended: {reason}")));
+            }
+            let admission = {
                 let mut m = locked(&self.shared.membership);
-                if m.generation != generation {
-                    let current = m.generation;
-                    drop(m);
-                    return Err(self.refused(Refusal::Stale {
-                        sent: generation,
-                        current,
-                    }));
+                match m.ask(&joiner, Instant::now()) {
+                    Admission::Member { rank } => {
+                        let world = m.world.unwrap_or_default();
+                        break (m.generation, rank, world, m.peers());
+                    }
+                    other => other,
                 }
-                if let Some(world) = m.try_form(Instant::now()) {
-                    break (world, m.peers());
-                }
+            };
+            if let Admission::Left { generation, rank } = admission {
+                tracing::warn!(
+                    generation,
+                    rank,
+                    worker = %req.worker_id,
+                    "a member registered anew: it has left its generation, which ends"
+                );
+                let _ = self.shared.events.send(Event::Failed {
+                    generation,
+                    rank,
+                    message: format!(
+                        "worker {} (rank {rank}) left the generation and registered again",
+                        req.worker_id
+                    ),
+                    retryable: true,
+                });
+            } else if !announced {
+                announced = true;
+                tracing::info!(worker = %req.worker_id, host = %req.hostname, "worker waiting to join");
             }
             if Instant::now() > deadline {
-                return Err(Status::deadline_exceeded(
-                    "the generation did not form in time",
+                return Err(Status::unavailable(
+                    "still waiting for a place in a generation; ask again",
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
+        tracing::info!(rank, generation, worker = %req.worker_id, host = %req.hostname, "worker admitted");
         let (accumulation, lr_scale, note) = self.shared.config.batch_for_world(world as usize);
         if let (Some(note), 0) = (note, rank) {
             tracing::warn!(generation, "{note}");
@@ -156,11 +176,14 @@ impl Coordinator for Service {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
         let req = request.into_inner();
-        locked(&self.shared.membership)
-            .heartbeat(req.generation, req.rank, req.step, Instant::now())
-            .map_err(|r| self.refused(r))?;
+        let regroup = {
+            let mut m = locked(&self.shared.membership);
+            m.heartbeat(req.generation, req.rank, req.step, Instant::now())
+                .map_err(|r| self.refused(r))?;
+            m.regroup
+        };
         Ok(Response::new(HeartbeatReply {
-            stop: self.shared.stop.load(Ordering::Relaxed),
+            stop: self.shared.stop.load(Ordering::Relaxed) || regroup,
         }))
     }
 
@@ -218,17 +241,30 @@ impl Coordinator for Service {
         outcome
     }
 
-    async fn report_done(&self, request: Request<DoneRequest>) -> Result<Response<Ack>, Status> {
+    async fn report_done(
+        &self,
+        request: Request<DoneRequest>,
+    ) -> Result<Response<DoneReply>, Status> {
         let req = request.into_inner();
         let all = locked(&self.shared.membership)
             .mark_done(req.generation, req.rank)
             .map_err(|r| self.refused(r))?;
+        // A generation that stopped early without the run being stopped (a regroup to admit
+        // waiting workers, or a worker leaving on SIGTERM) is followed by the next one.
+        let rejoin = req.stopped_early && !self.shared.stop.load(Ordering::Relaxed);
         if all {
-            let _ = self.shared.events.send(Event::AllDone {
-                step: req.final_step,
-            });
+            let event = if rejoin {
+                Event::Regroup {
+                    generation: req.generation,
+                }
+            } else {
+                Event::AllDone {
+                    step: req.final_step,
+                }
+            };
+            let _ = self.shared.events.send(event);
         }
-        Ok(Response::new(Ack {}))
+        Ok(Response::new(DoneReply { rejoin }))
     }
 
     async fn report_failure(
@@ -397,16 +433,22 @@ impl Service {
 
 impl Shared {
     pub fn snapshot(&self) -> RunStatus {
+        let now = Instant::now();
         let mut status = locked(&self.status).clone();
         status.refused_unauthenticated = self.refused.load(Ordering::Relaxed);
         let m = locked(&self.membership);
-        let now = Instant::now();
         status.generation = m.generation;
-        status.workers_waiting = if m.world.is_none() {
-            m.members.len() as u32
-        } else {
-            0
-        };
+        status.workers_waiting = m.waiting.len() as u32;
+        status.waiting = m
+            .waiting
+            .iter()
+            .map(|w| simmim_proto::status::WaitingWorker {
+                worker_id: w.joiner.worker_id.clone(),
+                hostname: w.joiner.hostname.clone(),
+                device: w.joiner.device.clone(),
+                waiting_ms: now.duration_since(w.since).as_millis() as u64,
+            })
+            .collect();
         let mut times: Vec<f64> = m.members.values().map(|w| w.step_seconds).collect();
         times.sort_by(f64::total_cmp);
         let median = times.get(times.len() / 2).copied().unwrap_or(0.0);

@@ -82,6 +82,15 @@ pub async fn print(run: &str, json: bool) -> Result<()> {
                     if w.straggler { "  STRAGGLER (over 1.5x the median step time)" } else { "" }
                 );
             }
+            for w in &s.waiting {
+                println!(
+                    "  waiting {} on {} ({}), for {:.0} s",
+                    w.worker_id,
+                    w.hostname,
+                    w.device,
+                    w.waiting_ms as f64 / 1000.0
+                );
+            }
         }
         None => println!(
             "state      not running ({})",
@@ -203,6 +212,15 @@ pub fn render(s: &RunStatus, rate: Option<f64>) -> String {
             w.allreduce_seconds,
             w.last_heartbeat_ms_ago as f64 / 1000.0,
             if w.straggler { "  STRAGGLER" } else { "" }
+        );
+    }
+    for w in &s.waiting {
+        let _ = writeln!(
+            out,
+            "   -  {:<22} {:<16} waiting {:.0}s for the next generation",
+            w.worker_id,
+            w.hostname,
+            w.waiting_ms as f64 / 1000.0
         );
     }
     out

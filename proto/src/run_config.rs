@@ -633,6 +633,16 @@ impl RunConfig {
         }
         non_negative_f("workers.last_call_s", w.last_call_s)?;
         positive_f("workers.rejoin_timeout_s", w.rejoin_timeout_s)?;
+        if w.rejoin_timeout_s <= w.last_call_s && w.min < w.max {
+            return Err(config_error(
+                "workers.rejoin_timeout_s",
+                format!(
+                    "{} s is not above workers.last_call_s = {} s: a generation short of \
+                     workers.max forms only after the last call, so the run would give up first",
+                    w.rejoin_timeout_s, w.last_call_s
+                ),
+            ));
+        }
         if self.data.labels_per_class == Some(0) {
             return Err(config_error("data.labels_per_class", "must be at least 1"));
         }
@@ -819,6 +829,20 @@ mod tests {
             .expect_err("invalid")
             .to_string()
             .contains("train.warmup_epochs"));
+
+        // Timing that cannot work names both fields.
+        let mut c = RunConfig::demo();
+        (c.workers.min, c.workers.max) = (1, 2);
+        (c.workers.last_call_s, c.workers.rejoin_timeout_s) = (60.0, 30.0);
+        let err = c.validate().expect_err("invalid").to_string();
+        assert!(
+            err.contains("workers.rejoin_timeout_s") && err.contains("workers.last_call_s"),
+            "{err}"
+        );
+        // A last call longer than the heartbeat timeout is fine: waiting is not silence.
+        (c.workers.last_call_s, c.workers.rejoin_timeout_s) = (20.0, 300.0);
+        c.workers.heartbeat_timeout_s = 15.0;
+        c.validate().expect("valid");
     }
 
     #[test]

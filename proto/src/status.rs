@@ -19,6 +19,15 @@ pub struct WorkerStatus {
     pub straggler: bool,
 }
 
+/// A worker that registered and waits for a place in a generation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WaitingWorker {
+    pub worker_id: String,
+    pub hostname: String,
+    pub device: String,
+    pub waiting_ms: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunStatus {
     pub run: String,
@@ -46,4 +55,6 @@ pub struct RunStatus {
     /// Connections refused for a missing or wrong run token.
     pub refused_unauthenticated: u64,
     pub workers: Vec<WorkerStatus>,
+    #[serde(default)]
+    pub waiting: Vec<WaitingWorker>,
 }

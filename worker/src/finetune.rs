@@ -323,7 +323,8 @@ where
             )?;
         }
         if stop {
-            tracing::info!(step, "stopping as the coordinator asked");
+            tracing::info!(step, "stopping as asked (a stop, a regroup or a signal)");
+            session.stopped_early.store(true, Ordering::Relaxed);
             break;
         }
     }

@@ -12,6 +12,7 @@ pub mod probe;
 pub mod recon;
 pub mod schedule;
 pub mod session;
+pub mod shutdown;
 pub mod steps;
 pub mod train;
 pub mod weights_source;

@@ -12,7 +12,8 @@ use simmim_model::{mask_tensor, InitModel};
 use simmim_proto::store::{location_url, RunStore};
 use simmim_worker::data::augment::Augment;
 use simmim_worker::finetune::finetune;
-use simmim_worker::session::Session;
+use simmim_worker::session::{RunOver, Session, Terminated};
+use simmim_worker::shutdown;
 use simmim_worker::train::{train, Permanent};
 use simmim_worker::{checkpoint, data, recon, EXIT_DO_NOT_RETRY};
 
@@ -201,8 +202,12 @@ fn join(url: &str, device: &str) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
+    simmim_worker::shutdown::install(&runtime);
     for _ in 0..MAX_GENERATIONS {
-        let session = Session::join(&runtime, url, device)?;
+        let session = match Session::join(&runtime, url, device) {
+            Ok(session) => session,
+            Err(e) => return left_without_training(e),
+        };
         let generation = session.joined.generation;
         let result = match device {
             "cpu" => run_generation::<Autodiff<Flex>>(&session, Default::default()),
@@ -210,8 +215,22 @@ fn join(url: &str, device: &str) -> Result<()> {
         };
         match result {
             Ok(step) => {
-                session.done(step)?;
-                return Ok(());
+                let rejoin = match session.done(step) {
+                    Ok(rejoin) => rejoin,
+                    Err(e) => {
+                        // The generation ended before the report arrived: go on to the next.
+                        tracing::warn!(generation, "{e:#}; rejoining");
+                        true
+                    }
+                };
+                if shutdown::requested() {
+                    return terminated(step);
+                }
+                if !rejoin {
+                    return Ok(());
+                }
+                tracing::info!(generation, step, "generation stopped after a checkpoint; rejoining");
+                drop(session);
             }
             Err(e) if e.downcast_ref::<Permanent>().is_some() => {
                 session.fail(&format!("{e:#}"), false);
@@ -223,11 +242,37 @@ fn join(url: &str, device: &str) -> Result<()> {
                 tracing::warn!(generation, "generation ended: {e:#}; rejoining");
                 session.fail(&format!("{e:#}"), true);
                 drop(session);
+                if shutdown::requested() {
+                    return terminated(0);
+                }
                 std::thread::sleep(std::time::Duration::from_millis(300));
             }
         }
     }
     bail!("gave up after {MAX_GENERATIONS} generations")
+}
+
+/// The worker leaves without training: the run is over (success), a stop signal arrived
+/// while it waited, or joining failed.
+fn left_without_training(e: anyhow::Error) -> Result<()> {
+    if let Some(over) = e.downcast_ref::<RunOver>() {
+        tracing::info!("nothing to do: {over}");
+        return Ok(());
+    }
+    if e.downcast_ref::<Terminated>().is_some() {
+        return terminated(0);
+    }
+    Err(e)
+}
+
+/// Exits after a stop signal: the generation this worker was in has checkpointed.
+fn terminated(step: u64) -> Result<()> {
+    if step > 0 {
+        eprintln!("worker: stopped by a signal after the checkpoint of step {step}");
+    } else {
+        eprintln!("worker: stopped by a signal");
+    }
+    std::process::exit(shutdown::EXIT_TERMINATED);
 }
 
 /// Pretraining or fine-tuning, as the run config says.

@@ -18,8 +18,26 @@ use tonic::transport::Channel;
 
 use crate::collective::{io_timeout, Collective, Ring, RingListener, Solo};
 
-/// How long a starting worker keeps trying to reach the coordinator.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a worker keeps trying to reach the coordinator (starting before it, or while it
+/// restarts): `SIMMIM_CONNECT_PATIENCE_S`, default 30 minutes.
+fn connect_patience() -> Duration {
+    let seconds = std::env::var("SIMMIM_CONNECT_PATIENCE_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .unwrap_or(1800.0);
+    Duration::from_secs_f64(seconds)
+}
+
+/// The coordinator says the run is over: nothing is left for this worker to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RunOver(pub String);
+
+/// A stop signal arrived while this worker was not training.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by a signal while waiting to join")]
+pub struct Terminated;
 
 pub struct Session {
     pub client: Client,
@@ -36,6 +54,8 @@ pub struct Session {
     pending: Arc<AtomicU64>,
     /// This generation's gradient transport.
     pub collective: std::sync::Mutex<Box<dyn Collective>>,
+    /// Set by the train loop when it stopped before the end of its plan.
+    pub stopped_early: AtomicBool,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -123,15 +143,7 @@ impl Session {
             device: device.to_string(),
             transport_addr: listener.address().to_string(),
         };
-        let joined = runtime
-            .block_on(client.register(request))
-            .map_err(|s| {
-                anyhow!(
-                    "the coordinator at {url} refused registration: {}",
-                    s.message()
-                )
-            })?
-            .into_inner();
+        let joined = runtime.block_on(register(&mut client, request, url))?;
         let config = RunConfig::from_yaml(&joined.run_config_yaml, "the coordinator's run config")?;
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(std::sync::Mutex::new(None));
@@ -190,6 +202,7 @@ impl Session {
             metrics,
             pending,
             collective: std::sync::Mutex::new(collective),
+            stopped_early: AtomicBool::new(false),
             background,
         })
     }
@@ -206,7 +219,9 @@ impl Session {
         self.lost.lock().ok().and_then(|l| l.clone())
     }
 
-    pub fn done(&self, final_step: u64) -> Result<()> {
+    /// Reports the end of this generation's plan; `Ok(true)` means the run goes on and this
+    /// worker registers again.
+    pub fn done(&self, final_step: u64) -> Result<bool> {
         // Let queued metrics go out first (bounded wait).
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.pending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
@@ -216,11 +231,13 @@ impl Session {
             generation: self.joined.generation,
             rank: self.joined.rank,
             final_step,
+            stopped_early: self.stopped_early.load(Ordering::Relaxed),
         };
-        self.runtime
+        let reply = self
+            .runtime
             .block_on(self.client.clone().report_done(request))
             .map_err(|s| anyhow!("reporting the end: {}", s.message()))?;
-        Ok(())
+        Ok(reply.into_inner().rejoin)
     }
 
     pub fn fail(&self, message: &str, retryable: bool) {
@@ -237,21 +254,77 @@ impl Session {
     }
 }
 
+/// Registers, asking again while the coordinator has no place yet (a generation is running,
+/// or forming without room) or cannot be reached (it restarts); never gives up on a refusal a
+/// retry can fix. Ends when the run is over, on a wrong token, or on a stop signal.
+async fn register(
+    client: &mut Client,
+    request: RegisterRequest,
+    url: &str,
+) -> Result<RegisterReply> {
+    let patience = connect_patience();
+    let mut unreachable_since: Option<Instant> = None;
+    let mut said_waiting = false;
+    loop {
+        if crate::shutdown::requested() {
+            return Err(Terminated.into());
+        }
+        match client.register(request.clone()).await {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(status) => match status.code() {
+                tonic::Code::Aborted => return Err(RunOver(status.message().to_string()).into()),
+                tonic::Code::Unauthenticated | tonic::Code::InvalidArgument => {
+                    return Err(crate::train::Permanent(format!(
+                        "the coordinator at {url} refused registration: {}",
+                        status.message()
+                    ))
+                    .into())
+                }
+                tonic::Code::Unavailable if status.message().contains("ask again") => {
+                    unreachable_since = None;
+                    if !said_waiting {
+                        said_waiting = true;
+                        tracing::info!("waiting for a place in the next generation");
+                    }
+                }
+                _ => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > patience {
+                        return Err(anyhow!(
+                            "the coordinator at {url} did not take this worker for {patience:?}: {}",
+                            status.message()
+                        ));
+                    }
+                    tracing::info!(
+                        "registration not taken ({}); asking again",
+                        status.message()
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+        }
+    }
+}
+
 async fn connect(url: &str) -> Result<Channel> {
     let endpoint = simmim_proto::auth::endpoint(url)
         .map_err(|e| anyhow!(e))?
         .connect_timeout(Duration::from_secs(5));
     let started = Instant::now();
+    let patience = connect_patience();
     loop {
+        if crate::shutdown::requested() {
+            return Err(Terminated.into());
+        }
         match endpoint.connect().await {
             Ok(channel) => return Ok(channel),
-            Err(e) if started.elapsed() < CONNECT_PATIENCE => {
+            Err(e) if started.elapsed() < patience => {
                 tracing::debug!("coordinator at {url} not reachable yet: {e}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(e) => {
                 return Err(anyhow!(
-                    "cannot reach the coordinator at {url} for {CONNECT_PATIENCE:?}: {e}"
+                    "cannot reach the coordinator at {url} for {patience:?}: {e}"
                 ))
             }
         }
@@ -295,7 +368,14 @@ async fn heartbeat(
     let interval = Duration::from_millis(joined.heartbeat_interval_ms.max(100));
     let mut last_ok = Instant::now();
     loop {
-        tokio::time::sleep(interval).await;
+        // A stop signal is voted at the next step, not the next heartbeat.
+        let slept = Instant::now();
+        while slept.elapsed() < interval {
+            if crate::shutdown::requested() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            tokio::time::sleep(interval.min(Duration::from_millis(100))).await;
+        }
         let request = HeartbeatRequest {
             generation: joined.generation,
             rank: joined.rank,
