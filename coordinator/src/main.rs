@@ -250,6 +250,20 @@ async fn start(args: StartArgs) -> Result<i32> {
             .map_or(0, |g| g + 1),
         _ => 0,
     };
+    let previous_logs = if store.local_dir().is_none() {
+        let read = |key: &'static str| async {
+            store
+                .get_opt(key)
+                .await
+                .map(|b| b.map(|b| b.to_vec()).unwrap_or_default())
+        };
+        (
+            read(metrics::METRICS_FILE).await?,
+            read(metrics::SAMPLES_FILE).await?,
+        )
+    } else {
+        Default::default()
+    };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let shared = Arc::new(Shared {
@@ -286,6 +300,7 @@ async fn start(args: StartArgs) -> Result<i32> {
                     resume.as_ref().map_or(0, |r| r.step),
                 )
             }),
+            previous_logs,
         )?),
         counters: Default::default(),
         status: Mutex::new(RunStatus {

@@ -356,15 +356,13 @@ mod tests {
     #[test]
     fn a_worker_that_stops_asking_is_forgotten_and_never_declared_dead() {
         let t0 = Instant::now();
-        let mut m = Membership::with_patience(
-            2,
-            2,
-            Duration::from_secs(20),
-            Duration::from_secs(5),
-        );
+        let mut m =
+            Membership::with_patience(2, 2, Duration::from_secs(20), Duration::from_secs(5));
         m.ask(&joiner("a"), t0);
         // Waiting for the generation to form is not silence, however long the last call.
-        assert!(m.silent(t0 + Duration::from_secs(60), Duration::from_secs(15)).is_empty());
+        assert!(m
+            .silent(t0 + Duration::from_secs(60), Duration::from_secs(15))
+            .is_empty());
         // A waiter that gave up is forgotten: the next one to arrive does not form a
         // generation with a ghost.
         let later = t0 + Duration::from_secs(30);

@@ -18,6 +18,8 @@ pub struct MetricsSink {
     local: Option<std::fs::File>,
     local_dir: Option<std::path::PathBuf>,
     remote: Option<(RunStore, Vec<u8>)>,
+    /// `samples.jsonl` for an object-store run, rewritten with `metrics.jsonl`.
+    remote_samples: Vec<u8>,
     bar: ProgressBar,
     last_log: Instant,
     first_step_at: Option<(Instant, u64)>,
@@ -25,10 +27,13 @@ pub struct MetricsSink {
 }
 
 impl MetricsSink {
+    /// `previous`: an object-store run's existing `metrics.jsonl` and `samples.jsonl`, which
+    /// this coordinator continues (it rewrites both objects whole).
     pub fn new(
         store: &RunStore,
         progress: bool,
         tensorboard: Option<TensorBoard>,
+        previous: (Vec<u8>, Vec<u8>),
     ) -> std::io::Result<Self> {
         let local = match store.local_dir() {
             Some(dir) => Some(
@@ -39,8 +44,9 @@ impl MetricsSink {
             ),
             None => None,
         };
+        let (previous_metrics, previous_samples) = previous;
         let remote = if local.is_none() {
-            Some((store.clone(), Vec::new()))
+            Some((store.clone(), previous_metrics))
         } else {
             None
         };
@@ -63,6 +69,7 @@ impl MetricsSink {
             local,
             local_dir: store.local_dir(),
             remote,
+            remote_samples: previous_samples,
             bar,
             last_log: Instant::now(),
             first_step_at: None,
@@ -72,9 +79,6 @@ impl MetricsSink {
 
     /// One line per rank and step with the sample ids used (`output.log_samples`).
     pub fn record_samples(&mut self, generation: u64, rank: u32, m: &StepMetrics) {
-        let Some(dir) = &self.local_dir else {
-            return;
-        };
         let line = serde_json::json!({
             "generation": generation,
             "rank": rank,
@@ -82,6 +86,11 @@ impl MetricsSink {
             "epoch": m.epoch,
             "ids": m.sample_ids,
         });
+        let Some(dir) = &self.local_dir else {
+            self.remote_samples
+                .extend_from_slice(format!("{line}\n").as_bytes());
+            return;
+        };
         let appended = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -196,9 +205,16 @@ impl MetricsSink {
         }
         if let Some((store, buffer)) = &self.remote {
             let (store, bytes) = (store.clone(), bytes::Bytes::from(buffer.clone()));
+            let samples = (!self.remote_samples.is_empty())
+                .then(|| bytes::Bytes::from(self.remote_samples.clone()));
             tokio::spawn(async move {
                 if let Err(e) = store.put(METRICS_FILE, bytes).await {
                     tracing::warn!("cannot write {METRICS_FILE}: {e}");
+                }
+                if let Some(samples) = samples {
+                    if let Err(e) = store.put(SAMPLES_FILE, samples).await {
+                        tracing::warn!("cannot write {SAMPLES_FILE}: {e}");
+                    }
                 }
             });
         }

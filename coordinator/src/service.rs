@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use simmim_proto::pb::coordinator_server::Coordinator;
 use simmim_proto::pb::{
-    Ack, CommitReply, CommitRequest, DoneReply, DoneRequest, FailureRequest, HeartbeatReply, HeartbeatRequest,
-    MetricsReport, RegisterReply, RegisterRequest, ResumePoint, StatusReply, StatusRequest,
+    Ack, CommitReply, CommitRequest, DoneReply, DoneRequest, FailureRequest, HeartbeatReply,
+    HeartbeatRequest, MetricsReport, RegisterReply, RegisterRequest, ResumePoint, StatusReply,
+    StatusRequest,
 };
 use simmim_proto::store::RunStore;
 use simmim_proto::{Manifest, RunStatus};

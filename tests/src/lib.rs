@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 use image::{ImageEncoder, Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -322,23 +324,34 @@ pub fn coordinator_info(run_dir: &Path) -> Option<(String, String)> {
 /// `.venv-tools`) on a free loopback port, with one bucket; stopped on drop.
 pub struct S3Server {
     child: Child,
+    pub host: String,
     pub port: u16,
     pub bucket: String,
 }
 
 impl S3Server {
     pub fn start(bucket: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        Self::start_with(bucket, "127.0.0.1", port, |moto| Command::new(moto))
+    }
+
+    /// moto_server on `host:port`, started by `launch(moto_server)` (e.g. in a test host).
+    pub fn start_with(
+        bucket: &str,
+        host: &str,
+        port: u16,
+        launch: impl FnOnce(&Path) -> Command,
+    ) -> Self {
         let moto = std::env::var("MOTO_SERVER")
             .map(PathBuf::from)
             .unwrap_or_else(|_| {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-tools/bin/moto_server")
             });
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let child = Command::new(&moto)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let child = launch(&moto)
+            .args(["-H", host, "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -350,6 +363,7 @@ impl S3Server {
             });
         let server = Self {
             child,
+            host: host.to_string(),
             port,
             bucket: bucket.to_string(),
         };
@@ -370,7 +384,7 @@ impl S3Server {
             ("AWS_REGION", "us-east-1".to_string()),
             (
                 "AWS_ENDPOINT_URL",
-                format!("http://127.0.0.1:{}", self.port),
+                format!("http://{}:{}", self.host, self.port),
             ),
             ("AWS_ALLOW_HTTP", "true".to_string()),
             ("SIMMIM_STORE_TIMEOUT_S", "2".to_string()),
@@ -384,16 +398,17 @@ impl S3Server {
     /// A plain HTTP request (moto does not check signatures); returns the status code.
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Option<u16> {
         use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        let mut stream = std::net::TcpStream::connect((self.host.as_str(), self.port)).ok()?;
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .ok()?;
         // moto does not check signatures, but wants to see an AWS authorization header.
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: {}:{}\r\nContent-Length: {}\r\n\
              Content-Type: application/octet-stream\r\n\
              Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00\r\n\
              Connection: close\r\n\r\n",
+            self.host,
             self.port,
             body.len()
         );
@@ -469,4 +484,108 @@ pub fn latest_step(run_url: &str, env: &[(String, String)]) -> Option<u64> {
         .ok()?;
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     value["latest_checkpoint"]["step"].as_u64()
+}
+
+/// A CA and a certificate it signed for `alt_names` (`DNS:localhost,IP:127.0.0.1`), made with
+/// openssl in `dir`: (certificate, key, CA) paths.
+pub fn make_certificate(dir: &Path, alt_names: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let d = dir;
+    let (cert, key, ca) = (d.join("cert.pem"), d.join("key.pem"), d.join("ca.pem"));
+    std::fs::write(
+        d.join("ext.cnf"),
+        format!("subjectAltName={alt_names}\nbasicConstraints=CA:FALSE\n"),
+    )
+    .expect("ext");
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=coordinator",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "cert.pem",
+        ],
+    ];
+    for args in steps {
+        let made = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    (cert, key, ca)
+}
+
+/// Checks `samples.jsonl` lines: in the final history (a generation's steps replace those an
+/// earlier one ran past its resume point), each epoch uses each sample at most once. Returns
+/// the number of samples each epoch used.
+pub fn assert_each_sample_at_most_once_per_epoch(lines: &[serde_json::Value]) -> Vec<usize> {
+    use std::collections::{BTreeMap, HashSet};
+    let field =
+        |l: &serde_json::Value, k: &str| l[k].as_u64().unwrap_or_else(|| panic!("{k} in {l}"));
+    let mut first_step: BTreeMap<u64, u64> = BTreeMap::new();
+    for l in lines {
+        let e = first_step
+            .entry(field(l, "generation"))
+            .or_insert(field(l, "step"));
+        *e = (*e).min(field(l, "step"));
+    }
+    let kept = |g: u64, s: u64| first_step.range(g + 1..).all(|(_, &resumed)| s < resumed);
+    let mut per_epoch: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for l in lines {
+        if kept(field(l, "generation"), field(l, "step")) {
+            let ids = l["ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|v| v.as_u64().expect("id"));
+            per_epoch.entry(field(l, "epoch")).or_default().extend(ids);
+        }
+    }
+    for (epoch, ids) in &per_epoch {
+        let unique: HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "epoch {epoch} used a sample twice");
+    }
+    per_epoch.values().map(Vec::len).collect()
 }

@@ -280,71 +280,7 @@ fn a_batch_larger_than_the_dataset_stops_the_worker_with_a_named_error() {
 fn a_tls_coordinator_trains_and_refuses_plaintext() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A CA and a certificate it signed for localhost / 127.0.0.1.
-    let d = dir.path();
-    let (cert, key, ca) = (d.join("cert.pem"), d.join("key.pem"), d.join("ca.pem"));
-    std::fs::write(
-        d.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("ext");
-    let steps: [&[&str]; 3] = [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "leaf.csr",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "cert.pem",
-        ],
-    ];
-    for args in steps {
-        let made = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(d)
-            .output()
-            .expect("openssl");
-        assert!(
-            made.status.success(),
-            "{}",
-            String::from_utf8_lossy(&made.stderr)
-        );
-    }
+    let (cert, key, ca) = make_certificate(dir.path(), "DNS:localhost,IP:127.0.0.1");
     let data = synthetic_image_folder(dir.path(), 2, 8);
     let config = tiny_config(&dir.path().join("runs"), "tls", &data, 2, 5)
         + &format!(

@@ -33,8 +33,9 @@ use crate::data::rand_augment::RandAugmentSpec;
 use crate::eval::{accuracy_share, EvalSpec};
 use crate::session::Session;
 use crate::steps::{
-    adamw_config, all_reduce, check_replicas, mean_gradients, read_resume, start_loader,
-    submit_checkpoint, sum_over_ranks, usable_len, CheckpointClock, Position, RunPlan,
+    adamw_config, all_reduce, check_replicas, log_final_weights, mean_gradients, read_resume,
+    start_loader, submit_checkpoint, sum_over_ranks, usable_len, CheckpointClock, Position,
+    RunPlan,
 };
 use crate::train::permanent;
 use crate::weights_source::read_weights;
@@ -329,6 +330,7 @@ where
         }
     }
     checkpointer.reap(true)?;
+    log_final_weights(&model, step);
     if let Some(best) = &best {
         tracing::info!(
             "best test top-1 {:.2}% (top-5 {:.2}%) at step {} (epoch {}), kept in {}",

@@ -229,7 +229,11 @@ fn join(url: &str, device: &str) -> Result<()> {
                 if !rejoin {
                     return Ok(());
                 }
-                tracing::info!(generation, step, "generation stopped after a checkpoint; rejoining");
+                tracing::info!(
+                    generation,
+                    step,
+                    "generation stopped after a checkpoint; rejoining"
+                );
                 drop(session);
             }
             Err(e) if e.downcast_ref::<Permanent>().is_some() => {

@@ -313,6 +313,13 @@ pub fn check_replicas<B: AutodiffBackend, M: AutodiffModule<B>>(
     Ok(())
 }
 
+/// Logs a digest of the weights this rank ends its generation with: every rank of a
+/// generation must log the same one (operators and the multi-host tests compare them).
+pub fn log_final_weights<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, step: u64) {
+    let digest = crate::collective::flat::weights_digest(model);
+    tracing::info!(step, "final weights digest {digest:016x}");
+}
+
 /// Serialises a checkpoint of `model` and `optimizer` at `at` and hands it to the
 /// background uploader; the step loop pauses only for this copy off the device.
 pub fn submit_checkpoint<B, M>(

@@ -22,8 +22,9 @@ use crate::probe::{feature_dim, probe, ProbeSets};
 use crate::recon;
 use crate::session::Session;
 use crate::steps::{
-    adamw_config, all_reduce, check_replicas, mean_gradients, read_resume, start_loader,
-    submit_checkpoint, sum_over_ranks, usable_len, CheckpointClock, Position, RunPlan,
+    adamw_config, all_reduce, check_replicas, log_final_weights, mean_gradients, read_resume,
+    start_loader, submit_checkpoint, sum_over_ranks, usable_len, CheckpointClock, Position,
+    RunPlan,
 };
 
 /// An error a restart cannot fix (bad config, missing dataset): the worker exits with
@@ -242,6 +243,7 @@ where
         }
     }
     checkpointer.reap(true)?;
+    log_final_weights(&model, step);
     Ok(step)
 }
 
