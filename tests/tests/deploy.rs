@@ -19,10 +19,13 @@ const OVERLAYS: &[&str] = &["cpu", "gpu"];
 const KUBERNETES_VERSION: &str = "1.33.0";
 
 fn render(overlay: &str) -> (String, Vec<Value>) {
-    let dir = root().join("deploy/k8s/overlays").join(overlay);
+    render_dir(&root().join("deploy/k8s/overlays").join(overlay))
+}
+
+fn render_dir(dir: &Path) -> (String, Vec<Value>) {
     let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
         .arg("kustomize")
-        .arg(&dir)
+        .arg(dir)
         .output()
         .expect("kubectl is needed to render deploy/k8s (scripts/test.sh installs it)");
     assert!(
@@ -61,23 +64,184 @@ fn overlays_render_and_validate_against_the_kubernetes_schemas() {
         let (text, _) = render(overlay);
         let file = dir.path().join(format!("{overlay}.yaml"));
         std::fs::write(&file, text).expect("write");
-        let out = Command::new(&validator)
-            .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
-            .arg(&file)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e} (scripts/test.sh installs kubernetes-validate)",
-                    validator.display()
-                )
-            });
-        assert!(
-            out.status.success(),
-            "overlay {overlay} does not validate:\n{}{}",
+        let (ok, report) = kubernetes_validate(&validator, &file);
+        assert!(ok, "overlay {overlay} does not validate:\n{report}");
+    }
+}
+
+fn validator() -> PathBuf {
+    std::env::var("KUBERNETES_VALIDATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv-tools/bin/kubernetes-validate"))
+}
+
+fn kubernetes_validate(validator: &Path, file: &Path) -> (bool, String) {
+    let out = Command::new(validator)
+        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+        .arg(file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (scripts/test.sh installs kubernetes-validate)",
+                validator.display()
+            )
+        });
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The JobSet's own fields against `tests/tools/jobset-v1alpha2.schema.json` (jsonschema from
+/// .venv-tools): whether it holds, and the errors.
+fn jobset_schema_check(jobset: &Value, dir: &Path) -> (bool, String) {
+    let doc = dir.join("jobset.json");
+    std::fs::write(&doc, serde_json::to_vec(jobset).expect("json")).expect("write");
+    let schema = root().join("tests/tools/jobset-v1alpha2.schema.json");
+    let script = "import json, sys, jsonschema\n\
+        schema = json.load(open(sys.argv[1])); doc = json.load(open(sys.argv[2]))\n\
+        errors = list(jsonschema.Draft7Validator(schema).iter_errors(doc))\n\
+        [print('/'.join(map(str, e.path)) + ': ' + e.message) for e in errors]\n\
+        sys.exit(1 if errors else 0)\n";
+    let out = Command::new(root().join(".venv-tools/bin/python"))
+        .args(["-c", script])
+        .arg(&schema)
+        .arg(&doc)
+        .output()
+        .expect("python from .venv-tools (jsonschema comes with kubernetes-validate)");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_jobset_validates_as_jobs_and_against_its_api_schema() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, docs) = render_dir(&root().join("deploy/k8s/jobset"));
+    let jobset = find(&docs, "JobSet", "simmim");
+    // Each replicated Job's template is a batch/v1 Job spec: the real schemas check it.
+    for rj in jobset["spec"]["replicatedJobs"]
+        .as_sequence()
+        .expect("replicatedJobs")
+    {
+        let name = rj["name"].as_str().expect("name");
+        let mut job = serde_yaml::Mapping::new();
+        job.insert("apiVersion".into(), "batch/v1".into());
+        job.insert("kind".into(), "Job".into());
+        let mut metadata = serde_yaml::Mapping::new();
+        metadata.insert("name".into(), name.into());
+        if let Some(labels) = rj["template"]["metadata"].get("labels") {
+            metadata.insert("labels".into(), labels.clone());
+        }
+        job.insert("metadata".into(), Value::Mapping(metadata));
+        job.insert("spec".into(), rj["template"]["spec"].clone());
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, serde_yaml::to_string(&job).expect("yaml")).expect("write");
+        let (ok, report) = kubernetes_validate(&validator(), &file);
+        assert!(ok, "replicated Job {name} does not validate:\n{report}");
+    }
+    // The JobSet's own fields: valid as written; an unknown field and a wrong type fail.
+    let (ok, report) = jobset_schema_check(jobset, dir.path());
+    assert!(ok, "the JobSet does not match its schema:\n{report}");
+    let mut unknown = jobset.clone();
+    unknown["spec"]["startupPolicy"]["order"] = "InOrder".into();
+    let (ok, report) = jobset_schema_check(&unknown, dir.path());
+    assert!(
+        !ok && report.contains("order"),
+        "an unknown field passed: {report}"
+    );
+    let mut wrong = jobset.clone();
+    wrong["spec"]["failurePolicy"]["maxRestarts"] = "five".into();
+    let (ok, report) = jobset_schema_check(&wrong, dir.path());
+    assert!(
+        !ok && report.contains("maxRestarts"),
+        "a wrong type passed: {report}"
+    );
+
+    // What the JobSet is for: gang admission, the coordinator first, success with it,
+    // restarts from the last checkpoint, config errors final.
+    assert_eq!(
+        jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+            .as_str()
+            .map(str::is_empty),
+        Some(false),
+        "a Kueue queue label"
+    );
+    let spec = &jobset["spec"];
+    assert_eq!(spec["startupPolicy"]["startupPolicyOrder"], "InOrder");
+    let names: Vec<&str> = spec["replicatedJobs"]
+        .as_sequence()
+        .expect("jobs")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["coordinator", "workers"],
+        "the coordinator starts first"
+    );
+    assert_eq!(spec["successPolicy"]["operator"], "All");
+    assert_eq!(
+        spec["successPolicy"]["targetReplicatedJobs"][0],
+        "coordinator"
+    );
+    assert!(spec["failurePolicy"]["maxRestarts"].as_u64().unwrap_or(0) > 0);
+    assert!(spec["failurePolicy"]["rules"]
+        .as_sequence()
+        .is_some_and(|rules| rules
+            .iter()
+            .any(|r| r["action"] == "FailJobSet"
+                && r["onJobFailureReasons"][0] == "PodFailurePolicy")));
+    assert_eq!(spec["network"]["enableDNSHostnames"], true);
+
+    // The pod templates are the gpu overlay's, but for the coordinator's address.
+    let (_, gpu) = render("gpu");
+    for (rj, job) in [
+        ("coordinator", "simmim-coordinator"),
+        ("workers", "simmim-workers"),
+    ] {
+        let mut ours = spec["replicatedJobs"]
+            .as_sequence()
+            .and_then(|s| s.iter().find(|r| r["name"] == rj))
+            .expect("replicated job")["template"]["spec"]["template"]
+            .clone();
+        let mut theirs = find(&gpu, "Job", job)["spec"]["template"].clone();
+        for t in [&mut ours, &mut theirs] {
+            if let Some(pod) = t["spec"].as_mapping_mut() {
+                pod.remove("subdomain");
+            }
+            if let Some(env) = t["spec"]["containers"][0]["env"].as_sequence_mut() {
+                env.retain(|e| e["name"] != "SIMMIM_COORDINATOR");
+            }
+        }
+        assert_eq!(
+            ours, theirs,
+            "{rj}: the JobSet's pod template drifted from the gpu overlay"
         );
     }
+    let workers = &spec["replicatedJobs"][1]["template"]["spec"]["template"]["spec"];
+    let url = workers["containers"][0]["env"]
+        .as_sequence()
+        .and_then(|env| env.iter().find(|e| e["name"] == "SIMMIM_COORDINATOR"))
+        .and_then(|e| e["value"].as_str())
+        .expect("SIMMIM_COORDINATOR");
+    assert_eq!(url, "http://simmim-coordinator-0-0.simmim:50051");
+    let shipped = std::fs::read_to_string(root().join("deploy/configs/swin_base_192_100ep.yaml"))
+        .expect("config");
+    let run = std::fs::read_to_string(root().join("deploy/k8s/jobset/run.yaml")).expect("run");
+    assert_eq!(
+        run, shipped,
+        "deploy/k8s/jobset/run.yaml drifted from deploy/configs"
+    );
 }
 
 #[test]
@@ -206,6 +370,66 @@ fn overlays_keep_the_invariants_a_schema_cannot_check() {
             );
         }
 
+        // Pod Security `restricted`, grace for a final checkpoint, the image per container.
+        for (job, name) in [
+            (find(&docs, "Job", "simmim-coordinator"), "coordinator"),
+            (find(&docs, "Job", "simmim-workers"), "worker"),
+        ] {
+            let pod = &job["spec"]["template"]["spec"];
+            assert_eq!(
+                pod["automountServiceAccountToken"], false,
+                "{overlay}/{name}"
+            );
+            assert_eq!(
+                pod["securityContext"]["runAsNonRoot"], true,
+                "{overlay}/{name}"
+            );
+            assert_eq!(
+                pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+                "{overlay}/{name}"
+            );
+            assert!(
+                pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(0) >= 120,
+                "{overlay}/{name}: room for the final checkpoint on SIGTERM"
+            );
+            assert!(job["spec"]["ttlSecondsAfterFinished"].as_u64().is_some());
+            let c = container(job, name);
+            assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+            assert_eq!(
+                c["securityContext"]["capabilities"]["drop"][0], "ALL",
+                "{overlay}/{name}"
+            );
+        }
+        let image = |c: &Value| c["image"].as_str().unwrap_or_default().to_string();
+        assert!(
+            image(coordinator).ends_with(":cpu"),
+            "{overlay}: the coordinator runs the CPU image ({})",
+            image(coordinator)
+        );
+        assert!(
+            image(worker).ends_with(&format!(":{overlay}")),
+            "{overlay}: the workers run the {overlay} image ({})",
+            image(worker)
+        );
+        assert!(
+            coordinator["startupProbe"]["grpc"]["port"].as_u64() == Some(port)
+                && coordinator["startupProbe"]["failureThreshold"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    * coordinator["startupProbe"]["periodSeconds"]
+                        .as_u64()
+                        .unwrap_or(0)
+                    >= 600,
+            "{overlay}: a startup probe gives checkpoint verification 10 minutes"
+        );
+        assert!(
+            rules.iter().any(|r| r["action"] == "Ignore"
+                && r["onExitCodes"]["values"]
+                    .as_sequence()
+                    .is_some_and(|v| v.contains(&Value::from(143)))),
+            "{overlay}: a graceful stop (exit 143) does not count as a failure"
+        );
+
         // Secrets: referenced, never inlined.
         assert!(
             docs.iter().all(|d| d["kind"] != "Secret"),
@@ -292,6 +516,25 @@ fn the_dockerfile_builds_and_ships_the_workspace_binaries() {
         "headers where NVRTC looks"
     );
     assert!(dockerfile.contains("USER 10001"), "non-root");
+    assert!(
+        !dockerfile.contains("libnccl2 "),
+        "NCCL comes from the CUDA base image (its libnccl2 is held there)"
+    );
+    let library_path = dockerfile
+        .lines()
+        .find(|l| l.contains("LD_LIBRARY_PATH="))
+        .expect("LD_LIBRARY_PATH");
+    assert!(
+        library_path.contains("LD_LIBRARY_PATH=${LD_LIBRARY_PATH}:"),
+        "the base image's library path (the mounted driver) is kept: {library_path}"
+    );
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).expect(".dockerignore");
+    for excluded in ["target/", ".venv*/", "data/", "runs/", ".git/"] {
+        assert!(
+            ignore.lines().any(|l| l.trim() == excluded),
+            ".dockerignore leaves out {excluded}"
+        );
+    }
     let toolchain = dockerfile
         .lines()
         .find_map(|l| l.strip_prefix("FROM rust:"))
