@@ -233,11 +233,11 @@ impl Cluster {
             .map(|w| {
                 let log = self.logs(w);
                 log.lines()
-                    .filter(|l| {
+                    .rev()
+                    .find(|l| {
                         l.contains("final weights digest")
                             && l.contains(&format!("step={last_step}"))
                     })
-                    .last()
                     .and_then(|l| l.split("final weights digest ").nth(1))
                     .map(|d| d.split_whitespace().next().unwrap_or_default().to_string())
                     .unwrap_or_else(|| panic!("{w} logged no final weights at step {last_step}"))
@@ -265,11 +265,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for child in self.workers.iter_mut().chain([&mut self.coordinator]) {
-            if let Some(c) = child {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        for c in self
+            .workers
+            .iter_mut()
+            .chain([&mut self.coordinator])
+            .flatten()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
