@@ -531,6 +531,32 @@ fn the_dockerfile_builds_and_ships_the_workspace_binaries() {
         library_path.contains("LD_LIBRARY_PATH=${LD_LIBRARY_PATH}:"),
         "the base image's library path (the mounted driver) is kept: {library_path}"
     );
+    // The CUDA version cudarc binds to is the image's.
+    let arg = |name: &str| {
+        dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("ARG {name}=")))
+            .unwrap_or_else(|| panic!("ARG {name} with a default"))
+            .trim()
+            .to_string()
+    };
+    let (image_cuda, package, cudarc) = (
+        arg("CUDA_VERSION"),
+        arg("CUDA_PACKAGE_VERSION"),
+        arg("CUDARC_CUDA_VERSION"),
+    );
+    let mut parts = image_cuda.split('.');
+    let (major, minor) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    assert_eq!(
+        cudarc,
+        format!("{major}0{minor}0"),
+        "CUDARC_CUDA_VERSION {cudarc} is not the image's CUDA {image_cuda}"
+    );
+    assert_eq!(package, format!("{major}-{minor}"), "CUDA_PACKAGE_VERSION");
+    assert!(dockerfile.contains("ENV CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION}"));
     let ignore = std::fs::read_to_string(root().join(".dockerignore")).expect(".dockerignore");
     for excluded in ["target/", ".venv*/", "data/", "runs/", ".git/"] {
         assert!(

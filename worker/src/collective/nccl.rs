@@ -52,15 +52,34 @@ pub fn nccl_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// An NCCL failure with its code and NCCL's own words (cudarc's `Debug` prints only
+/// "NcclError", which tells an operator nothing).
+fn describe(call: &str, e: &result::NcclError) -> String {
+    // SAFETY: ncclGetErrorString returns a pointer to a static string for any code.
+    let text = unsafe {
+        let p = sys::ncclGetErrorString(e.0);
+        if p.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    format!(
+        "{call} failed: NCCL error {} ({:?}): {text}",
+        e.0 as i32, e.0
+    )
+}
+
 /// A fresh unique id (rank 0 makes it; the others receive its bytes).
 pub fn unique_id() -> Result<[u8; 128], CollectiveError> {
     let id = result::get_uniqueid()
-        .map_err(|e| CollectiveError::Setup(format!("ncclGetUniqueId: {e:?}")))?;
+        .map_err(|e| CollectiveError::Setup(describe("ncclGetUniqueId", &e)))?;
     Ok(id.internal.map(|c| c as u8))
 }
 
 fn abort(comm: &Shared) {
-    let taken = comm.lock().ok().and_then(|mut c| c.take());
+    // A poisoned lock still holds the handle: abort it all the same.
+    let taken = comm.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(RawComm(handle)) = taken {
         // SAFETY: the handle came from ncclCommInitRank and is aborted exactly once (it
         // left the mutex here).
@@ -97,7 +116,7 @@ fn reduce_staged(stream: &Arc<CudaStream>, comm: &Shared, data: &mut [f32]) -> R
                     stream.cu_stream() as _,
                 )
             }
-            .map_err(|e| format!("ncclAllReduce: {e:?}"))?;
+            .map_err(|e| describe("ncclAllReduce", &e))?;
         }
         stream
             .memcpy_dtoh(&device, bucket)
@@ -154,10 +173,9 @@ impl Nccl {
                             unique,
                             rank as i32,
                         )
-                        .map_err(|e| format!("ncclCommInitRank: {e:?}"))?;
-                        if let Ok(mut slot) = shared.lock() {
-                            *slot = Some(RawComm(handle.assume_init()));
-                        }
+                        .map_err(|e| describe("ncclCommInitRank", &e))?;
+                        *shared.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(RawComm(handle.assume_init()));
                     }
                     Ok(stream)
                 })();
