@@ -209,7 +209,7 @@ impl Cluster {
         for what in ["worker0", "worker1"] {
             let log = self.logs(what);
             assert!(
-                !log.contains("refused registration") && !log.contains("error:"),
+                !log.contains("refused registration") && !log.contains("worker: error:"),
                 "{what}:\n{}",
                 tail(&log, 30)
             );
