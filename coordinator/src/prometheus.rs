@@ -119,7 +119,7 @@ impl Collector for RunCollector {
             &mut e,
             "simmim_workers_waiting",
             "Registered workers waiting for a generation to form.",
-            f64::from(s.workers_waiting),
+            s.waiting.len() as f64,
         )?;
         counter(
             &mut e,
@@ -169,7 +169,7 @@ impl Collector for RunCollector {
             }
         }
         type PerRank = fn(&simmim_proto::status::WorkerStatus) -> f64;
-        let per_rank: [(&str, &str, PerRank); 5] = [
+        let per_rank: [(&str, &str, PerRank); 6] = [
             ("simmim_rank_step", "Newest step a rank reported.", |w| {
                 w.step as f64
             }),
@@ -193,6 +193,11 @@ impl Collector for RunCollector {
                 "Seconds since a rank was last heard from.",
                 |w| w.last_heartbeat_ms_ago as f64 / 1000.0,
             ),
+            (
+                "simmim_rank_straggler",
+                "1 when a rank's step time is over 1.5x the median.",
+                |w| f64::from(u8::from(w.straggler)),
+            ),
         ];
         for (name, help, value) in per_rank {
             let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -203,19 +208,6 @@ impl Collector for RunCollector {
                 ];
                 ConstGauge::new(value(w)).encode(family.encode_family(&labels)?)?;
             }
-        }
-        let mut stragglers = e.encode_descriptor(
-            "simmim_rank_straggler",
-            "1 when a rank's step time is over 1.5x the median.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for w in &s.workers {
-            let labels = [
-                ("rank", w.rank.to_string()),
-                ("worker", w.worker_id.clone()),
-            ];
-            ConstGauge::new(i64::from(w.straggler)).encode(stragglers.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -19,10 +19,11 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::membership::{Admission, Joiner, Membership, Refusal};
-
-/// How long one register call waits for a place before the worker is told to ask again.
-const REGISTER_POLL: Duration = Duration::from_secs(20);
 use crate::metrics::MetricsSink;
+
+/// How long one register call waits for a place before the worker is told to ask again (with
+/// `DeadlineExceeded`, which the worker reads as "keep your place and ask again").
+const REGISTER_POLL: Duration = Duration::from_secs(20);
 
 /// What the supervisor needs to hear about.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +73,7 @@ pub struct Shared {
 pub struct Counters {
     pub commits: std::sync::atomic::AtomicU64,
     pub commit_failures: std::sync::atomic::AtomicU64,
-    /// Calls refused by the membership (stale generation, unknown rank, full).
+    /// Calls refused by the membership (stale generation, unknown rank).
     pub refused_membership: std::sync::atomic::AtomicU64,
 }
 
@@ -141,7 +142,7 @@ impl Coordinator for Service {
                 tracing::info!(worker = %req.worker_id, host = %req.hostname, "worker waiting to join");
             }
             if Instant::now() > deadline {
-                return Err(Status::unavailable(
+                return Err(Status::deadline_exceeded(
                     "still waiting for a place in a generation; ask again",
                 ));
             }
@@ -439,7 +440,6 @@ impl Shared {
         status.refused_unauthenticated = self.refused.load(Ordering::Relaxed);
         let m = locked(&self.membership);
         status.generation = m.generation;
-        status.workers_waiting = m.waiting.len() as u32;
         status.waiting = m
             .waiting
             .iter()

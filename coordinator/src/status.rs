@@ -180,7 +180,12 @@ pub fn render(s: &RunStatus, rate: Option<f64>) -> String {
     let _ = writeln!(
         out,
         "{}  {}  generation {}  world {}  restarts {}  waiting {}",
-        s.run, s.state, s.generation, s.world_size, s.restarts, s.workers_waiting
+        s.run,
+        s.state,
+        s.generation,
+        s.world_size,
+        s.restarts,
+        s.waiting.len()
     );
     let _ = writeln!(
         out,

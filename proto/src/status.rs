@@ -49,9 +49,6 @@ pub struct RunStatus {
     pub last_checkpoint_step: Option<u64>,
     pub restarts: u32,
     pub world_size: u32,
-    /// Workers registered for a generation that has not formed yet.
-    #[serde(default)]
-    pub workers_waiting: u32,
     /// Connections refused for a missing or wrong run token.
     pub refused_unauthenticated: u64,
     pub workers: Vec<WorkerStatus>,

@@ -202,7 +202,7 @@ fn join(url: &str, device: &str) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    simmim_worker::shutdown::install(&runtime);
+    shutdown::install(&runtime);
     for _ in 0..MAX_GENERATIONS {
         let session = match Session::join(&runtime, url, device) {
             Ok(session) => session,

@@ -280,7 +280,8 @@ async fn register(
                     ))
                     .into())
                 }
-                tonic::Code::Unavailable if status.message().contains("ask again") => {
+                // The coordinator kept this worker's place and ends each long poll so.
+                tonic::Code::DeadlineExceeded => {
                     unreachable_since = None;
                     if !said_waiting {
                         said_waiting = true;

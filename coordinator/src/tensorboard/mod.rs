@@ -369,12 +369,7 @@ impl Writer {
             let (records, damage) = match record::read_records(&bytes) {
                 Ok(records) => (records, None),
                 Err(e) => {
-                    let offset = match &e {
-                        record::RecordError::Truncated { offset, .. }
-                        | record::RecordError::LengthChecksum { offset }
-                        | record::RecordError::DataChecksum { offset } => *offset,
-                    };
-                    let intact = record::read_records(&bytes[..offset]).unwrap_or_default();
+                    let intact = record::read_records(&bytes[..e.offset()]).unwrap_or_default();
                     (intact, Some(e))
                 }
             };

@@ -32,6 +32,17 @@ pub enum RecordError {
     DataChecksum { offset: usize },
 }
 
+impl RecordError {
+    /// Where the damaged record starts: everything before it is intact.
+    pub fn offset(&self) -> usize {
+        match self {
+            RecordError::Truncated { offset, .. }
+            | RecordError::LengthChecksum { offset }
+            | RecordError::DataChecksum { offset } => *offset,
+        }
+    }
+}
+
 /// Every record's data, or the first damaged record's offset and what is wrong with it.
 pub fn read_records(bytes: &[u8]) -> Result<Vec<&[u8]>, RecordError> {
     let mut records = Vec::new();
