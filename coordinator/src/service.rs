@@ -6,12 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use simmim_proto::checkpoint::{retention, CommitError, Committer};
 use simmim_proto::pb::coordinator_server::Coordinator;
 use simmim_proto::pb::{
     Ack, CommitReply, CommitRequest, DoneReply, DoneRequest, FailureRequest, HeartbeatReply,
-    HeartbeatRequest, MetricsReport, RegisterReply, RegisterRequest, ResumePoint, StatusReply,
-    StatusRequest,
+    HeartbeatRequest, MetricsReport, RegisterReply, RegisterRequest, StatusReply, StatusRequest,
 };
 use simmim_proto::store::RunStore;
 use simmim_proto::{Manifest, RunStatus};
@@ -53,16 +52,9 @@ pub struct Shared {
     pub config_yaml: String,
     pub store: RunStore,
     pub heartbeat_interval: Duration,
-    /// The newest committed checkpoint: where a new generation resumes.
-    pub resume: Mutex<Option<ResumePoint>>,
-    /// The version of `latest` this coordinator last read or wrote (conditional updates).
-    pub latest_version: Mutex<Option<object_store::UpdateVersion>>,
-    /// Every manifest key this coordinator has pointed `latest` at.
-    pub written_latest: Mutex<Vec<String>>,
-    pub commit_lock: tokio::sync::Mutex<()>,
+    /// Commits checkpoints; its newest is where a new generation resumes.
+    pub committer: Committer,
     pub stop: AtomicBool,
-    /// Requests refused for a missing or wrong token.
-    pub refused: std::sync::atomic::AtomicU64,
     pub metrics: Mutex<MetricsSink>,
     pub status: Mutex<RunStatus>,
     pub counters: Counters,
@@ -73,6 +65,8 @@ pub struct Shared {
 pub struct Counters {
     pub commits: std::sync::atomic::AtomicU64,
     pub commit_failures: std::sync::atomic::AtomicU64,
+    /// Requests refused for a missing or wrong token.
+    pub refused_token: std::sync::atomic::AtomicU64,
     /// Calls refused by the membership (stale generation, unknown rank).
     pub refused_membership: std::sync::atomic::AtomicU64,
 }
@@ -168,7 +162,7 @@ impl Coordinator for Service {
             reference_global_batch: self.shared.config.reference_global_batch() as u64,
             run_config_yaml: self.shared.config_yaml.clone(),
             run_url: self.shared.store.url().to_string(),
-            resume: locked(&self.shared.resume).clone(),
+            resume: self.shared.committer.committed().map(Into::into),
             heartbeat_interval_ms: self.shared.heartbeat_interval.as_millis() as u64,
         }))
     }
@@ -305,131 +299,44 @@ impl Service {
         Status::failed_precondition(r.to_string())
     }
 
-    /// Commits a checkpoint the workers have written: its objects verified, the manifest
-    /// created, `latest` moved, retention applied.
+    /// Commits a checkpoint the workers have written (the protocol is
+    /// [`simmim_proto::checkpoint::Committer`]'s), then applies retention in the background.
     async fn commit(&self, req: CommitRequest) -> Result<Response<CommitReply>, Status> {
         locked(&self.shared.membership)
             .check(req.generation, req.rank)
             .map_err(|r| self.refused(r))?;
         let manifest: Manifest = serde_json::from_str(&req.manifest_json)
             .map_err(|e| Status::invalid_argument(format!("not a manifest: {e}")))?;
-        // One commit at a time, and never backwards: a late retry of an old checkpoint
-        // cannot displace a newer one.
-        let _serial = self.shared.commit_lock.lock().await;
-        let committed = locked(&self.shared.resume).as_ref().map(|r| r.step);
-        let store = &self.shared.store;
-        let key = Manifest::path_for(manifest.step);
-        if committed == Some(manifest.step) {
-            // A retry of the commit that is already in force (its reply was lost): answer it
-            // again rather than refuse it, or the worker would retry its final checkpoint
-            // until the outage limit. A different manifest for that step is still refused.
-            let stored = store
-                .read_manifest(&key)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            if stored == manifest {
-                return Ok(Response::new(CommitReply { manifest: key }));
-            }
-        }
-        if committed.is_some_and(|c| manifest.step <= c) {
-            return Err(Status::already_exists(format!(
-                "step {} is not newer than the committed step {}",
-                manifest.step,
-                committed.unwrap_or_default()
-            )));
-        }
-        store
-            .verify_sizes(&manifest)
+        let committed = self
+            .shared
+            .committer
+            .commit(&manifest)
             .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let json =
-            serde_json::to_vec_pretty(&manifest).map_err(|e| Status::internal(e.to_string()))?;
-        crate::faults::maybe_exit("exit-before-manifest", manifest.step);
-        let created = store
-            .put_new(&key, Bytes::from(json.clone()))
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        if !created {
-            // A request that timed out here may still have been applied by the store: the
-            // same manifest already there is this commit, done; another one is a conflict.
-            let existing = store
-                .get(&key)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            if existing.as_ref() != json.as_slice() {
-                return Err(Status::already_exists(format!(
-                    "checkpoint {} is already committed with other contents",
-                    store.url_of(&key)
-                )));
-            }
-        }
-        crate::faults::maybe_exit("exit-before-latest", manifest.step);
-        let moved = self.move_latest(&key).await?;
-        *locked(&self.shared.latest_version) = Some(moved);
-        *locked(&self.shared.resume) = Some(ResumePoint {
-            step: manifest.step,
-            manifest: key.clone(),
-        });
-        locked(&self.shared.written_latest).push(key.clone());
-        locked(&self.shared.status).last_checkpoint_step = Some(manifest.step);
-        let (retention, keep_from) = (self.shared.config.checkpoint.clone(), manifest.step);
-        let store_for_retention = store.clone();
+            .map_err(|e| match e {
+                CommitError::Unavailable(m) => Status::unavailable(m),
+                CommitError::Conflict(m) => Status::already_exists(m),
+                CommitError::Incomplete(m) => Status::failed_precondition(m),
+                CommitError::AnotherWriter(m) => Status::aborted(m),
+            })?;
+        locked(&self.shared.status).last_checkpoint_step = Some(committed.step);
+        let (store, policy) = (
+            self.shared.store.clone(),
+            self.shared.config.checkpoint.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) =
-                crate::retention::apply(&store_for_retention, &retention, keep_from).await
-            {
+            if let Err(e) = retention::apply(&store, &policy, committed.step).await {
                 tracing::warn!("checkpoint retention: {e}");
             }
         });
         locked(&self.shared.metrics).flush();
         tracing::info!(
-            step = manifest.step,
+            step = committed.step,
             "checkpoint committed: {}",
-            store.url_of(&key)
+            self.shared.store.url_of(&committed.manifest)
         );
-        Ok(Response::new(CommitReply { manifest: key }))
-    }
-
-    /// Moves `latest` with a conditional update. When the version check fails, `latest` is
-    /// read again: if it already names `key` (this very write, applied late after a timeout),
-    /// the commit stands; if it names an earlier manifest this coordinator wrote, the update is
-    /// retried against the fresh version; anything else means another writer, and the commit
-    /// is refused.
-    async fn move_latest(&self, key: &str) -> Result<object_store::UpdateVersion, Status> {
-        let store = &self.shared.store;
-        let seen = locked(&self.shared.latest_version).clone();
-        match store.move_latest(key, seen).await {
-            Ok(version) => Ok(version),
-            Err(first) => {
-                let current = store
-                    .latest_pointer()
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                // The write in hand, applied late by the store (its reply was lost and the
-                // client's retry then failed the version check): already done.
-                if let Some((pointer, version)) = &current {
-                    if pointer == key {
-                        tracing::info!(
-                            "`latest` already names {key} (a timed-out write the store applied)"
-                        );
-                        return Ok(version.clone());
-                    }
-                }
-                let ours = match &current {
-                    Some((pointer, _)) => locked(&self.shared.written_latest).contains(pointer),
-                    None => false,
-                };
-                if !ours {
-                    tracing::error!("{first}");
-                    return Err(Status::aborted(first.to_string()));
-                }
-                let fresh = current.map(|(_, version)| version);
-                store
-                    .move_latest(key, fresh)
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))
-            }
-        }
+        Ok(Response::new(CommitReply {
+            manifest: committed.manifest,
+        }))
     }
 }
 
@@ -437,7 +344,7 @@ impl Shared {
     pub fn snapshot(&self) -> RunStatus {
         let now = Instant::now();
         let mut status = locked(&self.status).clone();
-        status.refused_unauthenticated = self.refused.load(Ordering::Relaxed);
+        status.refused_unauthenticated = self.counters.refused_token.load(Ordering::Relaxed);
         let m = locked(&self.membership);
         status.generation = m.generation;
         status.waiting = m
@@ -488,7 +395,11 @@ pub fn require_token(
         match presented {
             Some(p) if simmim_proto::auth::same_token(&p, token.as_bytes()) => Ok(request),
             other => {
-                let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                let n = shared
+                    .counters
+                    .refused_token
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
                 tracing::warn!(
                     refused = n,
                     peer = ?request.remote_addr(),

@@ -24,6 +24,10 @@ pub enum ModelError {
     #[error("cannot read weights from {path}: {reason}")]
     Read { path: String, reason: String },
 
+    /// A tensor's values could not be read back from the device as `f32`.
+    #[error("cannot read {name} off the device: {reason}")]
+    DeviceRead { name: String, reason: String },
+
     #[error("cannot write weights to {path}: {reason}")]
     Write { path: String, reason: String },
 }

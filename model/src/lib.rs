@@ -36,6 +36,7 @@ pub mod backend;
 pub mod classifier;
 pub mod config;
 pub mod error;
+pub mod grads;
 pub mod init;
 pub mod layer_decay;
 pub mod layers;

@@ -84,7 +84,7 @@ impl<B: Backend> AdamW<B> {
     /// The optimizer state for a checkpoint: `<param>.exp_avg` and `<param>.exp_avg_sq` under
     /// the official parameter names and layouts (as `torch.optim.AdamW` calls its moments),
     /// and `step`.
-    pub fn state_dict<AB, M>(&self, module: &M) -> StateDict
+    pub fn state_dict<AB, M>(&self, module: &M) -> Result<StateDict, ModelError>
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -102,12 +102,9 @@ impl<B: Backend> AdamW<B> {
                 continue;
             };
             for (suffix, moment) in [("exp_avg", &moments.first), ("exp_avg_sq", &moments.second)] {
-                let mut values = moment
-                    .clone()
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .unwrap_or_default();
+                let mut values = crate::grads::host_values(moment.clone().into_data(), || {
+                    format!("the AdamW {suffix} of {}", info.name)
+                })?;
                 if info.transposed {
                     // Burn keeps Linear weights [in, out]; the official layout is [out, in].
                     let (rows, cols) = (info.shape[1], info.shape[0]);
@@ -122,7 +119,7 @@ impl<B: Backend> AdamW<B> {
                 );
             }
         }
-        out
+        Ok(out)
     }
 
     /// Restores what [`Self::state_dict`] wrote, for `module`'s parameters on `device`.

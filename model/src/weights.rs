@@ -402,10 +402,14 @@ pub fn load_pretrained<B: Backend>(
 }
 
 /// Every parameter (official name and layout) and every official buffer, ready to serialise.
-pub fn state_dict<B: Backend, M: Module<B>>(model: &M, config: &SimMimConfig) -> StateDict {
+pub fn state_dict<B: Backend, M: Module<B>>(
+    model: &M,
+    config: &SimMimConfig,
+) -> Result<StateDict, ModelError> {
     struct Saver {
         tracker: PathTracker,
         out: StateDict,
+        error: Option<ModelError>,
     }
     impl<B: Backend> ModuleVisitor<B> for Saver {
         fn enter_module(&mut self, name: &str, container_type: &str) {
@@ -415,24 +419,35 @@ pub fn state_dict<B: Backend, M: Module<B>>(model: &M, config: &SimMimConfig) ->
             self.tracker.exit(container_type);
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.error.is_some() {
+                return;
+            }
             let official = self.tracker.official();
             let mut tensor = param.val();
             if official.transposed {
                 tensor = tensor.transpose();
             }
-            let data = tensor.into_data().convert::<f32>();
+            let data = tensor.into_data();
             let shape = data.shape.to_vec();
-            let values = data.to_vec::<f32>().unwrap_or_default();
-            self.out
-                .insert(official.name, HostTensor::F32 { shape, values });
+            match crate::grads::host_values(data, || official.name.clone()) {
+                Ok(values) => {
+                    self.out
+                        .insert(official.name, HostTensor::F32 { shape, values });
+                }
+                Err(e) => self.error = Some(e),
+            }
         }
     }
     let mut saver = Saver {
         tracker: PathTracker::default(),
         out: official_buffers(config),
+        error: None,
     };
     model.visit(&mut saver);
-    saver.out
+    match saver.error {
+        Some(e) => Err(e),
+        None => Ok(saver.out),
+    }
 }
 
 /// Serialises a state dict to safetensors bytes, with the model config in the metadata.
@@ -490,23 +505,12 @@ pub fn config_from_safetensors(bytes: &[u8]) -> Result<Option<SimMimConfig>, Mod
     }
 }
 
-/// Writes the model as safetensors under the official names (loadable with
-/// `model.load_state_dict(safetensors.torch.load_file(path))` in the official code).
-pub fn save_safetensors<B: Backend, M: Module<B>>(
-    model: &M,
-    config: &SimMimConfig,
-    path: &Path,
-) -> Result<(), ModelError> {
-    let bytes = to_safetensors(&state_dict(model, config), config)?;
-    std::fs::write(path, bytes).map_err(|e| ModelError::Write {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
-}
-
 /// Gradients by official name and in the official layout: for inspecting and comparing a
 /// step against PyTorch.
-pub fn gradient_state_dict<AB, M>(module: &M, grads: &burn::optim::GradientsParams) -> StateDict
+pub fn gradient_state_dict<AB, M>(
+    module: &M,
+    grads: &burn::optim::GradientsParams,
+) -> Result<StateDict, ModelError>
 where
     AB: burn::tensor::backend::AutodiffBackend,
     M: burn::module::AutodiffModule<AB>,
@@ -515,6 +519,7 @@ where
         tracker: PathTracker,
         grads: &'a burn::optim::GradientsParams,
         out: StateDict,
+        error: Option<ModelError>,
     }
     impl<AB: burn::tensor::backend::AutodiffBackend> ModuleVisitor<AB> for Collector<'_> {
         fn enter_module(&mut self, name: &str, container_type: &str) {
@@ -524,6 +529,9 @@ where
             self.tracker.exit(container_type);
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+            if self.error.is_some() {
+                return;
+            }
             let Some(mut grad) = self.grads.get::<AB::InnerBackend, D>(param.id) else {
                 return;
             };
@@ -531,18 +539,26 @@ where
             if official.transposed {
                 grad = grad.transpose();
             }
-            let data = grad.into_data().convert::<f32>();
+            let data = grad.into_data();
             let shape = data.shape.to_vec();
-            let values = data.to_vec::<f32>().unwrap_or_default();
-            self.out
-                .insert(official.name, HostTensor::F32 { shape, values });
+            match crate::grads::host_values(data, || format!("the gradient of {}", official.name)) {
+                Ok(values) => {
+                    self.out
+                        .insert(official.name, HostTensor::F32 { shape, values });
+                }
+                Err(e) => self.error = Some(e),
+            }
         }
     }
     let mut collector = Collector {
         tracker: PathTracker::default(),
         grads,
         out: StateDict::new(),
+        error: None,
     };
     module.visit(&mut collector);
-    collector.out
+    match collector.error {
+        Some(e) => Err(e),
+        None => Ok(collector.out),
+    }
 }

@@ -65,7 +65,7 @@ fn an_official_simmim_checkpoint_loads_into_the_classifier() {
         .iter()
         .any(|k| k.ends_with("relative_position_index")));
 
-    let loaded = state_dict(&model, &config);
+    let loaded = state_dict(&model, &config).expect("state dict");
     for (name, tensor) in &official {
         if name.starts_with("encoder.") && matches!(tensor, HostTensor::F32 { .. }) {
             if name.ends_with("attn_mask") {
@@ -101,7 +101,7 @@ fn tables_are_resized_as_pytorch_bicubic_when_the_window_changes() {
         .expect("classifier");
     let (model, report) = load_pretrained(model, &config, official).expect("load");
     assert_eq!(report.resized.len(), 2);
-    let loaded = state_dict(&model, &config);
+    let loaded = state_dict(&model, &config).expect("state dict");
     for (name, table) in &expected {
         assert_eq!(loaded[name].shape(), &[81, 2], "{name}");
         assert_close(f32s(&loaded[name]), f32s(table), 1e-5, name);
@@ -138,14 +138,14 @@ fn a_simmim_vit_checkpoint_becomes_a_vit_classifier() {
     let pretrained = {
         use simmim_model::InitModel;
         let model = config.init::<Flex>(5, &device).expect("SimMIM model");
-        state_dict(&model, &config)
+        state_dict(&model, &config).expect("state dict")
     };
     let model = config
         .init_classifier::<Flex>(4, 1, &device)
         .expect("classifier");
     let (model, report) = load_pretrained(model, &config, pretrained.clone()).expect("load");
     assert!(!report.head_loaded);
-    let loaded = state_dict(&model, &config);
+    let loaded = state_dict(&model, &config).expect("state dict");
     assert_close(
         f32s(&loaded["encoder.blocks.1.mlp.fc2.weight"]),
         f32s(&pretrained["encoder.blocks.1.mlp.fc2.weight"]),

@@ -126,7 +126,7 @@ fn check_case_bytes(bytes: &[u8]) -> Result<Vec<String>> {
 
     // Gradients: every trainable parameter of the case, and no extra ones.
     let grads = GradientsParams::from_grads(output.loss.backward(), &model);
-    let got = gradient_state_dict::<B, _>(&model, &grads);
+    let got = gradient_state_dict::<B, _>(&model, &grads).expect("grads");
     let mut worst = (0.0f64, String::new());
     let mut checked = 0;
     for (key, tensor) in state

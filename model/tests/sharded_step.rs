@@ -36,8 +36,8 @@ fn sharded_gradients_equal_the_full_batch() {
         ((full_loss - sharded_loss) / full_loss).abs() < 1e-6,
         "{full_loss} vs {sharded_loss}"
     );
-    let full = gradient_state_dict::<B, _>(&model, &full);
-    let sharded = gradient_state_dict::<B, _>(&model, &sharded);
+    let full = gradient_state_dict::<B, _>(&model, &full).expect("grads");
+    let sharded = gradient_state_dict::<B, _>(&model, &sharded).expect("grads");
     assert_eq!(full.len(), sharded.len());
     assert!(full.len() > 30);
     for (name, tensor) in &full {

@@ -177,7 +177,7 @@ fn safetensors_export_round_trips_with_official_keys_and_config() {
         }
         let device = Default::default();
         let original = config.init::<B>(1, &device).expect("init");
-        let state = state_dict(&original, &config);
+        let state = state_dict(&original, &config).expect("state dict");
         let bytes = to_safetensors(&state, &config).expect("serialise");
         assert_eq!(
             config_from_safetensors(&bytes).expect("meta"),
@@ -191,7 +191,11 @@ fn safetensors_export_round_trips_with_official_keys_and_config() {
             .all(|k| k.starts_with("encoder.") || k.starts_with("decoder.0.")));
         let other = config.init::<B>(2, &device).expect("init");
         let restored = load_state_dict(other, &config, &read).expect("load");
-        assert_eq!(state_dict(&restored, &config), state, "{preset}");
+        assert_eq!(
+            state_dict(&restored, &config).expect("state dict"),
+            state,
+            "{preset}"
+        );
         if let Ok(dir) = std::env::var("SIMMIM_EXPORT_DIR") {
             std::fs::write(
                 Path::new(&dir).join(format!("{preset}.safetensors")),

@@ -24,3 +24,20 @@ pub fn config_error(field: &str, reason: impl Into<String>) -> ConfigError {
         reason: reason.into(),
     }
 }
+
+/// An error a restart cannot fix (an invalid config, a missing dataset, a refused token): the
+/// process exits with [`EXIT_DO_NOT_RETRY`] so supervisors (the coordinator, Kubernetes'
+/// podFailurePolicy) stop retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+impl Permanent {
+    /// `e` as a permanent error, for `map_err`.
+    pub fn from_display(e: impl std::fmt::Display) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Exit status for errors a restart cannot fix.
+pub const EXIT_DO_NOT_RETRY: i32 = 2;

@@ -10,7 +10,7 @@ pub mod plan;
 pub mod run_config;
 pub mod status;
 
-pub use error::ConfigError;
+pub use error::{ConfigError, Permanent, EXIT_DO_NOT_RETRY};
 pub use manifest::{Manifest, ManifestFile};
 pub use plan::{Cursor, DataPlan};
 pub use run_config::RunConfig;
@@ -28,4 +28,17 @@ pub mod pb {
 }
 
 #[cfg(feature = "store")]
+pub mod checkpoint;
+#[cfg(feature = "store")]
 pub mod store;
+
+/// The registration's resume point is a committed checkpoint.
+#[cfg(all(feature = "grpc", feature = "store"))]
+impl From<checkpoint::Committed> for pb::ResumePoint {
+    fn from(c: checkpoint::Committed) -> Self {
+        Self {
+            step: c.step,
+            manifest: c.manifest,
+        }
+    }
+}

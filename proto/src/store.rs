@@ -459,7 +459,8 @@ impl RunStore {
     }
 
     /// Every manifest's key, newest step first.
-    pub async fn manifests(&self) -> Result<Vec<String>, StoreError> {
+    #[cfg(test)]
+    async fn manifests(&self) -> Result<Vec<String>, StoreError> {
         Ok(self
             .checkpoints()
             .await?

@@ -1,33 +1,15 @@
-//! Checkpoint contents: the model under the official SimMIM names (loadable in PyTorch), the
-//! AdamW moments, and `trainer.json` (step, epoch, data cursor). There is no RNG state to
-//! save: every random draw is a function of the seed and the step or sample, so resuming at
-//! step `s` reproduces an uninterrupted run exactly.
+//! Checkpoint storage for the trainer: the state copied off the device as safetensors (the
+//! model under the official SimMIM names, loadable in PyTorch; the AdamW moments), and a
+//! background writer that uploads the objects and has them committed. What a checkpoint
+//! holds and how it is committed is the protocol module's ([`simmim_proto::checkpoint`]);
+//! when to save is the trainer's policy ([`crate::trainer::checkpoints`]).
 
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use simmim_proto::manifest::{Manifest, ManifestFile, FORMAT_VERSION};
-use simmim_proto::store::{sha256_hex, RunStore, StoreError};
+use std::sync::Arc;
 
-pub const MODEL_FILE: &str = "model.safetensors";
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const TRAINER_FILE: &str = "trainer.json";
+use simmim_proto::checkpoint::CheckpointBytes;
+use simmim_proto::store::RunStore;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainerState {
-    pub step: u64,
-    /// The data cursor: epoch, and samples of its order consumed.
-    pub epoch: u64,
-    #[serde(default)]
-    pub epoch_offset: u64,
-    pub samples_seen: u64,
-    pub world_size: u32,
-    pub micro_batch: usize,
-    pub accumulation: usize,
-    pub seed: u64,
-    pub samples_skipped: u64,
-    pub config_hash: String,
-    pub randomness: String,
-}
+use crate::generation::{Generation, RunLink};
 
 /// The model (official names) and the AdamW state as safetensors bytes, the two made on two
 /// threads: this copy off the device is the only part of a checkpoint the step loop waits for.
@@ -42,73 +24,13 @@ where
 {
     use simmim_model::weights::{state_dict, to_safetensors};
     std::thread::scope(|scope| {
-        let weights = scope.spawn(|| to_safetensors(&state_dict::<B, M>(model, config), config));
-        let moments = to_safetensors(&optimizer.state_dict::<B, M>(model), config);
+        let weights = scope.spawn(|| to_safetensors(&state_dict::<B, M>(model, config)?, config));
+        let moments = to_safetensors(&optimizer.state_dict::<B, M>(model)?, config);
         let weights = weights
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         Ok((weights?, moments?))
     })
-}
-
-/// The serialised pieces of one checkpoint.
-pub struct CheckpointBytes {
-    pub model: Vec<u8>,
-    pub optimizer: Vec<u8>,
-    pub trainer: TrainerState,
-}
-
-/// The model weights of a run's newest committed checkpoint (or the one at `step`), checked
-/// against its manifest; the optimizer state is not read.
-pub async fn read_model(
-    store: &RunStore,
-    step: Option<u64>,
-) -> Result<(Manifest, Bytes), StoreError> {
-    let key = match step {
-        Some(step) => Manifest::path_for(step),
-        None => match store.latest_pointer().await? {
-            Some((key, _)) => key,
-            None => {
-                return Err(StoreError::Invalid {
-                    url: store.url().to_string(),
-                    reason: "no committed checkpoint (no `latest`)".into(),
-                })
-            }
-        },
-    };
-    let manifest = store.read_manifest(&key).await?;
-    let model = store.read_checked(&manifest, MODEL_FILE).await?;
-    Ok((manifest, model))
-}
-
-/// Reads a committed checkpoint, verifying every object against its manifest.
-pub async fn read(
-    store: &RunStore,
-    manifest_key: &str,
-) -> Result<(Manifest, CheckpointBytes), StoreError> {
-    let manifest = store.read_manifest(manifest_key).await?;
-    let model = store.read_checked(&manifest, MODEL_FILE).await?.to_vec();
-    let optimizer = store
-        .read_checked(&manifest, OPTIMIZER_FILE)
-        .await?
-        .to_vec();
-    let trainer_bytes = store.read_checked(&manifest, TRAINER_FILE).await?;
-    let trainer: TrainerState =
-        serde_json::from_slice(&trainer_bytes).map_err(|e| StoreError::Invalid {
-            url: store.url_of(&format!(
-                "{}/{TRAINER_FILE}",
-                Manifest::dir_for(manifest.step)
-            )),
-            reason: e.to_string(),
-        })?;
-    Ok((
-        manifest,
-        CheckpointBytes {
-            model,
-            optimizer,
-            trainer,
-        },
-    ))
 }
 
 /// Writes checkpoints in the background so the step loop only pays for serialising the state
@@ -120,10 +42,9 @@ pub async fn read(
 pub struct Checkpointer {
     store: RunStore,
     runtime: tokio::runtime::Handle,
-    client: simmim_proto::auth::Client,
+    link: Arc<dyn RunLink>,
     run: String,
     generation: u64,
-    rank: u32,
     in_flight: Option<tokio::task::JoinHandle<Result<Landed, String>>>,
     last_landed: std::time::Instant,
     max_outage: std::time::Duration,
@@ -139,17 +60,17 @@ pub struct Landed {
 }
 
 impl Checkpointer {
-    /// `checkpoint.max_outage_minutes` of the session's config bounds an outage.
-    pub fn new(store: RunStore, session: &crate::session::Session) -> Self {
+    /// `checkpoint.max_outage_minutes` of the run config bounds an outage.
+    pub fn new(store: RunStore, generation: &Generation) -> Self {
+        let config = &generation.config;
         let max_outage =
-            std::time::Duration::from_secs_f64(session.config.checkpoint.max_outage_minutes * 60.0);
+            std::time::Duration::from_secs_f64(config.checkpoint.max_outage_minutes * 60.0);
         Self {
             store,
-            runtime: session.runtime.clone(),
-            client: session.client.clone(),
-            run: session.config.run.name.clone(),
-            generation: session.joined.generation,
-            rank: session.joined.rank,
+            runtime: generation.runtime.clone(),
+            link: generation.link.clone(),
+            run: config.run.name.clone(),
+            generation: generation.number,
             in_flight: None,
             last_landed: std::time::Instant::now(),
             max_outage,
@@ -239,13 +160,10 @@ impl Checkpointer {
     fn upload(&self, pieces: CheckpointBytes) -> Upload {
         Upload {
             store: self.store.clone(),
-            client: self.client.clone(),
+            link: self.link.clone(),
             run: self.run.clone(),
             generation: self.generation,
-            rank: self.rank,
-            model: Bytes::from(pieces.model),
-            optimizer: Bytes::from(pieces.optimizer),
-            trainer: pieces.trainer,
+            pieces,
         }
     }
 }
@@ -255,13 +173,10 @@ impl Checkpointer {
 #[derive(Clone)]
 struct Upload {
     store: RunStore,
-    client: simmim_proto::auth::Client,
+    link: Arc<dyn RunLink>,
     run: String,
     generation: u64,
-    rank: u32,
-    model: Bytes,
-    optimizer: Bytes,
-    trainer: TrainerState,
+    pieces: CheckpointBytes,
 }
 
 impl Upload {
@@ -274,67 +189,21 @@ impl Upload {
 
     async fn run(self) -> Result<Landed, String> {
         let started = std::time::Instant::now();
-        let step = self.trainer.step;
-        let dir = Manifest::dir_for(step);
-        let trainer = Bytes::from(serde_json::to_vec_pretty(&self.trainer).unwrap_or_default());
-        let pieces = [
-            (MODEL_FILE, self.model.clone()),
-            (OPTIMIZER_FILE, self.optimizer.clone()),
-            (TRAINER_FILE, trainer),
-        ];
-        let files: Vec<ManifestFile> = pieces
-            .iter()
-            .map(|(name, data)| ManifestFile {
-                path: name.to_string(),
-                size: data.len() as u64,
-                sha256: sha256_hex(data),
-            })
-            .collect();
-        let bytes = files.iter().map(|f| f.size).sum();
-        // All objects at once: each large one is itself a multipart upload.
-        let uploads = pieces.into_iter().map(|(name, data)| {
-            let store = self.store.clone();
-            let key = format!("{dir}/{name}");
-            async move { store.put_large(&key, data).await }
-        });
-        futures::future::try_join_all(uploads)
+        let step = self.pieces.trainer.step;
+        let manifest = self
+            .pieces
+            .write(&self.store, &self.run, self.generation)
             .await
             .map_err(|e| e.to_string())?;
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            run: self.run.clone(),
-            step,
-            epoch: self.trainer.epoch,
-            epoch_offset: self.trainer.epoch_offset,
-            samples_seen: self.trainer.samples_seen,
-            generation: self.generation,
-            world_size: self.trainer.world_size,
-            config_hash: self.trainer.config_hash.clone(),
-            created_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            files,
-        };
-        let request = simmim_proto::pb::CommitRequest {
-            generation: self.generation,
-            rank: self.rank,
-            manifest_json: serde_json::to_string(&manifest).map_err(|e| e.to_string())?,
-        };
-        let reply = self
-            .client
-            .clone()
-            .commit_checkpoint(request)
+        let bytes = manifest.files.iter().map(|f| f.size).sum();
+        let key = self
+            .link
+            .commit(manifest)
             .await
-            .map_err(|s| {
-                format!(
-                    "the coordinator did not commit step {step}: {}",
-                    s.message()
-                )
-            })?;
+            .map_err(|e| format!("step {step} was not committed: {e}"))?;
         Ok(Landed {
             step,
-            manifest: reply.into_inner().manifest,
+            manifest: key,
             bytes,
             seconds: started.elapsed().as_secs_f64(),
         })

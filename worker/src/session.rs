@@ -1,22 +1,25 @@
 //! The worker's side of the coordinator contract: join the run, keep the heartbeat going,
-//! forward metrics in the background, commit checkpoints, report the end.
+//! forward metrics in the background, commit checkpoints, report the end. Joining yields a
+//! plain [`Generation`] whose [`RunLink`] is this client, so the trainer knows no gRPC.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use simmim_proto::auth::{AddToken, Client};
 use simmim_proto::pb::coordinator_client::CoordinatorClient;
 use simmim_proto::pb::{
     DoneRequest, FailureRequest, HeartbeatRequest, MetricsReport, RegisterReply, RegisterRequest,
     StepMetrics,
 };
-use simmim_proto::RunConfig;
+use simmim_proto::{Manifest, Permanent, RunConfig};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::collective::{io_timeout, Collective, Ring, RingListener, Solo};
+use crate::collective::setup::{self, Members};
+use crate::device::Device;
+use crate::generation::{BatchShape, Generation, RunLink};
 
 /// How long a worker keeps trying to reach the coordinator (starting before it, or while it
 /// restarts): `SIMMIM_CONNECT_PATIENCE_S`, default 30 minutes.
@@ -39,23 +42,9 @@ pub struct RunOver(pub String);
 #[error("stopped by a signal while waiting to join")]
 pub struct Terminated;
 
+/// A worker's membership in one generation, as the coordinator sees it.
 pub struct Session {
-    pub client: Client,
-    pub runtime: tokio::runtime::Handle,
-    pub joined: RegisterReply,
-    pub config: RunConfig,
-    /// Set by the heartbeat when the coordinator asks the run to stop.
-    pub stop: Arc<AtomicBool>,
-    /// Set by the heartbeat when the coordinator is gone or has moved on without us.
-    pub lost: Arc<std::sync::Mutex<Option<String>>>,
-    pub step: Arc<AtomicU64>,
-    metrics: mpsc::UnboundedSender<StepMetrics>,
-    /// Metrics queued but not yet delivered.
-    pending: Arc<AtomicU64>,
-    /// This generation's gradient transport.
-    pub collective: std::sync::Mutex<Box<dyn Collective>>,
-    /// Set by the train loop when it stopped before the end of its plan.
-    pub stopped_early: AtomicBool,
+    link: Arc<CoordinatorLink>,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -67,67 +56,76 @@ impl Drop for Session {
     }
 }
 
-/// Where this worker's transport listens and what address it announces: the coordinator's
-/// loopback means a local run; otherwise `SIMMIM_ADVERTISE_HOST` (a pod IP or DNS name) or the
-/// host name. `SIMMIM_TRANSPORT_PORT` pins the port (default: any free one).
-fn transport_listener(coordinator_url: &str) -> Result<RingListener> {
-    let local = coordinator_url.contains("127.0.0.1") || coordinator_url.contains("localhost");
-    let port = match std::env::var("SIMMIM_TRANSPORT_PORT") {
-        Ok(p) => p
-            .parse()
-            .map_err(|_| anyhow!("SIMMIM_TRANSPORT_PORT=`{p}` is not a port number"))?,
-        Err(_) => 0,
-    };
-    let (bind, advertise) = if local {
-        ("127.0.0.1".to_string(), "127.0.0.1".to_string())
-    } else {
-        let advertise = std::env::var("SIMMIM_ADVERTISE_HOST").unwrap_or_else(|_| hostname());
-        ("0.0.0.0".to_string(), advertise)
-    };
-    RingListener::bind(&bind, port, &advertise)
-        .with_context(|| format!("binding the gradient transport on {bind}:{port}"))
+/// The coordinator, as the trainer's [`RunLink`].
+struct CoordinatorLink {
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    generation: u64,
+    rank: u32,
+    /// Set by the heartbeat when the coordinator asks the run to stop.
+    stop: Arc<AtomicBool>,
+    /// Set by the heartbeat when the coordinator is gone or has moved on without us.
+    lost: Arc<std::sync::Mutex<Option<String>>>,
+    step: Arc<AtomicU64>,
+    metrics: mpsc::UnboundedSender<StepMetrics>,
+    /// Metrics queued but not yet delivered.
+    pending: Arc<AtomicU64>,
+    /// Set by the trainer when it stopped before the end of its plan.
+    stopped_early: AtomicBool,
 }
 
-/// NCCL between GPU workers (set up over the ring, which then closes), unless
-/// `SIMMIM_COLLECTIVE=ring` keeps the TCP ring; CPU workers keep the ring.
-#[cfg(feature = "cuda")]
-fn gpu_transport(
-    mut ring: Box<dyn Collective>,
-    device: &str,
-    timeout: Duration,
-) -> Result<Box<dyn Collective>> {
-    use crate::collective::nccl::{share_unique_id, Nccl};
-    let Some(rest) = device.strip_prefix("cuda") else {
-        return Ok(ring);
-    };
-    if std::env::var("SIMMIM_COLLECTIVE").is_ok_and(|v| v == "ring") {
-        tracing::info!("SIMMIM_COLLECTIVE=ring: gradients stay on the TCP ring");
-        return Ok(ring);
+impl RunLink for CoordinatorLink {
+    fn report(&self, metrics: StepMetrics) {
+        self.step.store(metrics.step, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.metrics.send(metrics).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
     }
-    let ordinal: usize = rest.trim_start_matches(':').parse().unwrap_or(0);
-    let started = Instant::now();
-    let id = share_unique_id(ring.as_mut())?;
-    let nccl = Nccl::connect(ordinal, ring.rank(), ring.world(), id, timeout)?;
-    tracing::info!(
-        rank = ring.rank(),
-        world = ring.world(),
-        "NCCL communicator formed on cuda:{ordinal} in {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(Box::new(nccl))
-}
 
-#[cfg(not(feature = "cuda"))]
-fn gpu_transport(
-    ring: Box<dyn Collective>,
-    _device: &str,
-    _timeout: Duration,
-) -> Result<Box<dyn Collective>> {
-    Ok(ring)
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn lost(&self) -> Option<String> {
+        self.lost.lock().ok().and_then(|l| l.clone())
+    }
+
+    fn stopped_early(&self) {
+        self.stopped_early.store(true, Ordering::Relaxed);
+    }
+
+    fn commit(
+        &self,
+        manifest: Manifest,
+    ) -> futures::future::BoxFuture<'static, Result<String, String>> {
+        let mut client = self.client.clone();
+        let (generation, rank, step) = (self.generation, self.rank, manifest.step);
+        Box::pin(async move {
+            let request = simmim_proto::pb::CommitRequest {
+                generation,
+                rank,
+                manifest_json: serde_json::to_string(&manifest).map_err(|e| e.to_string())?,
+            };
+            let reply = client.commit_checkpoint(request).await.map_err(|s| {
+                format!(
+                    "the coordinator did not commit step {step}: {}",
+                    s.message()
+                )
+            })?;
+            Ok(reply.into_inner().manifest)
+        })
+    }
 }
 
 impl Session {
-    pub fn join(runtime: &tokio::runtime::Runtime, url: &str, device: &str) -> Result<Self> {
+    /// Registers with the coordinator at `url` (waiting for a place), forms the transport
+    /// with the generation's other ranks, and starts the heartbeat and metrics tasks.
+    pub fn join(
+        runtime: &tokio::runtime::Runtime,
+        url: &str,
+        device: Device,
+    ) -> Result<(Self, Generation)> {
         let handle = runtime.handle().clone();
         let token = simmim_proto::auth::token_from_env().map_err(|e| anyhow!(e))?;
         let channel = runtime.block_on(connect(url))?;
@@ -135,7 +133,7 @@ impl Session {
             channel,
             AddToken::new(token.as_deref()).map_err(|e| anyhow!(e))?,
         );
-        let listener = transport_listener(url)?;
+        let listener = setup::listener(url)?;
         let request = RegisterRequest {
             worker_id: worker_id(),
             hostname: hostname(),
@@ -145,110 +143,95 @@ impl Session {
         };
         let joined = runtime.block_on(register(&mut client, request, url))?;
         let config = RunConfig::from_yaml(&joined.run_config_yaml, "the coordinator's run config")?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let lost = Arc::new(std::sync::Mutex::new(None));
-        let step = Arc::new(AtomicU64::new(joined.resume.as_ref().map_or(0, |r| r.step)));
         let (metrics, queue) = mpsc::unbounded_channel();
-        let pending = Arc::new(AtomicU64::new(0));
+        let link = Arc::new(CoordinatorLink {
+            client: client.clone(),
+            runtime: handle.clone(),
+            generation: joined.generation,
+            rank: joined.rank,
+            stop: Arc::new(AtomicBool::new(false)),
+            lost: Arc::new(std::sync::Mutex::new(None)),
+            step: Arc::new(AtomicU64::new(joined.resume.as_ref().map_or(0, |r| r.step))),
+            metrics,
+            pending: Arc::new(AtomicU64::new(0)),
+            stopped_early: AtomicBool::new(false),
+        });
         let background = vec![
             runtime.spawn(forward_metrics(
                 client.clone(),
                 joined.generation,
                 joined.rank,
                 queue,
-                pending.clone(),
+                link.pending.clone(),
             )),
             runtime.spawn(heartbeat(
-                client.clone(),
+                client,
                 joined.clone(),
                 Duration::from_secs_f64(config.workers.heartbeat_timeout_s),
-                stop.clone(),
-                lost.clone(),
-                step.clone(),
+                link.stop.clone(),
+                link.lost.clone(),
+                link.step.clone(),
             )),
         ];
-        let collective: Box<dyn Collective> = if joined.world_size <= 1 {
-            Box::new(Solo)
-        } else {
-            let started = Instant::now();
-            let ring = Ring::establish(
-                listener,
-                joined.rank as usize,
-                &joined.peers,
-                token.as_deref().unwrap_or_default().as_bytes(),
-                joined.generation,
-                io_timeout(config.workers.heartbeat_timeout_s),
-            )?;
-            tracing::info!(
-                rank = joined.rank,
-                world = joined.world_size,
-                "gradient ring formed in {:.2} s",
-                started.elapsed().as_secs_f64()
-            );
-            gpu_transport(
-                Box::new(ring),
-                device,
-                io_timeout(config.workers.heartbeat_timeout_s),
-            )?
+        let members = Members {
+            rank: joined.rank as usize,
+            peers: &joined.peers,
+            token: token.as_deref().unwrap_or_default().as_bytes(),
+            generation: joined.generation,
+            heartbeat_timeout_s: config.workers.heartbeat_timeout_s,
         };
-        Ok(Self {
-            client,
-            runtime: handle,
-            joined,
+        let collective = setup::form(listener, members, device)?;
+        let batch = BatchShape {
+            micro_batch: joined.micro_batch as usize,
+            accumulation: joined.accumulation as usize,
+            reference_global_batch: joined.reference_global_batch,
+            lr_scale: joined.lr_scale,
+        };
+        let generation = Generation::new(
+            joined.generation,
             config,
-            stop,
-            lost,
-            step,
-            metrics,
-            pending,
-            collective: std::sync::Mutex::new(collective),
-            stopped_early: AtomicBool::new(false),
-            background,
-        })
-    }
-
-    pub fn report(&self, metrics: StepMetrics) {
-        self.step.store(metrics.step, Ordering::Relaxed);
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        if self.metrics.send(metrics).is_err() {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    pub fn lost_reason(&self) -> Option<String> {
-        self.lost.lock().ok().and_then(|l| l.clone())
+            joined.run_url,
+            batch,
+            joined.resume.map(|r| r.manifest),
+            handle,
+            link.clone(),
+            collective,
+        );
+        Ok((Self { link, background }, generation))
     }
 
     /// Reports the end of this generation's plan; `Ok(true)` means the run goes on and this
     /// worker registers again.
     pub fn done(&self, final_step: u64) -> Result<bool> {
+        let link = &self.link;
         // Let queued metrics go out first (bounded wait).
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.pending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while link.pending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         let request = DoneRequest {
-            generation: self.joined.generation,
-            rank: self.joined.rank,
+            generation: link.generation,
+            rank: link.rank,
             final_step,
-            stopped_early: self.stopped_early.load(Ordering::Relaxed),
+            stopped_early: link.stopped_early.load(Ordering::Relaxed),
         };
-        let reply = self
+        let reply = link
             .runtime
-            .block_on(self.client.clone().report_done(request))
+            .block_on(link.client.clone().report_done(request))
             .map_err(|s| anyhow!("reporting the end: {}", s.message()))?;
         Ok(reply.into_inner().rejoin)
     }
 
     pub fn fail(&self, message: &str, retryable: bool) {
+        let link = &self.link;
         let request = FailureRequest {
-            generation: self.joined.generation,
-            rank: self.joined.rank,
+            generation: link.generation,
+            rank: link.rank,
             message: message.to_string(),
             retryable,
         };
-        let mut client = self.client.clone();
-        let _ = self.runtime.block_on(async move {
+        let mut client = link.client.clone();
+        let _ = link.runtime.block_on(async move {
             tokio::time::timeout(Duration::from_secs(5), client.report_failure(request)).await
         });
     }
@@ -274,7 +257,7 @@ async fn register(
             Err(status) => match status.code() {
                 tonic::Code::Aborted => return Err(RunOver(status.message().to_string()).into()),
                 tonic::Code::Unauthenticated | tonic::Code::InvalidArgument => {
-                    return Err(crate::train::Permanent(format!(
+                    return Err(Permanent(format!(
                         "the coordinator at {url} refused registration: {}",
                         status.message()
                     ))

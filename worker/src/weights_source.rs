@@ -8,7 +8,7 @@ use simmim_model::SimMimConfig;
 use simmim_proto::store::{location_url, RunStore};
 use simmim_proto::Manifest;
 
-use crate::checkpoint;
+use simmim_proto::checkpoint::layout::read_model;
 
 /// The weights at `location` and, when the source records it, the model config they were
 /// made with.
@@ -55,7 +55,7 @@ pub fn read_weights(
     };
     let store = RunStore::open(location_url(run)?.as_str())?;
     let (manifest, bytes): (Manifest, bytes::Bytes) = runtime
-        .block_on(checkpoint::read_model(&store, step))
+        .block_on(read_model(&store, step))
         .with_context(|| format!("reading the model of {location}"))?;
     tracing::info!("weights: step {} of {}", manifest.step, store.url());
     let config = simmim_model::weights::config_from_safetensors(&bytes)?;

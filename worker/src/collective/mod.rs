@@ -2,10 +2,10 @@
 //! per step and never knows which transport it has: `Solo` for a world of one, `Ring` (TCP
 //! between CPU workers), or `Nccl` between GPU workers (builds with the `cuda` feature).
 
-pub mod flat;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod ring;
+pub mod setup;
 
 use std::time::Duration;
 

@@ -16,9 +16,6 @@ use super::DataError;
 
 /// One micro-batch, ready for the device.
 pub struct Batch {
-    /// Where the optimizer step this micro-batch belongs to starts.
-    pub cursor: Cursor,
-    pub micro: usize,
     pub epoch: u64,
     /// `[B, 3, H, W]` row-major.
     pub pixels: Vec<f32>,
@@ -82,7 +79,7 @@ impl Loader {
                     for micro in 0..plan.accumulation {
                         let ids = plan.ids_at(&order, cursor, spec.rank, micro).to_vec();
                         let batch = pool.install(|| {
-                            load_batch(&dataset, &augment, plan.seed, cursor, micro, ids, &counter)
+                            load_batch(&dataset, &augment, plan.seed, cursor.epoch, ids, &counter)
                         });
                         let failed = batch.is_err();
                         if tx.send(batch).is_err() || failed {
@@ -118,12 +115,10 @@ fn load_batch(
     dataset: &Dataset,
     augment: &Augment,
     seed: u64,
-    cursor: Cursor,
-    micro: usize,
+    epoch: u64,
     ids: Vec<u32>,
     skipped: &AtomicU64,
 ) -> Result<Batch, DataError> {
-    let epoch = cursor.epoch;
     let prepared: Vec<Prepared> = ids
         .par_iter()
         .map(|&id| load_sample(dataset, augment, seed, epoch, id, skipped))
@@ -138,8 +133,6 @@ fn load_batch(
         labels.push(p.label);
     }
     Ok(Batch {
-        cursor,
-        micro,
         epoch,
         pixels,
         masks,

@@ -2,8 +2,8 @@
 //! multiple of `keep_every_steps`. Each checkpoint owns its objects, so deleting one (manifest
 //! first, so it stops existing before its data goes) never touches another.
 
-use simmim_proto::run_config::CheckpointSection;
-use simmim_proto::store::{RunStore, StoreError};
+use crate::run_config::CheckpointSection;
+use crate::store::{RunStore, StoreError};
 
 /// The steps to delete among `committed` (any order), never `newest`.
 pub fn doomed(committed: &[u64], policy: &CheckpointSection, newest: u64) -> Vec<u64> {

@@ -1,5 +1,5 @@
 //! Fault injection for the crash-consistency tests: `SIMMIM_FAULT=<point>@<step>` makes the
-//! coordinator exit abruptly at that point of the first commit at or after that step, as a
+//! committing process (the coordinator) exit abruptly at that point of the first commit at or after that step, as a
 //! crash would.
 //! Points: `exit-before-manifest` (data written, no manifest), `exit-before-latest` (manifest
 //! written, `latest` not moved). Unset in normal runs.

@@ -1,0 +1,6 @@
+//! The worker's subcommands, one module each; `main.rs` only parses and dispatches.
+
+pub mod inspect;
+pub mod join;
+pub mod launch;
+pub mod probe;

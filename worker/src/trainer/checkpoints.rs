@@ -1,0 +1,99 @@
+//! When the trainer saves: every `checkpoint.every_steps`, at the generation's last step, on
+//! a stop, and when `checkpoint.every_minutes` have passed (rank 0's clock decides for all,
+//! through the step's exchange). How a checkpoint is stored is [`crate::checkpoint`]'s.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use simmim_model::{AdamW, SimMimConfig};
+use simmim_proto::checkpoint::{CheckpointBytes, TrainerState};
+use simmim_proto::run_config::CheckpointSection;
+use simmim_proto::store::RunStore;
+
+use crate::checkpoint::{serialise, Checkpointer};
+use crate::generation::Generation;
+
+pub struct CheckpointPolicy {
+    last: Instant,
+    every_minutes: Option<f64>,
+    every_steps: u64,
+    end_step: u64,
+    /// Only rank 0 writes; every rank takes part in the decision.
+    writer: Option<Checkpointer>,
+}
+
+impl CheckpointPolicy {
+    pub fn new(generation: &Generation, store: RunStore, end_step: u64) -> Self {
+        let section: &CheckpointSection = &generation.config.checkpoint;
+        Self {
+            last: Instant::now(),
+            every_minutes: section.every_minutes,
+            every_steps: section.every_steps,
+            end_step,
+            writer: (generation.rank == 0).then(|| Checkpointer::new(store, generation)),
+        }
+    }
+
+    /// This rank's vote that the minutes have passed.
+    pub fn clock_due(&self) -> bool {
+        self.every_minutes
+            .is_some_and(|m| self.last.elapsed().as_secs_f64() > m * 60.0)
+    }
+
+    /// Collects finished uploads; fails the run when none has landed for too long.
+    pub fn poll(&mut self) -> Result<()> {
+        match &mut self.writer {
+            Some(writer) => writer.reap(false),
+            None => Ok(()),
+        }
+    }
+
+    /// After step `state.step`, given the agreed stop and clock votes: saves when due. The
+    /// step loop pauses only for the copy off the device; the upload runs in the background.
+    pub fn after_step<B, M>(
+        &mut self,
+        state: &TrainerState,
+        (stop, clock_due): (bool, bool),
+        (model, model_config): (&M, &SimMimConfig),
+        optimizer: &AdamW<B::InnerBackend>,
+    ) -> Result<()>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + Sync,
+    {
+        let step = state.step;
+        let due =
+            step.is_multiple_of(self.every_steps) || step == self.end_step || stop || clock_due;
+        if !due {
+            return Ok(());
+        }
+        self.last = Instant::now();
+        let Some(writer) = &mut self.writer else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let (weights, moments) = serialise::<B, M>(model, model_config, optimizer)?;
+        let pieces = CheckpointBytes {
+            model: weights.into(),
+            optimizer: moments.into(),
+            trainer: state.clone(),
+        };
+        tracing::info!(
+            step,
+            "checkpoint serialised in {:.2} s ({:.1} MB); uploading in the background",
+            started.elapsed().as_secs_f64(),
+            (pieces.model.len() + pieces.optimizer.len()) as f64 / 1e6
+        );
+        writer.submit(pieces, step == self.end_step || stop)
+    }
+
+    /// Waits for the upload in flight.
+    pub fn finish(&mut self) -> Result<()> {
+        match &mut self.writer {
+            Some(writer) => writer.reap(true),
+            None => Ok(()),
+        }
+    }
+}
