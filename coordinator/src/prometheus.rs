@@ -53,164 +53,169 @@ impl Collector for RunCollector {
         let shared = &self.0;
         let s = shared.snapshot();
         let counts = &shared.counters;
-        let optional = |v: Option<f64>| v.unwrap_or(f64::NAN);
-        gauge(
-            &mut e,
+        for (name, help, value) in run_gauges(&s) {
+            gauge(&mut e, name, help, value)?;
+        }
+        let counters = [
+            (
+                "simmim_restarts",
+                "Generations restarted from a checkpoint.",
+                u64::from(s.restarts),
+            ),
+            (
+                "simmim_checkpoint_commits",
+                "Checkpoints committed.",
+                counts.commits.load(Ordering::Relaxed),
+            ),
+            (
+                "simmim_checkpoint_commit_failures",
+                "Checkpoint commits refused or failed.",
+                counts.commit_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "simmim_storage_retries",
+                "Object-store requests retried by this coordinator.",
+                simmim_proto::logging::storage_retries(),
+            ),
+        ];
+        for (name, help, value) in counters {
+            counter(&mut e, name, help, value)?;
+        }
+        let refused = [
+            ("token", s.refused_unauthenticated),
+            (
+                "membership",
+                counts.refused_membership.load(Ordering::Relaxed),
+            ),
+        ];
+        let mut family = e.encode_descriptor(
+            "simmim_refused_requests",
+            "Requests refused, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in refused {
+            ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
+        per_rank(&mut e, &s.workers)
+    }
+}
+
+/// The run-wide gauges: name, help, value.
+fn run_gauges(s: &simmim_proto::RunStatus) -> [(&'static str, &'static str, f64); 13] {
+    let optional = |v: Option<f64>| v.unwrap_or(f64::NAN);
+    [
+        (
             "simmim_step",
             "Optimizer steps done (rank 0).",
             s.step as f64,
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_end_step",
             "The step the run ends at.",
             s.total_steps as f64,
-        )?;
-        gauge(&mut e, "simmim_epoch", "Current epoch.", s.epoch as f64)?;
-        gauge(
-            &mut e,
+        ),
+        ("simmim_epoch", "Current epoch.", s.epoch as f64),
+        (
             "simmim_loss",
             "Loss of the newest step.",
             optional(s.last_loss),
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_learning_rate",
             "Learning rate of the newest step.",
             optional(s.last_lr),
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_images_per_second",
             "Training throughput of the newest step, all ranks.",
             optional(s.images_per_sec),
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_data_wait_share",
             "Share of the newest step spent waiting for data (rank 0).",
             optional(s.data_wait_share),
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_allreduce_seconds",
             "Gradient all-reduce time of the newest step (rank 0).",
             optional(s.allreduce_seconds),
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_generation",
             "Current worker generation.",
             s.generation as f64,
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_world_size",
             "Workers in the running generation.",
             f64::from(s.world_size),
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_workers_present",
             "Workers registered in the current generation.",
             s.workers.len() as f64,
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_workers_waiting",
             "Registered workers waiting for a generation to form.",
             s.waiting.len() as f64,
-        )?;
-        counter(
-            &mut e,
-            "simmim_restarts",
-            "Generations restarted from a checkpoint.",
-            u64::from(s.restarts),
-        )?;
-        counter(
-            &mut e,
-            "simmim_checkpoint_commits",
-            "Checkpoints committed.",
-            counts.commits.load(Ordering::Relaxed),
-        )?;
-        counter(
-            &mut e,
-            "simmim_checkpoint_commit_failures",
-            "Checkpoint commits refused or failed.",
-            counts.commit_failures.load(Ordering::Relaxed),
-        )?;
-        gauge(
-            &mut e,
+        ),
+        (
             "simmim_checkpoint_committed_step",
             "Step of the newest committed checkpoint (-1: none).",
             s.last_checkpoint_step.map_or(-1.0, |v| v as f64),
-        )?;
-        counter(
-            &mut e,
-            "simmim_storage_retries",
-            "Object-store requests retried by this coordinator.",
-            simmim_proto::logging::storage_retries(),
-        )?;
-        {
-            let mut refused = e.encode_descriptor(
-                "simmim_refused_requests",
-                "Requests refused, by reason.",
-                None,
-                MetricType::Counter,
-            )?;
-            for (reason, n) in [
-                ("token", s.refused_unauthenticated),
-                (
-                    "membership",
-                    counts.refused_membership.load(Ordering::Relaxed),
-                ),
-            ] {
-                ConstCounter::new(n).encode(refused.encode_family(&[("reason", reason)])?)?;
-            }
+        ),
+    ]
+}
+
+/// The per-rank gauges, labelled by rank and worker id.
+fn per_rank(
+    e: &mut DescriptorEncoder,
+    workers: &[simmim_proto::status::WorkerStatus],
+) -> std::fmt::Result {
+    type PerRank = fn(&simmim_proto::status::WorkerStatus) -> f64;
+    let table: [(&str, &str, PerRank); 6] = [
+        ("simmim_rank_step", "Newest step a rank reported.", |w| {
+            w.step as f64
+        }),
+        (
+            "simmim_rank_step_seconds",
+            "A rank's newest step time.",
+            |w| w.step_seconds,
+        ),
+        (
+            "simmim_rank_data_wait_share",
+            "A rank's share of step time waiting for data.",
+            |w| w.data_wait_share,
+        ),
+        (
+            "simmim_rank_allreduce_seconds",
+            "A rank's newest all-reduce time.",
+            |w| w.allreduce_seconds,
+        ),
+        (
+            "simmim_rank_heartbeat_age_seconds",
+            "Seconds since a rank was last heard from.",
+            |w| w.last_heartbeat_ms_ago as f64 / 1000.0,
+        ),
+        (
+            "simmim_rank_straggler",
+            "1 when a rank's step time is over 1.5x the median.",
+            |w| f64::from(u8::from(w.straggler)),
+        ),
+    ];
+    for (name, help, value) in table {
+        let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for w in workers {
+            let labels = [
+                ("rank", w.rank.to_string()),
+                ("worker", w.worker_id.clone()),
+            ];
+            ConstGauge::new(value(w)).encode(family.encode_family(&labels)?)?;
         }
-        type PerRank = fn(&simmim_proto::status::WorkerStatus) -> f64;
-        let per_rank: [(&str, &str, PerRank); 6] = [
-            ("simmim_rank_step", "Newest step a rank reported.", |w| {
-                w.step as f64
-            }),
-            (
-                "simmim_rank_step_seconds",
-                "A rank's newest step time.",
-                |w| w.step_seconds,
-            ),
-            (
-                "simmim_rank_data_wait_share",
-                "A rank's share of step time waiting for data.",
-                |w| w.data_wait_share,
-            ),
-            (
-                "simmim_rank_allreduce_seconds",
-                "A rank's newest all-reduce time.",
-                |w| w.allreduce_seconds,
-            ),
-            (
-                "simmim_rank_heartbeat_age_seconds",
-                "Seconds since a rank was last heard from.",
-                |w| w.last_heartbeat_ms_ago as f64 / 1000.0,
-            ),
-            (
-                "simmim_rank_straggler",
-                "1 when a rank's step time is over 1.5x the median.",
-                |w| f64::from(u8::from(w.straggler)),
-            ),
-        ];
-        for (name, help, value) in per_rank {
-            let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for w in &s.workers {
-                let labels = [
-                    ("rank", w.rank.to_string()),
-                    ("worker", w.worker_id.clone()),
-                ];
-                ConstGauge::new(value(w)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 pub fn registry(shared: Arc<Shared>) -> Registry {

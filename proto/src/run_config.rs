@@ -504,7 +504,28 @@ impl RunConfig {
         }
     }
 
+    /// Checks every field; the error names the first bad one the way the YAML spells it.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_run()?;
+        self.model_config()?
+            .validate()
+            .map_err(|e| e.within("model.config"))?;
+        self.validate_data()?;
+        self.validate_train()?;
+        self.validate_checkpoint()?;
+        self.validate_workers()?;
+        if self.data.labels_per_class == Some(0) {
+            return Err(config_error("data.labels_per_class", "must be at least 1"));
+        }
+        if let Some(f) = &self.finetune {
+            self.validate_finetune(f)?;
+        }
+        self.validate_probe()?;
+        Ok(())
+    }
+
+    /// `run:`: a name usable as a directory, a root.
+    fn validate_run(&self) -> Result<(), ConfigError> {
         if self.run.name.is_empty()
             || !self
                 .run
@@ -524,9 +545,11 @@ impl RunConfig {
         if self.run.root.is_empty() {
             return Err(config_error("run.root", "must not be empty"));
         }
-        self.model_config()?
-            .validate()
-            .map_err(|e| e.within("model.config"))?;
+        Ok(())
+    }
+
+    /// `data:`: a dataset and loader settings.
+    fn validate_data(&self) -> Result<(), ConfigError> {
         if self.data.train.is_empty() {
             return Err(config_error("data.train", "must name a dataset"));
         }
@@ -539,6 +562,11 @@ impl RunConfig {
         if self.data.prefetch == 0 {
             return Err(config_error("data.prefetch", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// `train:`: the schedule and the optimizer.
+    fn validate_train(&self) -> Result<(), ConfigError> {
         let t = &self.train;
         positive_f("train.epochs", t.epochs)?;
         if !(t.warmup_epochs >= 0.0 && t.warmup_epochs < t.epochs) {
@@ -584,6 +612,11 @@ impl RunConfig {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `checkpoint:`: when to save and what to keep.
+    fn validate_checkpoint(&self) -> Result<(), ConfigError> {
         if self.checkpoint.every_steps == 0 {
             return Err(config_error("checkpoint.every_steps", "must be at least 1"));
         }
@@ -606,6 +639,11 @@ impl RunConfig {
             "checkpoint.max_outage_minutes",
             self.checkpoint.max_outage_minutes,
         )?;
+        Ok(())
+    }
+
+    /// `workers:` and `tls:`: membership, timeouts, the device.
+    fn validate_workers(&self) -> Result<(), ConfigError> {
         let w = &self.workers;
         if w.min == 0 {
             return Err(config_error("workers.min", "must be at least 1"));
@@ -643,12 +681,11 @@ impl RunConfig {
                 ),
             ));
         }
-        if self.data.labels_per_class == Some(0) {
-            return Err(config_error("data.labels_per_class", "must be at least 1"));
-        }
-        if let Some(f) = &self.finetune {
-            self.validate_finetune(f)?;
-        }
+        Ok(())
+    }
+
+    /// `probe:`: where its labelled images come from, its sizes.
+    fn validate_probe(&self) -> Result<(), ConfigError> {
         if let Some(p) = &self.probe {
             if p.every_steps == 0 {
                 return Err(config_error("probe.every_steps", "must be at least 1"));

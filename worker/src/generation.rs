@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Result};
 use futures::future::BoxFuture;
-use simmim_proto::checkpoint::Committer;
+use simmim_proto::checkpoint::{select_resume, Committer};
 use simmim_proto::pb::StepMetrics;
 use simmim_proto::store::RunStore;
 use simmim_proto::{Manifest, RunConfig};
@@ -113,13 +113,16 @@ pub struct LocalLink {
 }
 
 impl LocalLink {
-    pub fn new(store: RunStore) -> Self {
-        Self {
-            committer: Arc::new(Committer::new(store, None, None)),
+    /// A link on the run directory `store`, continuing from its newest committed checkpoint
+    /// (selected, and the directory tidied, as the coordinator does at start).
+    pub async fn open(store: RunStore) -> Result<Self> {
+        let (committed, version) = select_resume(&store, None).await?;
+        Ok(Self {
+            committer: Arc::new(Committer::new(store, committed, version)),
             stop: AtomicBool::new(false),
             stopped_early: AtomicBool::new(false),
             reported: Mutex::new(Vec::new()),
-        }
+        })
     }
 
     /// A solo generation of `config` on this link, resuming from its newest commit.

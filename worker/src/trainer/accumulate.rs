@@ -28,7 +28,7 @@ pub fn accumulate<B, T>(
     task: &mut T,
     model: &T::Model,
     loader: &Loader,
-    (at, accumulation, log_samples): (MicroStep, usize, bool),
+    (at, (accumulation, log_samples)): (MicroStep, (usize, bool)),
     device: &B::Device,
 ) -> Result<Accumulated>
 where

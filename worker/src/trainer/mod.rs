@@ -58,21 +58,13 @@ where
     let mut hooks = task.hooks()?;
     let mut policy = CheckpointPolicy::new(generation, store.clone(), end_step);
     let skipped_before = state.samples_skipped;
+    let per_step = (run.plan.accumulation, generation.config.output.log_samples);
     while state.step < end_step {
         policy.poll()?;
         still_member(generation)?;
         let started = Instant::now();
-        let at = MicroStep {
-            step: state.step,
-            micro: 0,
-            sub_batches,
-        };
-        let shape = (
-            at,
-            run.plan.accumulation,
-            generation.config.output.log_samples,
-        );
-        let step_data = accumulate(&mut task, &model, &loader, shape, &device)?;
+        let at = MicroStep::first(state.step, sub_batches);
+        let step_data = accumulate(&mut task, &model, &loader, (at, per_step), &device)?;
         let votes = Votes {
             loss: step_data.loss,
             stop: generation.link.stop_requested(),

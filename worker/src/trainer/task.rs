@@ -26,6 +26,17 @@ pub struct MicroStep {
     pub sub_batches: usize,
 }
 
+impl MicroStep {
+    /// The first micro-batch of the step after `step` optimizer steps.
+    pub fn first(step: u64, sub_batches: usize) -> Self {
+        Self {
+            step,
+            micro: 0,
+            sub_batches,
+        }
+    }
+}
+
 pub trait Task<B: AutodiffBackend> {
     type Model: AutodiffModule<B> + Sync;
 
