@@ -17,15 +17,15 @@ use crate::classifier::{soft_cross_entropy, Classifier};
 use crate::simmim::SimMim;
 
 /// Loss (as a number) and gradients for `images` `[B, C, H, W]` and `mask` `[B, h, w]`,
-/// computed as `shards` sub-batches concurrently (`shards` is clamped to `1..=B`).
+/// computed as `sub_batches` slices concurrently (clamped to `1..=B`).
 pub fn loss_and_grads<B: AutodiffBackend + SimMimBackend>(
     model: &SimMim<B>,
     images: Tensor<B, 4>,
     mask: Tensor<B, 3>,
-    shards: usize,
+    sub_batches: usize,
 ) -> (f64, GradientsParams) {
     let batch = images.dims()[0];
-    sharded(model, batch, shards, |replica, start, len| {
+    in_sub_batches(model, batch, sub_batches, |replica, start, len| {
         let mask = mask.clone().narrow(0, start, len);
         // Each sub-batch's loss is a mean over its masked pixels: weight by their count.
         let masked: f64 = mask.clone().sum().into_scalar().elem();
@@ -35,32 +35,37 @@ pub fn loss_and_grads<B: AutodiffBackend + SimMimBackend>(
 }
 
 /// Cross-entropy against soft targets `[B, classes]` and its gradients for a classifier,
-/// as sub-batches on `shards` threads.
+/// as sub-batches on `sub_batches` threads.
 pub fn classifier_loss_and_grads<B: AutodiffBackend + SimMimBackend>(
     model: &Classifier<B>,
     images: Tensor<B, 4>,
     targets: Tensor<B, 2>,
-    shards: usize,
+    sub_batches: usize,
 ) -> (f64, GradientsParams) {
     let batch = images.dims()[0];
-    sharded(model, batch, shards, |replica, start, len| {
+    in_sub_batches(model, batch, sub_batches, |replica, start, len| {
         let logits = replica.forward(images.clone().narrow(0, start, len));
         let loss = soft_cross_entropy(logits, targets.clone().narrow(0, start, len));
         (loss, len as f64)
     })
 }
 
-/// Runs `forward(replica, start, len)` (a loss and its weight) for `shards` slices of a batch
+/// Runs `forward(replica, start, len)` (a loss and its weight) for `sub_batches` slices of a batch
 /// of `batch`, each on its own thread with its own autodiff graph, and combines the losses
 /// and gradients weighted by those weights: the full batch's loss and gradient.
-fn sharded<B, M, F>(model: &M, batch: usize, shards: usize, forward: F) -> (f64, GradientsParams)
+fn in_sub_batches<B, M, F>(
+    model: &M,
+    batch: usize,
+    sub_batches: usize,
+    forward: F,
+) -> (f64, GradientsParams)
 where
     B: AutodiffBackend,
     M: AutodiffModule<B> + Send,
     F: Fn(&M, usize, usize) -> (Tensor<B, 1>, f64) + Sync,
 {
-    let shards = shards.clamp(1, batch.max(1));
-    if shards == 1 {
+    let sub_batches = sub_batches.clamp(1, batch.max(1));
+    if sub_batches == 1 {
         let (loss_tensor, _) = forward(model, 0, batch);
         let loss: f64 = loss_tensor.clone().into_scalar().elem();
         return (
@@ -70,10 +75,10 @@ where
     }
     let forward = &forward;
     let results: Vec<(f64, f64, GradientsParams)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..shards)
-            .map(|shard| {
-                let start = shard * batch / shards;
-                let len = (shard + 1) * batch / shards - start;
+        let handles: Vec<_> = (0..sub_batches)
+            .map(|part| {
+                let start = part * batch / sub_batches;
+                let len = (part + 1) * batch / sub_batches - start;
                 // A replica with fresh autodiff leaves: each thread builds its own graph.
                 let replica = M::from_inner(model.valid());
                 scope.spawn(move || {
@@ -100,7 +105,7 @@ where
             if total > 0.0 {
                 w / total
             } else {
-                1.0 / shards as f64
+                1.0 / sub_batches as f64
             }
         })
         .collect();
