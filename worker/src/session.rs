@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use crate::collective::setup::{self, Members};
 use crate::device::Device;
 use crate::generation::{BatchShape, Generation, RunLink};
+use crate::host::{hostname, worker_id};
 
 /// How long a worker keeps trying to reach the coordinator (starting before it, or while it
 /// restarts): `SIMMIM_CONNECT_PATIENCE_S`, default 30 minutes.
@@ -401,27 +402,4 @@ fn set_lost(lost: &std::sync::Mutex<Option<String>>, reason: String) {
     if let Ok(mut slot) = lost.lock() {
         slot.get_or_insert(reason);
     }
-}
-
-/// `SIMMIM_WORKER_ID`; in a Kubernetes Indexed Job `index-<JOB_COMPLETION_INDEX>`, so a
-/// replacement pod takes over its predecessor's place; else host and process id.
-fn worker_id() -> String {
-    if let Ok(id) = std::env::var("SIMMIM_WORKER_ID") {
-        return id;
-    }
-    if let Ok(index) = std::env::var("JOB_COMPLETION_INDEX") {
-        return format!("index-{index}");
-    }
-    format!("{}-{}", hostname(), std::process::id())
-}
-
-pub fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "localhost".into())
 }

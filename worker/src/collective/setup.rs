@@ -23,7 +23,7 @@ pub fn listener(coordinator_url: &str) -> Result<RingListener> {
         ("127.0.0.1".to_string(), "127.0.0.1".to_string())
     } else {
         let advertise =
-            std::env::var("SIMMIM_ADVERTISE_HOST").unwrap_or_else(|_| crate::session::hostname());
+            std::env::var("SIMMIM_ADVERTISE_HOST").unwrap_or_else(|_| crate::host::hostname());
         ("0.0.0.0".to_string(), advertise)
     };
     RingListener::bind(&bind, port, &advertise)
