@@ -45,6 +45,7 @@ pub mod naming;
 pub mod optim;
 pub mod rel_pos;
 pub mod simmim;
+pub mod snapshot;
 pub mod step;
 pub mod swin;
 pub mod vit;

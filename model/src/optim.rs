@@ -39,12 +39,14 @@ impl Default for AdamWConfig {
     }
 }
 
+#[derive(Clone)]
 struct Moments<B: Backend> {
     first: Tensor<B, 1>,
     second: Tensor<B, 1>,
 }
 
-/// Optimizer state over the inner (non-autodiff) backend `B`.
+/// Optimizer state over the inner (non-autodiff) backend `B`. Cloning it copies no tensor.
+#[derive(Clone)]
 pub struct AdamW<B: Backend> {
     config: AdamWConfig,
     steps: u64,
@@ -79,6 +81,17 @@ impl<B: Backend> AdamW<B> {
 
     pub fn steps_taken(&self) -> u64 {
         self.steps
+    }
+
+    /// The step count and each parameter's (first, second) moments.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn into_parts(self) -> (u64, HashMap<ParamId, (Tensor<B, 1>, Tensor<B, 1>)>) {
+        let moments = self
+            .moments
+            .into_iter()
+            .map(|(id, m)| (id, (m.first, m.second)))
+            .collect();
+        (self.steps, moments)
     }
 
     /// The optimizer state for a checkpoint: `<param>.exp_avg` and `<param>.exp_avg_sq` under

@@ -2,7 +2,9 @@
 //! normalise, mask), per core and through the prefetching loader with every core, for the
 //! photos in ../shared/datasets/photos at 192 px and for CIFAR-10 at 32 px.
 //!
-//! `cargo bench -p simmim-worker --bench data [-- --seconds 3]`
+//! `cargo bench -p simmim-worker --bench data [-- --seconds 3]`; with `--folder DIR --size N
+//! --threads T` one JSON line for that folder, as `scripts/bench-loader.sh` compares with
+//! torchvision.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -18,23 +20,43 @@ use simmim_worker::data::loader::{load_sample, Loader, LoaderSpec};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let seconds: f64 = args
-        .iter()
-        .position(|a| a == "--seconds")
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    args.iter()
+        .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: f64 = arg(&args, "--seconds").unwrap_or(3.0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
+    // Side by side with tools/bench/torch_loader.py (scripts/bench-loader.sh): one folder,
+    // one thread count, one JSON line.
+    if let Some(folder) = arg::<String>(&args, "--folder") {
+        let side = arg(&args, "--size").unwrap_or(192);
+        let threads = arg(&args, "--threads").unwrap_or(1);
+        let dataset = Arc::new(Dataset::open(&folder, runtime.handle().clone()).expect("folder"));
+        let rate = loader_rate(&dataset, side, (32, 4), threads, seconds);
+        println!(
+            "{{\"impl\":\"simmim-rs\",\"size\":{side},\"threads\":{threads},\"images_per_s\":{rate:.1}}}"
+        );
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cases = [
-        ("photos (ImageNet-size JPEG)", PathBuf::new(), 192, 32, 4),
+        (
+            "photos (ImageNet-size JPEG)",
+            photo_folder(&root),
+            192,
+            32,
+            4,
+        ),
         (
             "CIFAR-10 train (32 px JPEG)",
             root.join("data/cifar10/train"),
@@ -46,22 +68,6 @@ fn main() {
     println!("| data | output px | 1 thread img/s | loader, {cores} threads img/s |");
     println!("|---|---|---|---|");
     for (label, location, side, mask_patch, patch) in cases {
-        let location = if label.starts_with("photos") {
-            // The photos sit in one flat folder; give them a class folder of their own.
-            let dir = std::env::temp_dir().join("simmim-bench-photos");
-            let class = dir.join("photos");
-            let _ = std::fs::create_dir_all(&class);
-            for entry in std::fs::read_dir(root.join("../shared/datasets/photos"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let _ = std::fs::copy(entry.path(), class.join(entry.file_name()));
-            }
-            dir
-        } else {
-            location
-        };
         let Ok(dataset) = Dataset::open(
             location.to_str().unwrap_or_default(),
             runtime.handle().clone(),
@@ -70,71 +76,92 @@ fn main() {
             continue;
         };
         let dataset = Arc::new(dataset);
-        let geometry = MaskGeometry::new(side, mask_patch, patch, 0.6).expect("geometry");
-        let augment = Arc::new(Augment::new(side, geometry));
-        let skipped = AtomicU64::new(0);
-
-        let started = Instant::now();
-        let mut done = 0u64;
-        while started.elapsed().as_secs_f64() < seconds {
-            let id = (done % dataset.len() as u64) as u32;
-            load_sample(
-                &dataset,
-                &augment,
-                0,
-                done / dataset.len() as u64,
-                id,
-                &skipped,
-            )
-            .expect("sample");
-            done += 1;
-        }
-        let single = done as f64 / started.elapsed().as_secs_f64();
-
-        let micro_batch = 64;
-        let plan = DataPlan {
-            seed: 0,
-            dataset_len: dataset.len().max(micro_batch),
-            world_size: 1,
-            micro_batch,
-            accumulation: 1,
-        };
-        let dataset_len = dataset.len();
-        let plan = if dataset_len < micro_batch {
-            // Few photos: repeat them through a modulo view of the ids.
-            DataPlan {
-                dataset_len: micro_batch * 4,
-                ..plan
-            }
-        } else {
-            plan
-        };
-        let wrapped = if dataset_len < micro_batch {
-            repeat(&dataset, micro_batch * 4)
-        } else {
-            dataset.clone()
-        };
-        let loader = Loader::start(
-            wrapped,
-            augment,
-            LoaderSpec {
-                plan,
-                rank: 0,
-                first: Default::default(),
-                steps: u64::MAX,
-                threads: cores,
-                prefetch: 4,
-            },
-        )
-        .expect("loader");
-        let started = Instant::now();
-        let mut images = 0usize;
-        while started.elapsed().as_secs_f64() < seconds {
-            images += loader.next().expect("batch").expect("batch").ids.len();
-        }
-        let parallel = images as f64 / started.elapsed().as_secs_f64();
+        let single = single_rate(&dataset, side, (mask_patch, patch), seconds);
+        let parallel = loader_rate(&dataset, side, (mask_patch, patch), cores, seconds);
         println!("| {label} | {side} | {single:.0} | {parallel:.0} |");
     }
+}
+
+/// The shared photos sit in one flat folder; give them a class folder of their own.
+fn photo_folder(root: &std::path::Path) -> PathBuf {
+    let dir = std::env::temp_dir().join("simmim-bench-photos");
+    let class = dir.join("photos");
+    let _ = std::fs::create_dir_all(&class);
+    for entry in std::fs::read_dir(root.join("../shared/datasets/photos"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::copy(entry.path(), class.join(entry.file_name()));
+    }
+    dir
+}
+
+/// Samples per second decoded and augmented on this thread alone.
+fn single_rate(
+    dataset: &Arc<Dataset>,
+    side: usize,
+    (mask_patch, patch): (usize, usize),
+    seconds: f64,
+) -> f64 {
+    let geometry = MaskGeometry::new(side, mask_patch, patch, 0.6).expect("geometry");
+    let augment = Augment::new(side, geometry);
+    let skipped = AtomicU64::new(0);
+    let started = Instant::now();
+    let mut done = 0u64;
+    while started.elapsed().as_secs_f64() < seconds {
+        let id = (done % dataset.len() as u64) as u32;
+        let epoch = done / dataset.len() as u64;
+        load_sample(dataset, &augment, 0, epoch, id, &skipped).expect("sample");
+        done += 1;
+    }
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Images per second through the prefetching loader with `threads` decoding threads,
+/// micro-batches of 64, after two warm-up batches.
+fn loader_rate(
+    dataset: &Arc<Dataset>,
+    side: usize,
+    (mask_patch, patch): (usize, usize),
+    threads: usize,
+    seconds: f64,
+) -> f64 {
+    let geometry = MaskGeometry::new(side, mask_patch, patch, 0.6).expect("geometry");
+    let augment = Arc::new(Augment::new(side, geometry));
+    let micro_batch = 64;
+    let len = dataset.len().max(4 * micro_batch);
+    let plan = DataPlan {
+        seed: 0,
+        dataset_len: len,
+        world_size: 1,
+        micro_batch,
+        accumulation: 1,
+    };
+    // Few files: list them again and again.
+    let wrapped = if dataset.len() < len {
+        repeat(dataset, len)
+    } else {
+        dataset.clone()
+    };
+    let spec = LoaderSpec {
+        plan,
+        rank: 0,
+        first: Default::default(),
+        steps: u64::MAX,
+        threads,
+        prefetch: 4,
+    };
+    let loader = Loader::start(wrapped, augment, spec).expect("loader");
+    for _ in 0..2 {
+        loader.next().expect("batch").expect("batch");
+    }
+    let started = Instant::now();
+    let mut images = 0usize;
+    while started.elapsed().as_secs_f64() < seconds {
+        images += loader.next().expect("batch").expect("batch").ids.len();
+    }
+    images as f64 / started.elapsed().as_secs_f64()
 }
 
 /// A folder dataset with the few photos listed again and again.

@@ -1,36 +1,69 @@
-//! Checkpoint storage for the trainer: the state copied off the device as safetensors (the
-//! model under the official SimMIM names, loadable in PyTorch; the AdamW moments), and a
-//! background writer that uploads the objects and has them committed. What a checkpoint
+//! Checkpoint storage for the trainer: a snapshot of the model and the AdamW state (no copy),
+//! written as safetensors (the model under the official SimMIM names, loadable in PyTorch;
+//! the moments) and uploaded in the background, then committed. What a checkpoint
 //! holds and how it is committed is the protocol module's ([`simmim_proto::checkpoint`]);
 //! when to save is the trainer's policy ([`crate::trainer::checkpoints`]).
 
 use std::sync::Arc;
 
-use simmim_proto::checkpoint::CheckpointBytes;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use simmim_model::snapshot::Snapshot;
+use simmim_model::ModelError;
+use simmim_proto::checkpoint::{CheckpointBytes, TrainerState};
 use simmim_proto::store::RunStore;
 
 use crate::generation::{Generation, RunLink};
 
-/// The model (official names) and the AdamW state as safetensors bytes, the two made on two
-/// threads: this copy off the device is the only part of a checkpoint the step loop waits for.
-pub fn serialise<B, M>(
-    model: &M,
-    config: &simmim_model::SimMimConfig,
-    optimizer: &simmim_model::AdamW<B::InnerBackend>,
-) -> Result<(Vec<u8>, Vec<u8>), simmim_model::ModelError>
-where
-    B: burn::tensor::backend::AutodiffBackend,
-    M: burn::module::AutodiffModule<B> + Sync,
-{
-    use simmim_model::weights::{state_dict, to_safetensors};
-    std::thread::scope(|scope| {
-        let weights = scope.spawn(|| to_safetensors(&state_dict::<B, M>(model, config)?, config));
-        let moments = to_safetensors(&optimizer.state_dict::<B, M>(model)?, config);
-        let weights = weights
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        Ok((weights?, moments?))
-    })
+/// A checkpoint whose bytes are still to be written: the trainer state, and the work that
+/// turns a snapshot of the model and optimizer into `model.safetensors` and
+/// `optimizer.safetensors` (run off the step loop).
+pub struct Pending {
+    pub trainer: TrainerState,
+    pub write: WriteFiles,
+}
+
+/// Produces `model.safetensors` and `optimizer.safetensors`.
+pub type WriteFiles = Box<dyn FnOnce() -> Result<(Vec<u8>, Vec<u8>), ModelError> + Send>;
+
+impl Pending {
+    /// A checkpoint of `model` and `optimizer` at `trainer`'s step. Costs the step loop no
+    /// copy: the snapshot shares the tensors, which training no longer changes in place.
+    pub fn snapshot<AB, M>(
+        trainer: &TrainerState,
+        model: &M,
+        optimizer: &simmim_model::AdamW<AB::InnerBackend>,
+        config: &simmim_model::SimMimConfig,
+    ) -> Self
+    where
+        AB: AutodiffBackend,
+        M: AutodiffModule<AB>,
+        M::InnerModule: Send + 'static,
+    {
+        let snapshot = Snapshot::take(model, optimizer, config);
+        Self {
+            trainer: trainer.clone(),
+            write: Box::new(move || snapshot.into_safetensors()),
+        }
+    }
+
+    /// Writes the bytes (on this thread).
+    fn into_bytes(self) -> Result<CheckpointBytes, String> {
+        let started = std::time::Instant::now();
+        let step = self.trainer.step;
+        let (model, optimizer) = (self.write)().map_err(|e| format!("step {step}: {e}"))?;
+        tracing::info!(
+            step,
+            "checkpoint written in {:.2} s ({:.1} MB), off the step loop",
+            started.elapsed().as_secs_f64(),
+            (model.len() + optimizer.len()) as f64 / 1e6
+        );
+        Ok(CheckpointBytes {
+            model: model.into(),
+            optimizer: optimizer.into(),
+            trainer: self.trainer,
+        })
+    }
 }
 
 /// Writes checkpoints in the background so the step loop only pays for serialising the state
@@ -80,21 +113,21 @@ impl Checkpointer {
     /// Hands a checkpoint over. `must` (the end of the run, a stop) waits for the previous
     /// upload and for this one, retrying it until `max_outage`; otherwise a busy uploader means
     /// this checkpoint is skipped.
-    pub fn submit(&mut self, pieces: CheckpointBytes, must: bool) -> anyhow::Result<()> {
+    pub fn submit(&mut self, pending: Pending, must: bool) -> anyhow::Result<()> {
         self.reap(false)?;
         if self.in_flight.is_some() {
             if must {
                 self.reap(true)?;
             } else {
                 tracing::warn!(
-                    step = pieces.trainer.step,
+                    step = pending.trainer.step,
                     "checkpoint skipped: the previous one is still uploading"
                 );
                 return Ok(());
             }
         }
-        let upload = self.upload(pieces);
         if must {
+            let upload = self.upload(pending.into_bytes().map_err(anyhow::Error::msg)?);
             let started = std::time::Instant::now();
             loop {
                 match self.runtime.block_on(upload.clone_task()) {
@@ -113,7 +146,25 @@ impl Checkpointer {
                 }
             }
         }
-        self.in_flight = Some(self.runtime.spawn(upload.clone_task()));
+        let (store, link, run, generation) = (
+            self.store.clone(),
+            self.link.clone(),
+            self.run.clone(),
+            self.generation,
+        );
+        self.in_flight = Some(self.runtime.spawn(async move {
+            let pieces = tokio::task::spawn_blocking(move || pending.into_bytes())
+                .await
+                .map_err(|e| format!("the checkpoint writer stopped: {e}"))??;
+            let upload = Upload {
+                store,
+                link,
+                run,
+                generation,
+                pieces,
+            };
+            upload.run().await
+        }));
         Ok(())
     }
 

@@ -8,11 +8,11 @@ use anyhow::Result;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use simmim_model::{AdamW, SimMimConfig};
-use simmim_proto::checkpoint::{CheckpointBytes, TrainerState};
+use simmim_proto::checkpoint::TrainerState;
 use simmim_proto::run_config::CheckpointSection;
 use simmim_proto::store::RunStore;
 
-use crate::checkpoint::{serialise, Checkpointer};
+use crate::checkpoint::{Checkpointer, Pending};
 use crate::generation::Generation;
 
 pub struct CheckpointPolicy {
@@ -51,7 +51,7 @@ impl CheckpointPolicy {
     }
 
     /// After step `state.step`, given the agreed stop and clock votes: saves when due. The
-    /// step loop pauses only for the copy off the device; the upload runs in the background.
+    /// step loop pauses only to take a snapshot; writing and uploading run in the background.
     pub fn after_step<B, M>(
         &mut self,
         state: &TrainerState,
@@ -61,7 +61,8 @@ impl CheckpointPolicy {
     ) -> Result<()>
     where
         B: AutodiffBackend,
-        M: AutodiffModule<B> + Sync,
+        M: AutodiffModule<B>,
+        M::InnerModule: Send + 'static,
     {
         let step = state.step;
         let due =
@@ -74,19 +75,13 @@ impl CheckpointPolicy {
             return Ok(());
         };
         let started = Instant::now();
-        let (weights, moments) = serialise::<B, M>(model, model_config, optimizer)?;
-        let pieces = CheckpointBytes {
-            model: weights.into(),
-            optimizer: moments.into(),
-            trainer: state.clone(),
-        };
+        let pending = Pending::snapshot::<B, M>(state, model, optimizer, model_config);
         tracing::info!(
             step,
-            "checkpoint serialised in {:.2} s ({:.1} MB); uploading in the background",
-            started.elapsed().as_secs_f64(),
-            (pieces.model.len() + pieces.optimizer.len()) as f64 / 1e6
+            "checkpoint snapshot taken in {:.1} ms; writing and uploading in the background",
+            started.elapsed().as_secs_f64() * 1e3
         );
-        writer.submit(pieces, step == self.end_step || stop)
+        writer.submit(pending, step == self.end_step || stop)
     }
 
     /// Waits for the upload in flight.

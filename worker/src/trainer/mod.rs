@@ -14,6 +14,7 @@ pub mod task;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use simmim_model::weights::{load_state_dict, state_dict_from_safetensors};
 use simmim_model::AdamW;
@@ -35,6 +36,7 @@ pub fn train<B, T>(generation: &Generation, mut task: T, device: B::Device) -> R
 where
     B: AutodiffBackend,
     T: Task<B>,
+    <T::Model as AutodiffModule<B>>::InnerModule: Send + 'static,
 {
     let store = RunStore::open(&generation.run_url)?;
     let dataset = task.train_set()?;

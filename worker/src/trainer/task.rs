@@ -38,7 +38,7 @@ impl MicroStep {
 }
 
 pub trait Task<B: AutodiffBackend> {
-    type Model: AutodiffModule<B> + Sync;
+    type Model: AutodiffModule<B, InnerModule: Send + 'static> + Sync;
 
     fn model_config(&self) -> &SimMimConfig;
 

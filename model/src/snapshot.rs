@@ -1,0 +1,253 @@
+//! Checkpoint bytes without stalling training or doubling memory. A snapshot of the model
+//! and the AdamW state costs no copy (Burn tensors are reference-counted and never changed in
+//! place while shared), so the step loop pays only for taking it; the snapshot is then
+//! written as safetensors on another thread, straight into one buffer per file (the header
+//! first, each tensor transposed on the fly where the official layout wants it), and every
+//! tensor is released as soon as it is written. The writer's memory therefore stays near one
+//! copy of the state: what is not written yet, plus what is.
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::config::SimMimConfig;
+use crate::error::ModelError;
+use crate::naming::{parameters, ParamInfo};
+use crate::optim::AdamW;
+use crate::weights::{official_buffers, HostTensor, CONFIG_METADATA_KEY};
+
+/// The model and optimizer at one step, on the inner backend, ready to be written elsewhere.
+pub struct Snapshot<B: Backend, M: Module<B>> {
+    model: M,
+    optimizer: AdamW<B>,
+    config: SimMimConfig,
+}
+
+impl<B: Backend, M: Module<B>> Snapshot<B, M> {
+    /// Takes the snapshot: no tensor is copied.
+    pub fn take<AB>(
+        model: &impl AutodiffModule<AB, InnerModule = M>,
+        optimizer: &AdamW<B>,
+        config: &SimMimConfig,
+    ) -> Self
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+    {
+        Self {
+            model: model.valid(),
+            optimizer: optimizer.clone(),
+            config: config.clone(),
+        }
+    }
+
+    /// `model.safetensors` and `optimizer.safetensors`, consuming the snapshot.
+    pub fn into_safetensors(self) -> Result<(Vec<u8>, Vec<u8>), ModelError> {
+        let params = parameters::<B, M>(&self.model);
+        let moments = self.optimizer.into_moments(&params, &self.config)?;
+        let weights = model_safetensors(self.model, &params, &self.config)?;
+        Ok((weights, moments))
+    }
+}
+
+/// One tensor's place in a safetensors file.
+pub(crate) struct Entry {
+    pub name: String,
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+}
+
+impl Entry {
+    pub fn f32(name: impl Into<String>, shape: &[usize]) -> Self {
+        Self {
+            name: name.into(),
+            dtype: "F32",
+            shape: shape.to_vec(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        let width = if self.dtype == "I64" { 8 } else { 4 };
+        width * self.shape.iter().product::<usize>()
+    }
+}
+
+/// A buffer holding the safetensors header for `entries` (data to follow in that order), with
+/// room reserved for all of their data.
+pub(crate) fn start_file(entries: &[Entry], config: &SimMimConfig) -> Result<Vec<u8>, ModelError> {
+    let write_err = |reason: String| ModelError::Write {
+        path: "<safetensors bytes>".into(),
+        reason,
+    };
+    let mut header = serde_json::Map::new();
+    let config_json = serde_json::to_string(config).map_err(|e| write_err(e.to_string()))?;
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({ CONFIG_METADATA_KEY: config_json }),
+    );
+    let mut offset = 0usize;
+    for entry in entries {
+        let end = offset + entry.bytes();
+        header.insert(
+            entry.name.clone(),
+            serde_json::json!({
+                "dtype": entry.dtype,
+                "shape": entry.shape,
+                "data_offsets": [offset, end],
+            }),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| write_err(e.to_string()))?;
+    // The data starts 8-byte aligned, as the safetensors writer pads it.
+    while (8 + json.len()) % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Appends values as little-endian `f32`; `transpose: Some((rows, cols))` writes a row-major
+/// `[rows, cols]` (Burn's Linear layout) as the official `[cols, rows]`.
+pub(crate) fn push_f32(out: &mut Vec<u8>, values: &[f32], transpose: Option<(usize, usize)>) {
+    match transpose {
+        Some((rows, cols)) => {
+            for c in 0..cols {
+                for r in 0..rows {
+                    out.extend_from_slice(&values[r * cols + c].to_le_bytes());
+                }
+            }
+        }
+        None => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+    }
+}
+
+/// Runs `f` on a tensor's values as `f32`, borrowing them when they already are (no copy
+/// of the largest tensors while the file is being written).
+fn with_f32(data: TensorData, name: &str, f: impl FnOnce(&[f32])) -> Result<(), ModelError> {
+    match data.as_slice::<f32>() {
+        Ok(values) => f(values),
+        Err(_) => f(&crate::grads::host_values(data, || name.to_string())?),
+    }
+    Ok(())
+}
+
+fn push_host(out: &mut Vec<u8>, tensor: &HostTensor) {
+    match tensor {
+        HostTensor::F32 { values, .. } => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+        HostTensor::I64 { values, .. } => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+    }
+}
+
+/// The model's safetensors (official names and buffers, the config in the metadata),
+/// consuming the model: each parameter is released once written.
+fn model_safetensors<B: Backend, M: Module<B>>(
+    model: M,
+    params: &[ParamInfo],
+    config: &SimMimConfig,
+) -> Result<Vec<u8>, ModelError> {
+    let buffers = official_buffers(config);
+    let mut entries: Vec<Entry> = buffers
+        .iter()
+        .map(|(name, tensor)| Entry {
+            name: name.clone(),
+            dtype: match tensor {
+                HostTensor::F32 { .. } => "F32",
+                HostTensor::I64 { .. } => "I64",
+            },
+            shape: tensor.shape().to_vec(),
+        })
+        .collect();
+    entries.extend(params.iter().map(|p| Entry::f32(&p.name, &p.shape)));
+    let mut out = start_file(&entries, config)?;
+    for tensor in buffers.values() {
+        push_host(&mut out, tensor);
+    }
+    struct Writer<'a> {
+        params: std::slice::Iter<'a, ParamInfo>,
+        out: &'a mut Vec<u8>,
+        error: Option<ModelError>,
+    }
+    impl<B: Backend> ModuleMapper<B> for Writer<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let device = tensor.device();
+            match self.params.next() {
+                Some(info) if self.error.is_none() => {
+                    let dims = tensor.dims();
+                    let transpose = (info.transposed && D == 2).then(|| (dims[0], dims[1]));
+                    let written = with_f32(tensor.into_data(), &info.name, |values| {
+                        push_f32(self.out, values, transpose)
+                    });
+                    if let Err(e) = written {
+                        self.error = Some(e);
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    self.error = Some(ModelError::Write {
+                        path: "<safetensors bytes>".into(),
+                        reason: "the model has more parameters than it listed".into(),
+                    })
+                }
+            }
+            // The written tensor is released; an empty one keeps the module's shape of types.
+            let empty = Tensor::<B, D>::empty([0; D], &device);
+            Param::from_mapped_value(id, empty, mapper)
+        }
+    }
+    let mut writer = Writer {
+        params: params.iter(),
+        out: &mut out,
+        error: None,
+    };
+    let _released = model.map(&mut writer);
+    if let Some(e) = writer.error {
+        return Err(e);
+    }
+    Ok(out)
+}
+
+impl<B: Backend> AdamW<B> {
+    /// `optimizer.safetensors` for the parameters `params` (official names and layouts, as
+    /// [`AdamW::state_dict`] names them), consuming the state: each moment is released once
+    /// written.
+    pub fn into_moments(
+        self,
+        params: &[ParamInfo],
+        config: &SimMimConfig,
+    ) -> Result<Vec<u8>, ModelError> {
+        let (steps, mut moments) = self.into_parts();
+        let present: Vec<&ParamInfo> = params
+            .iter()
+            .filter(|p| moments.contains_key(&p.id))
+            .collect();
+        let mut entries = vec![Entry {
+            name: "step".into(),
+            dtype: "I64",
+            shape: vec![1],
+        }];
+        for info in &present {
+            for suffix in ["exp_avg", "exp_avg_sq"] {
+                entries.push(Entry::f32(format!("{}.{suffix}", info.name), &info.shape));
+            }
+        }
+        let mut out = start_file(&entries, config)?;
+        out.extend_from_slice(&(steps as i64).to_le_bytes());
+        for info in present {
+            let Some((first, second)) = moments.remove(&info.id) else {
+                continue;
+            };
+            // Moments are flat; a transposed weight's are in Burn's [in, out] order.
+            let transpose = info.transposed.then(|| (info.shape[1], info.shape[0]));
+            for (suffix, moment) in [("exp_avg", first), ("exp_avg_sq", second)] {
+                let name = format!("{}.{suffix}", info.name);
+                with_f32(moment.into_data(), &name, |values| {
+                    push_f32(&mut out, values, transpose)
+                })?;
+            }
+        }
+        Ok(out)
+    }
+}
