@@ -55,14 +55,8 @@ impl Augment {
         rng: &mut ChaCha8Rng,
     ) -> Result<Prepared, DataError> {
         let image = decode_rgb(bytes, name)?;
-        let (x, y, w, h) = self.crop_box(image.width(), image.height(), rng);
-        let crop = image::imageops::crop_imm(&image, x, y, w, h).to_image();
-        let mut resized = image::imageops::resize(
-            &crop,
-            self.img_size as u32,
-            self.img_size as u32,
-            FilterType::Triangle,
-        );
+        let crop = self.crop_box(image.width(), image.height(), rng);
+        let mut resized = crop_resize(&image, crop, self.img_size as u32, name)?;
         if rng.random_bool(0.5) {
             image::imageops::flip_horizontal_in_place(&mut resized);
         }
@@ -132,6 +126,42 @@ impl Augment {
             label: 0,
         })
     }
+}
+
+/// The `(x, y, w, h)` region of `image` resized to `side x side` with a bilinear filter
+/// widened by the scale factor when shrinking (what PIL's bilinear resize does for
+/// torchvision's RandomResizedCrop), in one SIMD pass without copying the crop out first.
+fn crop_resize(
+    image: &RgbImage,
+    (x, y, w, h): (u32, u32, u32, u32),
+    side: u32,
+    name: &str,
+) -> Result<RgbImage, DataError> {
+    use fast_image_resize::images::{Image, ImageRef};
+    use fast_image_resize::{FilterType as Filter, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    thread_local! {
+        static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
+    }
+    let bad = |reason: String| DataError::Sample {
+        name: name.to_string(),
+        reason,
+    };
+    let source = ImageRef::new(
+        image.width(),
+        image.height(),
+        image.as_raw(),
+        PixelType::U8x3,
+    )
+    .map_err(|e| bad(format!("resizing: {e}")))?;
+    let mut target = Image::new(side, side, PixelType::U8x3);
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(Filter::Bilinear))
+        .crop(f64::from(x), f64::from(y), f64::from(w), f64::from(h));
+    RESIZER
+        .with(|resizer| resizer.borrow_mut().resize(&source, &mut target, &options))
+        .map_err(|e| bad(format!("resizing: {e}")))?;
+    RgbImage::from_raw(side, side, target.into_vec())
+        .ok_or_else(|| bad("resized buffer of the wrong size".into()))
 }
 
 /// The official evaluation transform: shorter side resized to `img_size / crop_pct`
