@@ -46,7 +46,7 @@ struct Args {
     dtype: String,
     /// Sub-batches computed on parallel threads (default: two per core, the fastest measured).
     #[arg(long)]
-    shards: Option<usize>,
+    sub_batches: Option<usize>,
     /// Print one JSON line instead of the table.
     #[arg(long)]
     json: bool,
@@ -94,10 +94,10 @@ fn run<B: AutodiffBackend + simmim_model::SimMimBackend>(
         forward_backward: vec![],
         optimizer: vec![],
     };
-    let shards = shards(args);
+    let sub_batches = sub_batches(args);
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let (loss, grads) = loss_and_grads(&model, images.clone(), mask.clone(), shards);
+        let (loss, grads) = loss_and_grads(&model, images.clone(), mask.clone(), sub_batches);
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}");
         }
@@ -114,11 +114,11 @@ fn run<B: AutodiffBackend + simmim_model::SimMimBackend>(
     Ok(timing)
 }
 
-fn shards(args: &Args) -> usize {
+fn sub_batches(args: &Args) -> usize {
     if args.backend == "cuda" {
-        return args.shards.unwrap_or(1);
+        return args.sub_batches.unwrap_or(1);
     }
-    args.shards
+    args.sub_batches
         .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
@@ -179,17 +179,17 @@ fn main() -> Result<()> {
         .collect();
     let step = median(&steps);
     let ips = batch as f64 / step;
-    let shards = shards(&args);
+    let sub_batches = sub_batches(&args);
     if args.json {
         println!(
-            "{{\"impl\":\"burn\",\"backend\":\"{}\",\"dtype\":\"{}\",\"model\":\"{}\",\"img\":{},\"batch\":{batch},\"shards\":{shards},\"step_s\":{step:.4},\"fwd_bwd_s\":{fwd_bwd:.4},\"opt_s\":{opt:.4},\"images_per_s\":{ips:.2}}}",
+            "{{\"impl\":\"burn\",\"backend\":\"{}\",\"dtype\":\"{}\",\"model\":\"{}\",\"img\":{},\"batch\":{batch},\"sub_batches\":{sub_batches},\"step_s\":{step:.4},\"fwd_bwd_s\":{fwd_bwd:.4},\"opt_s\":{opt:.4},\"images_per_s\":{ips:.2}}}",
             args.backend, args.dtype, args.model, config.encoder.img_size()
         );
     } else {
-        println!("| impl | backend | model | img | batch | shards | step s | fwd+bwd s | opt s | images/s |");
+        println!("| impl | backend | model | img | batch | sub-batches | step s | fwd+bwd s | opt s | images/s |");
         println!("|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| burn | {} {} | {} | {} | {batch} | {shards} | {step:.3} | {fwd_bwd:.3} | {opt:.3} | {ips:.2} |",
+            "| burn | {} {} | {} | {} | {batch} | {sub_batches} | {step:.3} | {fwd_bwd:.3} | {opt:.3} | {ips:.2} |",
             args.backend, args.dtype, args.model, config.encoder.img_size()
         );
     }
