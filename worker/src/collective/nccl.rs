@@ -13,7 +13,7 @@
 //! Gradients are flattened on the host by the train loop for every backend, so this
 //! transport stages them: each ~25 MB bucket is copied to the device, all-reduced there, and
 //! copied back, all on one stream. Reducing burn-cuda's device buffers in place would save
-//! the two PCIe copies; it needs the tensors' raw pointers (see ../shared/BURN-NOTES.md) and
+//! the two PCIe copies; it needs the tensors' raw device pointers and
 //! was not attempted without a GPU to test it on.
 
 use std::mem::MaybeUninit;
@@ -35,7 +35,22 @@ struct RawComm(sys::ncclComm_t);
 // NCCL thread for collectives and by whoever takes it out of the mutex for the one abort.
 unsafe impl Send for RawComm {}
 
-type Shared = Arc<Mutex<Option<RawComm>>>;
+/// The handle and whether the NCCL thread is inside a call with it. The thread reads the
+/// handle and marks itself in a call under the lock, and an abort takes the handle and frees
+/// it under the same lock: a call never starts with a handle an abort has freed, and an
+/// abort during a call is NCCL's documented way to unblock it.
+#[derive(Default)]
+struct CommState {
+    handle: Option<RawComm>,
+    in_call: bool,
+}
+
+type Shared = Arc<Mutex<CommState>>;
+
+fn lock(comm: &Shared) -> std::sync::MutexGuard<'_, CommState> {
+    // A poisoned lock still holds the handle: use it (and abort it) all the same.
+    comm.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 pub struct Nccl {
     rank: usize,
@@ -78,45 +93,62 @@ pub fn unique_id() -> Result<[u8; 128], CollectiveError> {
 }
 
 fn abort(comm: &Shared) {
-    // A poisoned lock still holds the handle: abort it all the same.
-    let taken = comm.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(RawComm(handle)) = taken {
-        // SAFETY: the handle came from ncclCommInitRank and is aborted exactly once (it
-        // left the mutex here).
+    let mut state = lock(comm);
+    if state.in_call {
+        tracing::warn!("aborting the NCCL communicator while a collective is in flight");
+    }
+    if let Some(RawComm(handle)) = state.handle.take() {
+        // SAFETY: the handle came from ncclCommInitRank and is aborted exactly once (it left
+        // the state here, under the lock the NCCL thread takes before each call).
         let _ = unsafe { result::comm_abort(handle) };
     }
 }
 
-fn reduce_staged(stream: &Arc<CudaStream>, comm: &Shared, data: &mut [f32]) -> Result<(), String> {
-    for bucket in data.chunks_mut(BUCKET_FLOATS) {
-        let handle = match comm
-            .lock()
-            .map_err(|_| "communicator lock poisoned")?
-            .as_ref()
-        {
+/// Runs one NCCL call with the live handle; fails without calling when it was aborted.
+fn with_handle<T>(
+    comm: &Shared,
+    call: impl FnOnce(sys::ncclComm_t) -> Result<T, String>,
+) -> Result<T, String> {
+    let handle = {
+        let mut state = lock(comm);
+        let handle = match &state.handle {
             Some(RawComm(handle)) => *handle,
             None => return Err("the communicator was aborted".into()),
         };
+        state.in_call = true;
+        handle
+    };
+    let outcome = call(handle);
+    lock(comm).in_call = false;
+    outcome
+}
+
+fn reduce_staged(stream: &Arc<CudaStream>, comm: &Shared, data: &mut [f32]) -> Result<(), String> {
+    for bucket in data.chunks_mut(BUCKET_FLOATS) {
         let mut device = stream
             .clone_htod(&*bucket)
             .map_err(|e| format!("copy to the GPU: {e:?}"))?;
         {
             let (pointer, _record) = device.device_ptr_mut(stream);
-            // SAFETY: in-place all-reduce of `bucket.len()` floats owned by `device`, on the
-            // stream the copies use; the handle is live (checked above; an abort racing with
-            // this call makes it fail, which is the point of aborting).
-            unsafe {
-                result::all_reduce(
-                    pointer as *const std::ffi::c_void,
-                    pointer as *mut std::ffi::c_void,
-                    bucket.len(),
-                    sys::ncclDataType_t::ncclFloat32,
-                    sys::ncclRedOp_t::ncclSum,
-                    handle,
-                    stream.cu_stream() as _,
-                )
-            }
-            .map_err(|e| describe("ncclAllReduce", &e))?;
+            with_handle(comm, |handle| {
+                // SAFETY: in-place all-reduce of `bucket.len()` floats owned by `device`, on
+                // the stream the copies use; the handle is live (`with_handle` read it under
+                // the lock an abort takes; an abort during the call makes it fail, which is
+                // the point of aborting).
+                unsafe {
+                    result::all_reduce(
+                        pointer as *const std::ffi::c_void,
+                        pointer as *mut std::ffi::c_void,
+                        bucket.len(),
+                        sys::ncclDataType_t::ncclFloat32,
+                        sys::ncclRedOp_t::ncclSum,
+                        handle,
+                        stream.cu_stream() as _,
+                    )
+                }
+                .map(|_| ())
+                .map_err(|e| describe("ncclAllReduce", &e))
+            })?;
         }
         stream
             .memcpy_dtoh(&device, bucket)
@@ -144,7 +176,7 @@ impl Nccl {
                     .into(),
             ));
         }
-        let comm: Shared = Arc::new(Mutex::new(None));
+        let comm: Shared = Arc::new(Mutex::new(CommState::default()));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         let (request_tx, request_rx) = mpsc::channel::<Vec<f32>>();
         let (reply_tx, reply_rx) = mpsc::channel();
@@ -174,8 +206,7 @@ impl Nccl {
                             rank as i32,
                         )
                         .map_err(|e| describe("ncclCommInitRank", &e))?;
-                        *shared.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(RawComm(handle.assume_init()));
+                        lock(&shared).handle = Some(RawComm(handle.assume_init()));
                     }
                     Ok(stream)
                 })();
