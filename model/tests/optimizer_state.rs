@@ -2,14 +2,13 @@
 //! optimizer that never stopped: what a resumed run needs.
 
 use burn::backend::Autodiff;
-use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
 use simmim_model::weights::{load_state_dict, state_dict, HostTensor};
-use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, ModelError};
+use simmim_model::{AdamW, AdamWConfig, InitModel, ModelError};
 
 mod common;
 
-use common::small_swin_config;
+use common::{fixed_step, small_swin_config};
 
 type B = Autodiff<Flex>;
 
@@ -17,17 +16,7 @@ type B = Autodiff<Flex>;
 fn saved_and_restored_adamw_continues_identically() {
     let config = small_swin_config();
     let device = Default::default();
-    let geometry = config.mask_geometry().expect("geometry");
-    let masks: Vec<u8> = (0..2).flat_map(|i| geometry.generate(i)).collect();
-    let mask = mask_tensor::<B>(&masks, 2, geometry.token_grid(), &device);
-    let pixels: Vec<f32> = (0..2 * 3 * 32 * 32)
-        .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
-        .collect();
-    let images = Tensor::<B, 4>::from_data(TensorData::new(pixels, [2, 3, 32, 32]), &device);
-    let step = |model, optimizer: &mut AdamW<Flex>| {
-        let (_, grads) = loss_and_grads(&model, images.clone(), mask.clone(), 1);
-        optimizer.step(1e-3, model, grads).0
-    };
+    let step = fixed_step(&config, (31, 97, 48.0));
 
     let mut model = config.init::<B>(5, &device).expect("init");
     let mut optimizer = AdamW::<Flex>::new(AdamWConfig::default());

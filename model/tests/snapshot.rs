@@ -3,15 +3,14 @@
 //! snapshot keeps the weights of the step it was taken at.
 
 use burn::backend::Autodiff;
-use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
 use simmim_model::snapshot::Snapshot;
 use simmim_model::weights::{config_from_safetensors, state_dict, state_dict_from_safetensors};
-use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel};
+use simmim_model::{AdamW, AdamWConfig, InitModel};
 
 mod common;
 
-use common::small_swin_config;
+use common::{fixed_step, small_swin_config};
 
 type B = Autodiff<Flex>;
 
@@ -19,17 +18,7 @@ type B = Autodiff<Flex>;
 fn a_snapshot_writes_the_state_of_its_step_while_training_goes_on() {
     let config = small_swin_config();
     let device = Default::default();
-    let geometry = config.mask_geometry().expect("geometry");
-    let masks: Vec<u8> = (0..2).flat_map(|i| geometry.generate(i)).collect();
-    let mask = mask_tensor::<B>(&masks, 2, geometry.token_grid(), &device);
-    let pixels: Vec<f32> = (0..2 * 3 * 32 * 32)
-        .map(|i| ((i * 17 % 89) as f32 / 44.0) - 1.0)
-        .collect();
-    let images = Tensor::<B, 4>::from_data(TensorData::new(pixels, [2, 3, 32, 32]), &device);
-    let step = |model, optimizer: &mut AdamW<Flex>| {
-        let (_, grads) = loss_and_grads(&model, images.clone(), mask.clone(), 1);
-        optimizer.step(1e-3, model, grads).0
-    };
+    let step = fixed_step(&config, (17, 89, 44.0));
     let mut model = config.init::<B>(3, &device).expect("init");
     let mut optimizer = AdamW::<Flex>::new(AdamWConfig::default());
     for _ in 0..2 {

@@ -123,3 +123,28 @@ pub fn small_swin_config() -> SimMimConfig {
     config.validate().expect("valid");
     config
 }
+
+/// One AdamW step (lr 1e-3) of `config`'s model on two fixed 32 px images with fixed masks;
+/// `pattern` (multiplier, modulus, scale) makes the pixels, so tests can differ.
+pub fn fixed_step(
+    config: &SimMimConfig,
+    (multiplier, modulus, scale): (usize, usize, f32),
+) -> impl Fn(
+    simmim_model::SimMim<burn::backend::Autodiff<burn_flex::Flex>>,
+    &mut simmim_model::AdamW<burn_flex::Flex>,
+) -> simmim_model::SimMim<burn::backend::Autodiff<burn_flex::Flex>> {
+    use burn::tensor::{Tensor, TensorData};
+    type B = burn::backend::Autodiff<burn_flex::Flex>;
+    let device = Default::default();
+    let geometry = config.mask_geometry().expect("geometry");
+    let masks: Vec<u8> = (0..2).flat_map(|i| geometry.generate(i)).collect();
+    let mask = simmim_model::mask_tensor::<B>(&masks, 2, geometry.token_grid(), &device);
+    let pixels: Vec<f32> = (0..2 * 3 * 32 * 32)
+        .map(|i| ((i * multiplier % modulus) as f32 / scale) - 1.0)
+        .collect();
+    let images = Tensor::<B, 4>::from_data(TensorData::new(pixels, [2, 3, 32, 32]), &device);
+    move |model, optimizer| {
+        let (_, grads) = simmim_model::loss_and_grads(&model, images.clone(), mask.clone(), 1);
+        optimizer.step(1e-3, model, grads).0
+    }
+}
