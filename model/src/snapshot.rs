@@ -65,6 +65,18 @@ impl Entry {
         }
     }
 
+    /// The entry of a host tensor already in memory.
+    pub fn host(name: &str, tensor: &HostTensor) -> Self {
+        Self {
+            name: name.to_string(),
+            dtype: match tensor {
+                HostTensor::F32 { .. } => "F32",
+                HostTensor::I64 { .. } => "I64",
+            },
+            shape: tensor.shape().to_vec(),
+        }
+    }
+
     fn bytes(&self) -> usize {
         let width = if self.dtype == "I64" { 8 } else { 4 };
         width * self.shape.iter().product::<usize>()
@@ -133,7 +145,7 @@ fn with_f32(data: TensorData, name: &str, f: impl FnOnce(&[f32])) -> Result<(), 
     Ok(())
 }
 
-fn push_host(out: &mut Vec<u8>, tensor: &HostTensor) {
+pub(crate) fn push_host(out: &mut Vec<u8>, tensor: &HostTensor) {
     match tensor {
         HostTensor::F32 { values, .. } => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
         HostTensor::I64 { values, .. } => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
@@ -150,14 +162,7 @@ fn model_safetensors<B: Backend, M: Module<B>>(
     let buffers = official_buffers(config);
     let mut entries: Vec<Entry> = buffers
         .iter()
-        .map(|(name, tensor)| Entry {
-            name: name.clone(),
-            dtype: match tensor {
-                HostTensor::F32 { .. } => "F32",
-                HostTensor::I64 { .. } => "I64",
-            },
-            shape: tensor.shape().to_vec(),
-        })
+        .map(|(name, tensor)| Entry::host(name, tensor))
         .collect();
     entries.extend(params.iter().map(|p| Entry::f32(&p.name, &p.shape)));
     let mut out = start_file(&entries, config)?;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use crate::classifier::Classifier;
@@ -17,6 +17,7 @@ use crate::naming::PathTracker;
 use crate::rel_pos::{
     resize_swin_table, swin_relative_position_index, swin_shift_mask, vit_relative_position_index,
 };
+use crate::snapshot::{push_host, start_file, Entry};
 
 /// A tensor read from a file, on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -450,40 +451,19 @@ pub fn state_dict<B: Backend, M: Module<B>>(
     }
 }
 
-/// Serialises a state dict to safetensors bytes, with the model config in the metadata.
+/// Serialises a state dict to safetensors bytes, with the model config in the metadata:
+/// the header, then each tensor's values written once into one buffer (the snapshot writer's
+/// format, so every file this crate writes is laid out the same way).
 pub fn to_safetensors(state: &StateDict, config: &SimMimConfig) -> Result<Vec<u8>, ModelError> {
-    let write_err = |reason: String| ModelError::Write {
-        path: "<safetensors bytes>".to_string(),
-        reason,
-    };
-    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = state
+    let entries: Vec<Entry> = state
         .iter()
-        .map(|(name, tensor)| match tensor {
-            HostTensor::F32 { shape, values } => (
-                name.clone(),
-                Dtype::F32,
-                shape.clone(),
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
-            HostTensor::I64 { shape, values } => (
-                name.clone(),
-                Dtype::I64,
-                shape.clone(),
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
-        })
+        .map(|(name, tensor)| Entry::host(name, tensor))
         .collect();
-    let views = bytes
-        .iter()
-        .map(|(name, dtype, shape, data)| {
-            TensorView::new(*dtype, shape.clone(), data)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| write_err(format!("tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let config_json = serde_json::to_string(config).map_err(|e| write_err(e.to_string()))?;
-    let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_string(), config_json)]);
-    safetensors::serialize(views, &Some(metadata)).map_err(|e| write_err(e.to_string()))
+    let mut out = start_file(&entries, config)?;
+    for tensor in state.values() {
+        push_host(&mut out, tensor);
+    }
+    Ok(out)
 }
 
 /// The model config stored in an exported file's metadata, if any.
