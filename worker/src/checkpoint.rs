@@ -73,11 +73,8 @@ impl Pending {
 /// so), which also keeps memory bounded to one serialised checkpoint. A storage outage only
 /// skips or delays checkpoints, until none has landed for `max_outage`: then the run stops.
 pub struct Checkpointer {
-    store: RunStore,
+    target: Target,
     runtime: tokio::runtime::Handle,
-    link: Arc<dyn RunLink>,
-    run: String,
-    generation: u64,
     in_flight: Option<tokio::task::JoinHandle<Result<Landed, String>>>,
     last_landed: std::time::Instant,
     max_outage: std::time::Duration,
@@ -99,11 +96,13 @@ impl Checkpointer {
         let max_outage =
             std::time::Duration::from_secs_f64(config.checkpoint.max_outage_minutes * 60.0);
         Self {
-            store,
+            target: Target {
+                store,
+                link: generation.link.clone(),
+                run: config.run.name.clone(),
+                generation: generation.number,
+            },
             runtime: generation.runtime.clone(),
-            link: generation.link.clone(),
-            run: config.run.name.clone(),
-            generation: generation.number,
             in_flight: None,
             last_landed: std::time::Instant::now(),
             max_outage,
@@ -127,7 +126,10 @@ impl Checkpointer {
             }
         }
         if must {
-            let upload = self.upload(pending.into_bytes().map_err(anyhow::Error::msg)?);
+            let upload = Upload {
+                target: self.target.clone(),
+                pieces: pending.into_bytes().map_err(anyhow::Error::msg)?,
+            };
             let started = std::time::Instant::now();
             loop {
                 match self.runtime.block_on(upload.clone_task()) {
@@ -146,24 +148,12 @@ impl Checkpointer {
                 }
             }
         }
-        let (store, link, run, generation) = (
-            self.store.clone(),
-            self.link.clone(),
-            self.run.clone(),
-            self.generation,
-        );
+        let target = self.target.clone();
         self.in_flight = Some(self.runtime.spawn(async move {
             let pieces = tokio::task::spawn_blocking(move || pending.into_bytes())
                 .await
                 .map_err(|e| format!("the checkpoint writer stopped: {e}"))??;
-            let upload = Upload {
-                store,
-                link,
-                run,
-                generation,
-                pieces,
-            };
-            upload.run().await
+            Upload { target, pieces }.run().await
         }));
         Ok(())
     }
@@ -189,7 +179,7 @@ impl Checkpointer {
         if self.last_landed.elapsed() > self.max_outage {
             anyhow::bail!(
                 "no checkpoint could be written to {} for {:.0} minutes (checkpoint.max_outage_minutes)",
-                self.store.url(),
+                self.target.store.url(),
                 self.max_outage.as_secs_f64() / 60.0
             );
         }
@@ -201,21 +191,11 @@ impl Checkpointer {
         tracing::info!(
             step = landed.step,
             "checkpoint committed: {} ({:.1} MB in {:.2} s, {:.0} MB/s, in the background)",
-            self.store.url_of(&landed.manifest),
+            self.target.store.url_of(&landed.manifest),
             landed.bytes as f64 / 1e6,
             landed.seconds,
             landed.bytes as f64 / 1e6 / landed.seconds.max(1e-9)
         );
-    }
-
-    fn upload(&self, pieces: CheckpointBytes) -> Upload {
-        Upload {
-            store: self.store.clone(),
-            link: self.link.clone(),
-            run: self.run.clone(),
-            generation: self.generation,
-            pieces,
-        }
     }
 }
 
@@ -223,11 +203,17 @@ impl Checkpointer {
 /// attempt can be retried from the same bytes.
 #[derive(Clone)]
 struct Upload {
+    target: Target,
+    pieces: CheckpointBytes,
+}
+
+/// Where checkpoints go: the run directory, and who commits them.
+#[derive(Clone)]
+struct Target {
     store: RunStore,
     link: Arc<dyn RunLink>,
     run: String,
     generation: u64,
-    pieces: CheckpointBytes,
 }
 
 impl Upload {
@@ -243,11 +229,12 @@ impl Upload {
         let step = self.pieces.trainer.step;
         let manifest = self
             .pieces
-            .write(&self.store, &self.run, self.generation)
+            .write(&self.target.store, &self.target.run, self.target.generation)
             .await
             .map_err(|e| e.to_string())?;
         let bytes = manifest.files.iter().map(|f| f.size).sum();
         let key = self
+            .target
             .link
             .commit(manifest)
             .await

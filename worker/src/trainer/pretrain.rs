@@ -29,6 +29,9 @@ use crate::recon;
 pub struct Pretrain<'g> {
     generation: &'g Generation,
     model_config: SimMimConfig,
+    /// Image side and token-grid side, fixed by the model config.
+    side: usize,
+    grid: usize,
 }
 
 impl<'g> Pretrain<'g> {
@@ -37,8 +40,14 @@ impl<'g> Pretrain<'g> {
             .config
             .model_config()
             .map_err(Permanent::from_display)?;
+        let grid = model_config
+            .mask_geometry()
+            .map_err(Permanent::from_display)?
+            .token_grid();
         Ok(Self {
             generation,
+            side: model_config.encoder.img_size(),
+            grid,
             model_config,
         })
     }
@@ -83,8 +92,7 @@ where
         at: MicroStep,
         device: &B::Device,
     ) -> Result<(f64, GradientsParams)> {
-        let side = self.model_config.encoder.img_size();
-        let grid = self.model_config.mask_geometry()?.token_grid();
+        let (side, grid) = (self.side, self.grid);
         let b = batch.ids.len();
         let images = Tensor::<B, 4>::from_data(
             TensorData::new(batch.pixels.clone(), [b, 3, side, side]),
