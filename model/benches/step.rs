@@ -5,6 +5,9 @@
 //!     cargo bench -p simmim-model --bench step -- --model swin_micro --batch 64
 //!     cargo bench -p simmim-model --bench step --features ndarray -- --backend ndarray
 //!     cargo bench -p simmim-model --bench step --features cuda -- --backend cuda --dtype bf16
+//!
+//! `--dtype bf16` is mixed precision as `torch.autocast`: f32 weights and AdamW state, matmuls
+//! in bf16 (`simmim_model::precision`); `--dtype bf16-pure` puts every tensor in bf16 (cuda).
 
 use std::time::Instant;
 
@@ -41,9 +44,14 @@ struct Args {
     /// flex (default CPU), ndarray (feature `ndarray`), cuda (feature `cuda`).
     #[arg(long, default_value = "flex")]
     backend: String,
-    /// f32, or bf16 / f16 on cuda (all tensors in that type: not autocast).
+    /// f32; bf16 (autocast: bf16 matmuls, f32 weights and state); bf16-pure / f16-pure on
+    /// cuda (every tensor in that type).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// cuda: where compiled kernels and autotune results are kept (a warm cache skips
+    /// compiling); default: cubecl's own (none for kernels).
+    #[arg(long)]
+    kernel_cache: Option<std::path::PathBuf>,
     /// Sub-batches computed on parallel threads (default: two per core, the fastest measured).
     #[arg(long)]
     sub_batches: Option<usize>,
@@ -58,6 +66,8 @@ struct Args {
 struct Timing {
     forward_backward: Vec<f64>,
     optimizer: Vec<f64>,
+    /// From the first tensor to the end of the first step (kernel compilation included).
+    first_step: f64,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -72,6 +82,11 @@ fn run<B: AutodiffBackend + simmim_model::SimMimBackend>(
     batch: usize,
     device: &B::Device,
 ) -> Result<Timing> {
+    let started = Instant::now();
+    let precision = match args.dtype.as_str() {
+        "bf16" => simmim_model::precision::Precision::Bf16,
+        _ => simmim_model::precision::Precision::F32,
+    };
     let model = config.init::<B>(0, device)?;
     let img = config.encoder.img_size();
     let geometry = config.mask_geometry()?;
@@ -93,11 +108,14 @@ fn run<B: AutodiffBackend + simmim_model::SimMimBackend>(
     let mut timing = Timing {
         forward_backward: vec![],
         optimizer: vec![],
+        first_step: 0.0,
     };
     let sub_batches = sub_batches(args);
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let (loss, grads) = loss_and_grads(&model, images.clone(), mask.clone(), sub_batches);
+        let (loss, grads) = simmim_model::precision::autocast(precision, || {
+            loss_and_grads(&model, images.clone(), mask.clone(), sub_batches)
+        });
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}");
         }
@@ -106,6 +124,12 @@ fn run<B: AutodiffBackend + simmim_model::SimMimBackend>(
         model = optimizer.step(1e-4, model, grads).0;
         B::sync(device).ok();
         let t2 = Instant::now();
+        if step == 0 {
+            timing.first_step = (t2 - started).as_secs_f64();
+            if args.backend == "cuda" {
+                eprintln!("first step done in {:.1} s", timing.first_step);
+            }
+        }
         if step >= args.warmup {
             timing.forward_backward.push((t1 - t0).as_secs_f64());
             timing.optimizer.push((t2 - t1).as_secs_f64());
@@ -146,7 +170,7 @@ fn main() -> Result<()> {
         _ => 8,
     });
     let timing = match (args.backend.as_str(), args.dtype.as_str()) {
-        ("flex", "f32") => run::<Autodiff<burn_flex::Flex>>(&args, &config, batch, &Default::default())?,
+        ("flex", "f32" | "bf16") => run::<Autodiff<burn_flex::Flex>>(&args, &config, batch, &Default::default())?,
         #[cfg(feature = "ndarray")]
         ("ndarray", "f32") => {
             run::<Autodiff<burn_ndarray::NdArray>>(&args, &config, batch, &Default::default())?
@@ -159,16 +183,30 @@ fn main() -> Result<()> {
                      run on a machine with an NVIDIA driver, or use --backend flex"
                 );
             }
+            let _compiling = match &args.kernel_cache {
+                Some(dir) => {
+                    let cache = simmim_model::kernel_cache::configure(dir)?;
+                    eprintln!("{}", cache.describe());
+                    cache.watch(std::time::Duration::from_secs(10), |p| {
+                        eprintln!(
+                            "compiling GPU kernels: {} so far in {:.0} s",
+                            p.kernels,
+                            p.elapsed.as_secs_f64()
+                        )
+                    })
+                }
+                None => None,
+            };
             let device = burn_cuda::CudaDevice::default();
             match dtype {
-                "f32" => run::<Autodiff<burn_cuda::Cuda<f32>>>(&args, &config, batch, &device)?,
-                "bf16" => run::<Autodiff<burn_cuda::Cuda<burn::tensor::bf16>>>(&args, &config, batch, &device)?,
-                "f16" => run::<Autodiff<burn_cuda::Cuda<burn::tensor::f16>>>(&args, &config, batch, &device)?,
-                other => bail!("--dtype {other}: expected f32, bf16 or f16"),
+                "f32" | "bf16" => run::<Autodiff<burn_cuda::Cuda<f32>>>(&args, &config, batch, &device)?,
+                "bf16-pure" => run::<Autodiff<burn_cuda::Cuda<burn::tensor::bf16>>>(&args, &config, batch, &device)?,
+                "f16-pure" => run::<Autodiff<burn_cuda::Cuda<burn::tensor::f16>>>(&args, &config, batch, &device)?,
+                other => bail!("--dtype {other}: expected f32, bf16, bf16-pure or f16-pure"),
             }
         }
         (backend, dtype) => bail!(
-            "--backend {backend} --dtype {dtype} is not available in this build (backends: flex{}{}; non-f32 only on cuda)",
+            "--backend {backend} --dtype {dtype} is not available in this build (backends: flex{}{}; pure bf16/f16 only on cuda)",
             if cfg!(feature = "ndarray") { ", ndarray" } else { "" },
             if cfg!(feature = "cuda") { ", cuda" } else { "" },
         ),
@@ -180,9 +218,10 @@ fn main() -> Result<()> {
     let step = median(&steps);
     let ips = batch as f64 / step;
     let sub_batches = sub_batches(&args);
+    let first = timing.first_step;
     if args.json {
         println!(
-            "{{\"impl\":\"burn\",\"backend\":\"{}\",\"dtype\":\"{}\",\"model\":\"{}\",\"img\":{},\"batch\":{batch},\"sub_batches\":{sub_batches},\"step_s\":{step:.4},\"fwd_bwd_s\":{fwd_bwd:.4},\"opt_s\":{opt:.4},\"images_per_s\":{ips:.2}}}",
+            "{{\"impl\":\"burn\",\"backend\":\"{}\",\"dtype\":\"{}\",\"model\":\"{}\",\"img\":{},\"batch\":{batch},\"sub_batches\":{sub_batches},\"step_s\":{step:.4},\"fwd_bwd_s\":{fwd_bwd:.4},\"opt_s\":{opt:.4},\"images_per_s\":{ips:.2},\"first_step_s\":{first:.2}}}",
             args.backend, args.dtype, args.model, config.encoder.img_size()
         );
     } else {

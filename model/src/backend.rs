@@ -65,6 +65,19 @@ pub trait SimMimBackend: Backend {
     ) -> [FloatTensor<Self>; 3] {
         layer_norm_backward_decomposed::<Self>(x, gamma, grad, epsilon)
     }
+
+    /// Lends a contiguous f32 tensor's device memory to `use_memory` as (device address,
+    /// value count), for a library that reads and writes it in place (NCCL); `None` where the
+    /// backend has no such memory (the CPU) or cannot lend it. The memory is valid, and the
+    /// kernels that produced it have finished, for the duration of the call; values written
+    /// there are what every other handle to the tensor reads afterwards.
+    fn with_device_memory<R>(
+        tensor: FloatTensor<Self>,
+        use_memory: impl FnOnce(Option<(u64, usize)>) -> R,
+    ) -> R {
+        let _ = tensor;
+        use_memory(None)
+    }
 }
 
 impl SimMimBackend for Flex {
@@ -250,7 +263,55 @@ pub fn cuda_driver_present() -> bool {
 }
 
 #[cfg(feature = "cuda")]
-impl SimMimBackend for burn_cuda::Cuda<f32> {}
+impl SimMimBackend for burn_cuda::Cuda<f32> {
+    fn with_device_memory<R>(
+        tensor: FloatTensor<Self>,
+        use_memory: impl FnOnce(Option<(u64, usize)>) -> R,
+    ) -> R {
+        cuda_memory::with_f32(tensor, use_memory)
+    }
+}
+
+/// burn-cuda's memory for an external library (see [`SimMimBackend::with_device_memory`]).
+#[cfg(feature = "cuda")]
+mod cuda_memory {
+    use burn::tensor::DType;
+    use burn_cubecl::cubecl::cuda::CudaRuntime;
+    use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::CubeBackend;
+    use burn_fusion::FusionTensor;
+
+    type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+
+    pub fn with_f32<R>(
+        tensor: FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<CudaRuntime>>,
+        use_memory: impl FnOnce(Option<(u64, usize)>) -> R,
+    ) -> R {
+        if tensor.dtype != DType::F32 {
+            return use_memory(None);
+        }
+        // Resolving a clone (while `tensor` lives) leaves the buffer registered with fusion,
+        // so later reads of the tensor see what was written into it; resolving runs the
+        // tensor's pending fused kernels first.
+        let cube: CubeTensor<CudaRuntime> =
+            tensor.client.resolve_tensor_float::<Cube>(tensor.clone());
+        if !cube.is_contiguous() {
+            return use_memory(None);
+        }
+        // Taking the resource orders this thread's stream after the producers' stream; the
+        // sync then waits for them, so the memory holds the values before anyone reads it.
+        let Ok(resource) = cube.client.get_resource(cube.handle.clone()) else {
+            return use_memory(None);
+        };
+        if burn_cubecl::cubecl::future::block_on(cube.client.sync()).is_err() {
+            return use_memory(None);
+        }
+        let count = cube.meta.shape().num_elements();
+        let out = use_memory(Some((resource.resource().ptr, count)));
+        drop((resource, cube, tensor));
+        out
+    }
+}
 #[cfg(feature = "cuda")]
 impl SimMimBackend for burn_cuda::Cuda<burn::tensor::bf16> {}
 #[cfg(feature = "cuda")]

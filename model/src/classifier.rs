@@ -63,7 +63,7 @@ impl InitClassifier for SimMimConfig {
 impl<B: SimMimBackend> Classifier<B> {
     /// Class logits `[B, classes]` for normalised images `[B, C, H, W]`.
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        self.head.forward(self.features(images, None))
+        crate::layers::linear_rows(&self.head, self.features(images, None))
     }
 
     /// Average-pooled features `[B, C]`: of the final (normed) tokens, or, for a Swin, of the

@@ -30,6 +30,13 @@ pub enum ModelError {
 
     #[error("cannot write weights to {path}: {reason}")]
     Write { path: String, reason: String },
+
+    /// The GPU kernel cache directory cannot be used.
+    #[error("GPU kernel cache {}: {reason}", .dir.display())]
+    KernelCache {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 fn format_mismatch(missing: &[String], unexpected: &[String], wrong_shape: &[String]) -> String {

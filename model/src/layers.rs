@@ -7,6 +7,7 @@ use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData, Tens
 use crate::backend::SimMimBackend;
 
 use crate::init::{constant, WeightInit};
+use crate::precision::matmul;
 
 /// `nn.Linear` initialised as the official code does (trunc-normal 0.02, zero bias).
 pub fn linear<B: Backend>(
@@ -78,7 +79,7 @@ impl<B: Backend> PatchProjection<B> {
             .val()
             .reshape([out, in_chans * patch * patch])
             .transpose();
-        (patches.matmul(kernel) + self.bias.val().unsqueeze_dim(0)).reshape([
+        (matmul(patches, kernel) + self.bias.val().unsqueeze_dim(0)).reshape([
             batch,
             rows * cols,
             out,
@@ -138,11 +139,11 @@ impl<B: SimMimBackend> Mlp<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, dim] = x.dims();
-        let hidden = self.fc1.forward(x.reshape([batch * tokens, dim]));
+        let hidden = linear_rows(&self.fc1, x.reshape([batch * tokens, dim]));
         let hidden = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::gelu_exact(
             hidden.into_primitive().tensor(),
         )));
-        self.fc2.forward(hidden).reshape([batch, tokens, dim])
+        linear_rows(&self.fc2, hidden).reshape([batch, tokens, dim])
     }
 }
 
@@ -151,9 +152,19 @@ impl<B: SimMimBackend> Mlp<B> {
 /// summed afterwards), several times slower on the CPU backend.
 pub fn linear_tokens<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [batch, tokens, dim] = x.dims();
-    let out = layer.forward(x.reshape([batch * tokens, dim]));
+    let out = linear_rows(layer, x.reshape([batch * tokens, dim]));
     let width = out.dims()[1];
     out.reshape([batch, tokens, width])
+}
+
+/// `nn.Linear` over rows `[N, in]`, its matmul in the current precision
+/// ([`crate::precision`]).
+pub fn linear_rows<B: Backend>(layer: &Linear<B>, rows: Tensor<B, 2>) -> Tensor<B, 2> {
+    let out = matmul(rows, layer.weight.val());
+    match &layer.bias {
+        Some(bias) => out + bias.val().unsqueeze_dim(0),
+        None => out,
+    }
 }
 
 /// One of the q/k/v projections of a fused `qkv` linear (`part` 0, 1 or 2), as per-head
@@ -177,7 +188,7 @@ pub fn qkv_part<B: Backend>(
         kernel = kernel.mul_scalar(scale);
         bias = bias.map(|b| b.mul_scalar(scale));
     }
-    let mut projected = rows.clone().matmul(kernel);
+    let mut projected = matmul(rows.clone(), kernel);
     if let Some(bias) = bias {
         projected = projected + bias.unsqueeze_dim(0);
     }

@@ -33,16 +33,20 @@
 //! ```
 
 pub mod backend;
+pub mod buckets;
 pub mod classifier;
 pub mod config;
 pub mod error;
 pub mod grads;
 pub mod init;
+#[cfg(feature = "cuda")]
+pub mod kernel_cache;
 pub mod layer_decay;
 pub mod layers;
 pub mod mask;
 pub mod naming;
 pub mod optim;
+pub mod precision;
 pub mod rel_pos;
 pub mod simmim;
 pub mod snapshot;

@@ -8,6 +8,7 @@ use crate::backend::SimMimBackend;
 use crate::config::{EncoderConfig, SimMimConfig};
 use crate::error::ModelError;
 use crate::init::WeightInit;
+use crate::precision::matmul;
 use crate::swin::Swin;
 use crate::vit::Vit;
 
@@ -47,7 +48,7 @@ impl<B: SimMimBackend> PixelShuffleHead<B> {
         let (r, c) = (self.stride, self.out_chans);
         let kernel = self.weight.val().reshape([channels, dim]).transpose();
         let pixels =
-            tokens.reshape([batch * count, dim]).matmul(kernel) + self.bias.val().unsqueeze_dim(0);
+            matmul(tokens.reshape([batch * count, dim]), kernel) + self.bias.val().unsqueeze_dim(0);
         pixels
             .reshape([batch, side, side, c, r, r])
             .permute([0, 3, 1, 4, 2, 5])

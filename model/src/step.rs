@@ -74,6 +74,8 @@ where
         );
     }
     let forward = &forward;
+    // Sub-batch threads compute as their caller does (see `precision`).
+    let precision = crate::precision::current();
     let results: Vec<(f64, f64, GradientsParams)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..sub_batches)
             .map(|part| {
@@ -82,7 +84,8 @@ where
                 // A replica with fresh autodiff leaves: each thread builds its own graph.
                 let replica = M::from_inner(model.valid());
                 scope.spawn(move || {
-                    let (loss_tensor, weight) = forward(&replica, start, len);
+                    let (loss_tensor, weight) =
+                        crate::precision::autocast(precision, || forward(&replica, start, len));
                     let loss: f64 = loss_tensor.clone().into_scalar().elem();
                     let grads = GradientsParams::from_grads(loss_tensor.backward(), &replica);
                     (loss, weight, grads)

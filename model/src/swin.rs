@@ -12,6 +12,7 @@ use crate::layers::{
     drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
     relative_bias, softmax_last, LayerNorm, Mlp, PatchEmbed,
 };
+use crate::precision::matmul;
 use crate::rel_pos::{swin_relative_position_index, swin_shift_mask, swin_table_rows};
 
 #[derive(Module, Debug)]
@@ -66,7 +67,7 @@ impl<B: SimMimBackend> WindowAttention<B> {
         };
         let (q, k, v) = (part(0, scale), part(1, 1.0), part(2, 1.0));
 
-        let attn = q.matmul(k.swap_dims(2, 3));
+        let attn = matmul(q, k.swap_dims(2, 3));
         let bias = relative_bias(
             self.relative_position_bias_table.val(),
             self.relative_position_index.clone(),
@@ -90,8 +91,7 @@ impl<B: SimMimBackend> WindowAttention<B> {
             None => attn + bias.unsqueeze_dim(0),
         };
         let out =
-            softmax_last(attn)
-                .matmul(v)
+            matmul(softmax_last(attn), v)
                 .swap_dims(1, 2)
                 .reshape([batch_windows, tokens, dim]);
         linear_tokens(&self.proj, out)

@@ -13,6 +13,7 @@ use crate::layers::{
     drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
     relative_bias, softmax_last, LayerNorm, Mlp, PatchEmbed,
 };
+use crate::precision::matmul;
 use crate::rel_pos::{vit_relative_position_index, vit_table_rows};
 
 const VIT_LN_EPS: f64 = 1e-6;
@@ -74,7 +75,7 @@ impl<B: SimMimBackend> VitAttention<B> {
         let k = qkv_part(&weight, None, &rows, 1, 1.0, shape);
         let v = qkv_part(&weight, v_bias, &rows, 2, 1.0, shape);
 
-        let mut attn = q.matmul(k.swap_dims(2, 3));
+        let mut attn = matmul(q, k.swap_dims(2, 3));
         if let (Some(table), Some(index)) = (
             &self.relative_position_bias_table,
             &self.relative_position_index,
@@ -84,8 +85,7 @@ impl<B: SimMimBackend> VitAttention<B> {
         if let Some(bias) = shared_bias {
             attn = attn + bias.clone().unsqueeze_dim(0);
         }
-        let out = softmax_last(attn)
-            .matmul(v)
+        let out = matmul(softmax_last(attn), v)
             .swap_dims(1, 2)
             .reshape([batch, tokens, dim]);
         linear_tokens(&self.proj, out)

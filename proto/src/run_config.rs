@@ -222,6 +222,19 @@ pub struct TrainSection {
     /// Sub-batches computed concurrently on CPU; default: twice the cores.
     #[serde(default)]
     pub compute_threads: Option<usize>,
+    /// `f32`, or `bf16`: matmuls in bf16 (as `torch.autocast`), everything else in f32,
+    /// weights, AdamW moments and checkpoints f32. Meant for GPUs; on the CPU bf16 is slower.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The arithmetic of the matmuls (see [`TrainSection::precision`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,6 +304,10 @@ pub struct WorkersSection {
     /// linear scaling rule) or keep it (false).
     #[serde(default = "default_true")]
     pub rescale_lr_on_resize: bool,
+    /// Gradient bucket size for the all-reduce, in MB (DDP's default 25): NCCL sums each
+    /// bucket in GPU memory; the CPU ring sums it on the host.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
 }
 
 impl Default for CheckpointSection {
@@ -327,6 +344,7 @@ impl Default for WorkersSection {
             last_call_s: default_last_call(),
             rejoin_timeout_s: default_rejoin_timeout(),
             rescale_lr_on_resize: true,
+            bucket_mb: default_bucket_mb(),
         }
     }
 }
@@ -397,6 +415,17 @@ fn default_last_call() -> f64 {
 fn default_rejoin_timeout() -> f64 {
     300.0
 }
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+
+impl WorkersSection {
+    /// The gradient bucket size in f32 values (at least one).
+    pub fn bucket_floats(&self) -> usize {
+        ((self.bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1)
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -661,6 +690,7 @@ impl RunConfig {
             ));
         }
         positive_f("workers.heartbeat_timeout_s", w.heartbeat_timeout_s)?;
+        positive_f("workers.bucket_mb", w.bucket_mb)?;
         if let Some(tls) = &self.tls {
             if tls.cert.is_empty() {
                 return Err(config_error("tls.cert", "must name a PEM certificate file"));

@@ -10,6 +10,7 @@ pub mod device;
 pub mod eval;
 pub mod export;
 pub mod generation;
+pub mod gpu_kernels;
 pub mod host;
 pub mod probe;
 pub mod recon;

@@ -25,6 +25,11 @@ struct Cli {
     /// `cpu`, or `cuda` / `cuda:N` (builds with the `cuda` feature).
     #[arg(long, env = "SIMMIM_DEVICE", default_value = "cpu")]
     device: Device,
+    /// Where a GPU worker keeps compiled kernels and autotune results, so a restarted worker
+    /// starts in seconds instead of recompiling for minutes. Put it on a volume that outlives
+    /// the pod. Ignored on the CPU and when a cubecl.toml configures cubecl itself.
+    #[arg(long, env = "SIMMIM_KERNEL_CACHE", default_value = "kernel-cache")]
+    kernel_cache: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -102,6 +107,11 @@ enum Command {
         /// Seed of the random mask.
         #[arg(long, default_value_t = 0)]
         mask_seed: u64,
+        /// Also write the exact input, mask, loss and reconstruction as safetensors (the
+        /// parity cases' names, the model config as metadata): the same batch and weights for
+        /// checking another implementation, e.g. PyTorch on `worker export`'s .pth.
+        #[arg(long)]
+        dump: Option<PathBuf>,
     },
 }
 
@@ -150,7 +160,14 @@ fn run(cli: Cli) -> Result<()> {
             image,
             out,
             mask_seed,
-        }) => inspect::reconstruct(&checkpoint, &image, &out, mask_seed),
+            dump,
+        }) => inspect::reconstruct(&inspect::ReconstructArgs {
+            checkpoint: &checkpoint,
+            image: &image,
+            out: &out,
+            mask_seed,
+            dump: dump.as_deref(),
+        }),
         Some(Command::Finetune {
             config,
             coordinator_args,
@@ -181,7 +198,7 @@ fn run(cli: Cli) -> Result<()> {
                     "give --coordinator URL (or SIMMIM_COORDINATOR), or a subcommand; see --help"
                 )
             })?;
-            join::join(&url, cli.device)
+            join::join(&url, cli.device, &cli.kernel_cache)
         }
     }
 }

@@ -30,6 +30,21 @@ pub trait Collective: Send {
     fn world(&self) -> usize;
     /// Element-wise sum over all ranks, in place; every rank ends with identical values.
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
+
+    /// The same sum over `count` f32 values in this worker's GPU memory at `pointer`, for a
+    /// transport that reduces device memory (NCCL); `None` for one that cannot (the caller
+    /// then stages the values through the host).
+    ///
+    /// # Safety
+    /// `pointer` must address `count` f32 values on the transport's GPU that stay allocated,
+    /// and that nothing else reads or writes, until this returns.
+    unsafe fn all_reduce_device_f32(
+        &mut self,
+        _pointer: u64,
+        _count: usize,
+    ) -> Option<Result<(), CollectiveError>> {
+        None
+    }
 }
 
 /// A world of one: nothing to exchange.

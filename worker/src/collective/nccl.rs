@@ -10,11 +10,14 @@
 //! The rendezvous (rank 0's 128-byte unique id) travels over the run's authenticated TCP ring,
 //! which every generation forms first anyway.
 //!
-//! Gradients are flattened on the host by the train loop for every backend, so this
-//! transport stages them: each ~25 MB bucket is copied to the device, all-reduced there, and
-//! copied back, all on one stream. Reducing burn-cuda's device buffers in place would save
-//! the two PCIe copies; it needs the tensors' raw device pointers and
-//! was not attempted without a GPU to test it on.
+//! The communicator is non-blocking (`ncclCommInitRankConfig` with `blocking = 0`): forming
+//! it and every collective return at once and the NCCL thread polls `ncclCommGetAsyncError`
+//! and the stream, so a rank whose peers never come can still be aborted (a blocking
+//! `ncclCommInitRank` cannot be interrupted at all).
+//!
+//! The train loop hands this transport device buffers (its gradient buckets, see
+//! `trainer::buckets`), reduced in place on the GPU; host buffers (the replica check, the
+//! rendezvous of a CPU fallback) are staged through the device in 25 MB pieces.
 
 use std::mem::MaybeUninit;
 use std::sync::mpsc;
@@ -26,8 +29,19 @@ use cudarc::nccl::{result, sys};
 
 use super::{Collective, CollectiveError};
 
-/// Floats per NCCL call: 25 MB, DDP's default bucket.
+/// Floats per NCCL call for host buffers: 25 MB, DDP's default bucket.
 pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
+
+/// How often the NCCL thread looks at a collective in flight.
+const POLL: Duration = Duration::from_micros(200);
+
+/// What the NCCL thread is asked to reduce.
+enum Request {
+    /// Values on the host, staged through the device.
+    Host(Vec<f32>),
+    /// `count` f32 values in device memory at `pointer`, on this worker's GPU, reduced in place.
+    Device { pointer: u64, count: usize },
+}
 
 /// The communicator handle, shared so a waiting caller can abort it.
 struct RawComm(sys::ncclComm_t);
@@ -56,7 +70,7 @@ pub struct Nccl {
     rank: usize,
     world: usize,
     timeout: Duration,
-    requests: Option<mpsc::Sender<Vec<f32>>>,
+    requests: Option<mpsc::Sender<Request>>,
     replies: mpsc::Receiver<Result<Vec<f32>, String>>,
     comm: Shared,
 }
@@ -123,6 +137,76 @@ fn with_handle<T>(
     outcome
 }
 
+/// Waits for the communicator's pending operation (forming it, or enqueueing a collective) to
+/// finish; fails on an NCCL error or when it was aborted meanwhile.
+fn wait_ready(comm: &Shared, what: &str) -> Result<(), String> {
+    loop {
+        let status = {
+            let state = lock(comm);
+            let Some(RawComm(handle)) = &state.handle else {
+                return Err(format!("{what}: the communicator was aborted"));
+            };
+            let mut status = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: the handle is live (read under the lock an abort takes) and `status`
+            // is a valid place for NCCL to write.
+            unsafe { sys::ncclCommGetAsyncError(*handle, &mut status) }
+                .result()
+                .map_err(|e| describe("ncclCommGetAsyncError", &e))?;
+            status
+        };
+        match status {
+            sys::ncclResult_t::ncclSuccess => return Ok(()),
+            sys::ncclResult_t::ncclInProgress => std::thread::sleep(POLL),
+            code => return Err(describe(what, &result::NcclError(code))),
+        }
+    }
+}
+
+/// Waits until the stream has run everything enqueued on it, watching the communicator for
+/// asynchronous errors meanwhile (a blocking stream synchronise would hang on a dead peer).
+fn wait_stream(stream: &Arc<CudaStream>, comm: &Shared) -> Result<(), String> {
+    loop {
+        // SAFETY: queries a stream this thread owns.
+        match unsafe { cudarc::driver::sys::cuStreamQuery(stream.cu_stream()) } {
+            cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
+            cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {
+                wait_ready(comm, "ncclAllReduce")?;
+                std::thread::sleep(POLL);
+            }
+            other => return Err(format!("waiting for the all-reduce: CUDA error {other:?}")),
+        }
+    }
+}
+
+/// In-place sum of `count` floats at device address `pointer`, on `stream`.
+fn all_reduce_on_device(
+    stream: &Arc<CudaStream>,
+    comm: &Shared,
+    pointer: u64,
+    count: usize,
+) -> Result<(), String> {
+    with_handle(comm, |handle| {
+        // SAFETY: the caller guarantees `count` f32 values at `pointer` on this GPU that
+        // nobody else touches until the reply; the handle is live (`with_handle` read it under
+        // the lock an abort takes; an abort during the call makes it fail, which is the point).
+        unsafe {
+            result::all_reduce(
+                pointer as *const std::ffi::c_void,
+                pointer as *mut std::ffi::c_void,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                handle,
+                stream.cu_stream() as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| describe("ncclAllReduce", &e))
+    })?;
+    wait_ready(comm, "ncclAllReduce")?;
+    wait_stream(stream, comm)
+}
+
 fn reduce_staged(stream: &Arc<CudaStream>, comm: &Shared, data: &mut [f32]) -> Result<(), String> {
     for bucket in data.chunks_mut(BUCKET_FLOATS) {
         let mut device = stream
@@ -130,33 +214,70 @@ fn reduce_staged(stream: &Arc<CudaStream>, comm: &Shared, data: &mut [f32]) -> R
             .map_err(|e| format!("copy to the GPU: {e:?}"))?;
         {
             let (pointer, _record) = device.device_ptr_mut(stream);
-            with_handle(comm, |handle| {
-                // SAFETY: in-place all-reduce of `bucket.len()` floats owned by `device`, on
-                // the stream the copies use; the handle is live (`with_handle` read it under
-                // the lock an abort takes; an abort during the call makes it fail, which is
-                // the point of aborting).
-                unsafe {
-                    result::all_reduce(
-                        pointer as *const std::ffi::c_void,
-                        pointer as *mut std::ffi::c_void,
-                        bucket.len(),
-                        sys::ncclDataType_t::ncclFloat32,
-                        sys::ncclRedOp_t::ncclSum,
-                        handle,
-                        stream.cu_stream() as _,
-                    )
-                }
-                .map(|_| ())
-                .map_err(|e| describe("ncclAllReduce", &e))
-            })?;
+            all_reduce_on_device(stream, comm, pointer, bucket.len())?;
         }
         stream
             .memcpy_dtoh(&device, bucket)
             .map_err(|e| format!("copy from the GPU: {e:?}"))?;
     }
-    stream
-        .synchronize()
-        .map_err(|e| format!("waiting for the all-reduce: {e:?}"))
+    wait_stream(stream, comm)
+}
+
+/// NCCL's `NCCL_CONFIG_INITIALIZER` (every setting "undefined", so NCCL's defaults apply) with
+/// `blocking = 0`.
+fn non_blocking_config() -> Result<sys::ncclConfig_t, String> {
+    const UNDEF: std::ffi::c_int = std::ffi::c_int::MIN;
+    let version = result::get_nccl_version().map_err(|e| describe("ncclGetVersion", &e))?;
+    Ok(sys::ncclConfig_t {
+        size: std::mem::size_of::<sys::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        version: version as std::ffi::c_uint,
+        blocking: 0,
+        cgaClusterSize: UNDEF,
+        minCTAs: UNDEF,
+        maxCTAs: UNDEF,
+        netName: std::ptr::null(),
+        splitShare: UNDEF,
+        trafficClass: UNDEF,
+        commName: std::ptr::null(),
+        collnetEnable: UNDEF,
+        CTAPolicy: UNDEF,
+        shrinkShare: UNDEF,
+        nvlsCTAs: UNDEF,
+        nChannelsPerNetPeer: UNDEF,
+        nvlinkCentricSched: UNDEF,
+        graphUsageMode: UNDEF,
+        numRmaCtx: UNDEF,
+        maxP2pPeers: UNDEF,
+    })
+}
+
+/// Starts forming the communicator and publishes its handle at once (so a timed-out caller
+/// can abort it), then waits for it to be formed.
+fn form(comm: &Shared, world: usize, rank: usize, id: [u8; 128]) -> Result<(), String> {
+    let mut config = non_blocking_config()?;
+    let mut handle = MaybeUninit::uninit();
+    let unique = sys::ncclUniqueId {
+        internal: id.map(|b| b as std::ffi::c_char),
+    };
+    {
+        let mut state = lock(comm);
+        // SAFETY: `handle` is written by NCCL when the call returns success or "in progress"
+        // (a non-blocking communicator is usable for polling and aborting from then on), and
+        // read only then; `config` outlives the call.
+        unsafe {
+            result::comm_init_rank_config(
+                handle.as_mut_ptr(),
+                world as i32,
+                unique,
+                rank as i32,
+                &mut config,
+            )
+            .map_err(|e| describe("ncclCommInitRankConfig", &e))?;
+            state.handle = Some(RawComm(handle.assume_init()));
+        }
+    }
+    wait_ready(comm, "ncclCommInitRankConfig")
 }
 
 impl Nccl {
@@ -178,7 +299,7 @@ impl Nccl {
         }
         let comm: Shared = Arc::new(Mutex::new(CommState::default()));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-        let (request_tx, request_rx) = mpsc::channel::<Vec<f32>>();
+        let (request_tx, request_rx) = mpsc::channel::<Request>();
         let (reply_tx, reply_rx) = mpsc::channel();
         let shared = comm.clone();
         std::thread::Builder::new()
@@ -193,21 +314,7 @@ impl Nccl {
                     let stream = context
                         .new_stream()
                         .map_err(|e| format!("CUDA stream: {e:?}"))?;
-                    let mut handle = MaybeUninit::uninit();
-                    let unique = sys::ncclUniqueId {
-                        internal: id.map(|b| b as std::ffi::c_char),
-                    };
-                    // SAFETY: `handle` is written by NCCL on success and read only then.
-                    unsafe {
-                        result::comm_init_rank(
-                            handle.as_mut_ptr(),
-                            world as i32,
-                            unique,
-                            rank as i32,
-                        )
-                        .map_err(|e| describe("ncclCommInitRank", &e))?;
-                        lock(&shared).handle = Some(RawComm(handle.assume_init()));
-                    }
+                    form(&shared, world, rank, id)?;
                     Ok(stream)
                 })();
                 let stream = match setup {
@@ -220,8 +327,16 @@ impl Nccl {
                         return;
                     }
                 };
-                while let Ok(mut data) = request_rx.recv() {
-                    let outcome = reduce_staged(&stream, &shared, &mut data).map(|()| data);
+                while let Ok(request) = request_rx.recv() {
+                    let outcome = match request {
+                        Request::Host(mut data) => {
+                            reduce_staged(&stream, &shared, &mut data).map(|()| data)
+                        }
+                        Request::Device { pointer, count } => {
+                            all_reduce_on_device(&stream, &shared, pointer, count)
+                                .map(|()| Vec::new())
+                        }
+                    };
                     if reply_tx.send(outcome).is_err() {
                         break;
                     }
@@ -260,6 +375,27 @@ impl Collective for Nccl {
     }
 
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let reduced = self.round_trip(Request::Host(data.to_vec()))?;
+        data.copy_from_slice(&reduced);
+        Ok(())
+    }
+
+    unsafe fn all_reduce_device_f32(
+        &mut self,
+        pointer: u64,
+        count: usize,
+    ) -> Option<Result<(), CollectiveError>> {
+        Some(
+            self.round_trip(Request::Device { pointer, count })
+                .map(|_| ()),
+        )
+    }
+}
+
+impl Nccl {
+    /// Sends one request to the NCCL thread and waits for its reply with the transport's
+    /// timeout; past it, the communicator is aborted and the generation ends.
+    fn round_trip(&mut self, request: Request) -> Result<Vec<f32>, CollectiveError> {
         let failed = |reason: String| CollectiveError::Peer {
             rank: self.rank,
             address: "nccl".into(),
@@ -270,13 +406,10 @@ impl Collective for Nccl {
             .as_ref()
             .ok_or_else(|| failed("the communicator was aborted".into()))?;
         requests
-            .send(data.to_vec())
+            .send(request)
             .map_err(|_| failed("the NCCL thread has stopped".into()))?;
         match self.replies.recv_timeout(self.timeout) {
-            Ok(Ok(reduced)) => {
-                data.copy_from_slice(&reduced);
-                Ok(())
-            }
+            Ok(Ok(reduced)) => Ok(reduced),
             Ok(Err(e)) => Err(failed(e)),
             Err(_) => {
                 abort(&self.comm);

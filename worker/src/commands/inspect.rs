@@ -55,12 +55,25 @@ pub fn export(location: &str, step: Option<u64>, format: ExportFormat, out: &Pat
     Ok(())
 }
 
-pub fn reconstruct(
-    checkpoint_location: &str,
-    image: &Path,
-    out: &Path,
-    mask_seed: u64,
-) -> Result<()> {
+/// What `worker reconstruct` shows, and where.
+pub struct ReconstructArgs<'a> {
+    pub checkpoint: &'a str,
+    pub image: &'a Path,
+    pub out: &'a Path,
+    pub mask_seed: u64,
+    /// Also write the exact input, mask, loss and reconstruction (with the model config) as
+    /// safetensors, so another implementation can be checked on the same batch and weights.
+    pub dump: Option<&'a Path>,
+}
+
+pub fn reconstruct(args: &ReconstructArgs) -> Result<()> {
+    let ReconstructArgs {
+        checkpoint: checkpoint_location,
+        image,
+        out,
+        mask_seed,
+        dump,
+    } = *args;
     let weights_bytes = if checkpoint_location.ends_with(".safetensors") {
         std::fs::read(checkpoint_location)
             .with_context(|| format!("reading {checkpoint_location}"))?
@@ -90,9 +103,23 @@ pub fn reconstruct(
         ),
         mask_tensor::<Flex>(&prepared.mask, 1, grid, &device),
     );
+    let loss = simmim_model::grads::host_values(output.loss.into_data(), || "the loss".into())?;
     let predicted = simmim_model::grads::host_values(output.reconstruction.into_data(), || {
         "the reconstruction".into()
     })?;
+    if let Some(dump) = dump {
+        let batch = SingleBatch {
+            pixels: &prepared.pixels,
+            mask: &prepared.mask,
+            loss: loss.first().copied().unwrap_or(f32::NAN),
+            reconstruction: &predicted,
+            side,
+            grid,
+        };
+        std::fs::write(dump, batch.to_safetensors(&config)?)
+            .with_context(|| format!("writing {}", dump.display()))?;
+        println!("wrote {} (loss {:.7})", dump.display(), batch.loss);
+    }
     std::fs::write(
         out,
         recon::grid_png(&prepared.pixels, &predicted, &prepared.mask, side, grid),
@@ -100,4 +127,48 @@ pub fn reconstruct(
     .with_context(|| format!("writing {}", out.display()))?;
     println!("wrote {}", out.display());
     Ok(())
+}
+
+/// One image through the model, as the parity cases store it (`input`, `mask`,
+/// `expected.loss`, `expected.reconstruction`, and the model config as metadata).
+struct SingleBatch<'a> {
+    pixels: &'a [f32],
+    mask: &'a [u8],
+    loss: f32,
+    reconstruction: &'a [f32],
+    side: usize,
+    grid: usize,
+}
+
+impl SingleBatch<'_> {
+    fn to_safetensors(&self, config: &simmim_model::SimMimConfig) -> Result<Vec<u8>> {
+        use safetensors::tensor::{Dtype, TensorView};
+        let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (input, loss, reconstruction) = (
+            f32_bytes(self.pixels),
+            f32_bytes(&[self.loss]),
+            f32_bytes(self.reconstruction),
+        );
+        let (side, grid) = (self.side, self.grid);
+        let views = [
+            ("input", Dtype::F32, vec![1, 3, side, side], &input[..]),
+            ("mask", Dtype::U8, vec![1, grid, grid], self.mask),
+            ("expected.loss", Dtype::F32, vec![1], &loss[..]),
+            (
+                "expected.reconstruction",
+                Dtype::F32,
+                vec![1, 3, side, side],
+                &reconstruction[..],
+            ),
+        ];
+        let mut tensors = Vec::new();
+        for (name, dtype, shape, data) in views {
+            tensors.push((name, TensorView::new(dtype, shape, data)?));
+        }
+        let metadata = std::collections::HashMap::from([(
+            simmim_model::weights::CONFIG_METADATA_KEY.to_string(),
+            serde_json::to_string(config)?,
+        )]);
+        Ok(safetensors::tensor::serialize(tensors, &Some(metadata))?)
+    }
 }

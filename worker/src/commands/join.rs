@@ -1,6 +1,8 @@
 //! `worker --coordinator URL`: join the run, train each generation this worker is a member
 //! of, and rejoin after a regroup or a failed generation until the run is over.
 
+use std::path::Path;
+
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -10,6 +12,7 @@ use simmim_proto::Permanent;
 
 use crate::device::Device;
 use crate::generation::Generation;
+use crate::gpu_kernels;
 use crate::session::{RunOver, Session, Terminated};
 use crate::shutdown;
 use crate::trainer::finetune::Finetune;
@@ -20,7 +23,11 @@ use crate::trainer::train;
 /// normally ends the run long before, through `workers.max_restarts`).
 const MAX_GENERATIONS: usize = 1000;
 
-pub fn join(url: &str, device: Device) -> Result<()> {
+pub fn join(url: &str, device: Device, kernel_cache: &Path) -> Result<()> {
+    let _compiling = match device {
+        Device::Cuda(_) => gpu_kernels::prepare(kernel_cache)?,
+        Device::Cpu => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -16,8 +16,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
+use simmim_model::precision::autocast;
 use simmim_model::weights::{load_state_dict, state_dict_from_safetensors};
-use simmim_model::AdamW;
+use simmim_model::{AdamW, SimMimBackend};
 use simmim_proto::checkpoint::{CheckpointBytes, TrainerState};
 use simmim_proto::pb::StepMetrics;
 use simmim_proto::store::RunStore;
@@ -35,6 +36,7 @@ use crate::generation::Generation;
 pub fn train<B, T>(generation: &Generation, mut task: T, device: B::Device) -> Result<u64>
 where
     B: AutodiffBackend,
+    B::InnerBackend: SimMimBackend,
     T: Task<B>,
     <T::Model as AutodiffModule<B>>::InnerModule: Send + 'static,
 {
@@ -61,12 +63,15 @@ where
     let mut policy = CheckpointPolicy::new(generation, store.clone(), end_step);
     let skipped_before = state.samples_skipped;
     let per_step = (run.plan.accumulation, generation.config.output.log_samples);
+    let precision = generation.config.train.precision;
     while state.step < end_step {
         policy.poll()?;
         still_member(generation)?;
         let started = Instant::now();
         let at = MicroStep::first(state.step, sub_batches);
-        let step_data = accumulate(&mut task, &model, &loader, (at, per_step), &device)?;
+        let step_data = autocast(precision, || {
+            accumulate(&mut task, &model, &loader, (at, per_step), &device)
+        })?;
         let votes = Votes {
             loss: step_data.loss,
             stop: generation.link.stop_requested(),

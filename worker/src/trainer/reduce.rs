@@ -7,7 +7,10 @@ use anyhow::Result;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use simmim_model::grads::{flatten, unflatten, weights_digest};
+use burn::tensor::{Tensor, TensorData};
+use simmim_model::buckets::{flatten_buckets, unflatten_buckets};
+use simmim_model::grads::{host_values, weights_digest};
+use simmim_model::SimMimBackend;
 
 use crate::collective::verify_replicas;
 use crate::generation::Generation;
@@ -30,15 +33,20 @@ pub struct Reduced {
     pub seconds: f64,
 }
 
-/// Averages the gradients and the loss over all ranks in one buffer, which also carries the
-/// votes.
-pub fn all_reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
+/// Averages the gradients and the loss over all ranks in buckets on the gradients' device;
+/// the last bucket also carries the votes.
+pub fn all_reduce<B, M>(
     generation: &Generation,
     model: &M,
     grads: GradientsParams,
     votes: Votes,
     device: &B::Device,
-) -> Result<Reduced> {
+) -> Result<Reduced>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: SimMimBackend,
+    M: AutodiffModule<B>,
+{
     let started = Instant::now();
     let world = generation.world;
     if world <= 1 {
@@ -50,23 +58,53 @@ pub fn all_reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
             seconds: started.elapsed().as_secs_f64(),
         });
     }
-    let mut buffer = flatten(model, &grads)?;
-    let n = buffer.len();
-    buffer.extend_from_slice(&[
+    let tail = [
         votes.loss as f32,
         f32::from(u8::from(votes.stop)),
         f32::from(u8::from(votes.checkpoint_clock && generation.rank == 0)),
-    ]);
-    generation.with_collective(|c| c.all_reduce_sum(&mut buffer))?;
+    ];
+    let limit = generation.config.workers.bucket_floats();
+    let buckets = flatten_buckets::<B, M>(model, &grads, limit, &tail, device);
+    drop(grads);
     let scale = 1.0 / world as f32;
-    buffer[..n].iter_mut().for_each(|v| *v *= scale);
+    let mut reduced = Vec::with_capacity(buckets.len());
+    for bucket in buckets {
+        let summed = sum_bucket(generation, bucket, device)?;
+        reduced.push(summed.mul_scalar(scale));
+    }
+    let (grads, tail) = unflatten_buckets::<B, M>(model, &reduced, limit, tail.len())?;
     Ok(Reduced {
-        loss: f64::from(buffer[n]) / world as f64,
-        stop: buffer[n + 1] > 0.0,
-        checkpoint_clock: buffer[n + 2] > 0.0,
-        grads: unflatten(model, &buffer[..n], device)?,
+        loss: f64::from(tail[0]),
+        stop: tail[1] > 0.0,
+        checkpoint_clock: tail[2] > 0.0,
+        grads,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// One bucket summed over all ranks: in device memory where the backend lends it and the
+/// transport reduces it there (burn-cuda and NCCL), through the host otherwise.
+fn sum_bucket<I: SimMimBackend>(
+    generation: &Generation,
+    bucket: Tensor<I, 1>,
+    device: &I::Device,
+) -> Result<Tensor<I, 1>> {
+    let on_device = generation.with_collective(|collective| {
+        I::with_device_memory(bucket.clone().into_primitive().tensor(), |memory| {
+            let (pointer, count) = memory?;
+            // SAFETY: the backend lends `count` f32 values at `pointer` for the duration of
+            // this call, and `bucket` (which owns them) is not used until it returns.
+            unsafe { collective.all_reduce_device_f32(pointer, count) }
+        })
+        .transpose()
+    })?;
+    if on_device.is_some() {
+        return Ok(bucket);
+    }
+    let mut values = host_values(bucket.into_data(), || "a gradient bucket".into())?;
+    generation.with_collective(|c| c.all_reduce_sum(&mut values))?;
+    let n = values.len();
+    Ok(Tensor::from_data(TensorData::new(values, [n]), device))
 }
 
 /// Steps between checks that every replica holds the same weights.
