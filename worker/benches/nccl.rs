@@ -1,7 +1,9 @@
 //! The NCCL transport on one GPU (a 1-rank communicator): proves the context, stream and
-//! buffer handling on real hardware and reports what the host-staged all-reduce moves.
+//! buffer handling on real hardware and reports what the all-reduce moves, host-staged and
+//! in place on burn-cuda's memory (the gradient buckets' path); also checks that values
+//! written through memory burn-cuda lends are what its tensor reads afterwards.
 //! Needs a GPU with NCCL: `cargo bench -p simmim-worker --features cuda --bench nccl`
-//! (scripts/gpu_bench.sh stages and runs it on the GPU machine).
+//! (`scripts/gpu_check.sh` stages and runs it on the GPU machine).
 
 #[cfg(feature = "cuda")]
 fn main() {
@@ -31,6 +33,70 @@ fn main() {
             (n * 4) as f64 / seconds / 1e9
         );
     }
+    device_buckets(&mut nccl);
+}
+
+/// The device path: a burn-cuda tensor's memory reduced in place, as the train loop's buckets.
+#[cfg(feature = "cuda")]
+fn device_buckets(nccl: &mut simmim_worker::collective::nccl::Nccl) {
+    use burn::tensor::{Tensor, TensorData};
+    use simmim_model::SimMimBackend;
+    use simmim_worker::collective::Collective;
+    use std::time::Instant;
+    type C = burn_cuda::Cuda<f32>;
+
+    let device = burn_cuda::CudaDevice::new(0);
+    let mut reduce = |bucket: &Tensor<C, 1>| {
+        C::with_device_memory(bucket.clone().into_primitive().tensor(), |memory| {
+            let (pointer, count) = memory.expect("burn-cuda lends its memory");
+            // SAFETY: lent for this call; nothing else uses the bucket meanwhile.
+            unsafe { nccl.all_reduce_device_f32(pointer, count) }
+                .expect("NCCL reduces device memory")
+                .expect("device all-reduce");
+        })
+    };
+    println!("| MB | all-reduce (in place on the device) ms | GB/s |");
+    println!("|---|---|---|");
+    for mb in [25usize, 100, 400] {
+        let n = mb * 1024 * 1024 / 4;
+        let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.5).collect();
+        let bucket = Tensor::<C, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
+        reduce(&bucket);
+        let back = bucket
+            .clone()
+            .into_data()
+            .to_vec::<f32>()
+            .expect("read back");
+        assert!(
+            back == values,
+            "a 1-rank sum must leave the bucket as it was"
+        );
+        let rounds = 5;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            reduce(&bucket);
+        }
+        let seconds = started.elapsed().as_secs_f64() / rounds as f64;
+        println!(
+            "| {mb} | {:.3} | {:.1} |",
+            seconds * 1e3,
+            (n * 4) as f64 / seconds / 1e9
+        );
+    }
+    let ones = Tensor::<C, 1>::ones([4096], &device);
+    C::with_device_memory(ones.clone().into_primitive().tensor(), |memory| {
+        let (pointer, count) = memory.expect("burn-cuda lends its memory");
+        let context = cudarc::driver::CudaContext::new(0).expect("CUDA context");
+        context.bind_to_thread().expect("bind the context");
+        // SAFETY: `count` f32 values at `pointer`, lent for this call.
+        unsafe { cudarc::driver::result::memset_d8_sync(pointer, 0, count * 4) }.expect("memset");
+    });
+    let sum: f32 = ones.sum().into_scalar();
+    assert_eq!(
+        sum, 0.0,
+        "writes through lent memory must be what the tensor reads"
+    );
+    println!("writes through lent device memory are visible to burn-cuda: ok");
 }
 
 #[cfg(not(feature = "cuda"))]

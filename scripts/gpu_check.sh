@@ -1,0 +1,310 @@
+#!/usr/bin/env bash
+# The whole GPU path in one scripted run, in two halves (the GPU machine has no Rust toolchain
+# and no network):
+#   scripts/gpu_check.sh stage               # here: cuda builds, references, data -> devbin/
+#   scripts/gpu_check.sh run                 # there, with devbin/ carried: one table at the end
+#   scripts/gpu_check.sh stage --stand-in    # here: CPU builds under the same names, and
+#   scripts/gpu_check.sh run                 #   the same run on the CPU (rehearsal, small sizes)
+# The run stays within GPU_CHECK_BUDGET_S (default 470 s): every part has a time limit and
+# the table says what did not finish. Results (logs, samples, the table) land in $OUT
+# (default devbin/out). Parts, in order of what only a GPU can tell:
+#   1. NCCL: the 1-rank transport, host-staged and in place on burn-cuda memory, GB/s
+#   2. first step of swin_base 192 batch 64: cold (empty kernel cache), then warm
+#   3. step bench: burn f32 / bf16 (autocast) beside PyTorch --amp none / bf16, images/s and
+#      peak GPU memory
+#   4. coordinator start: the demo model, two workers sharing the GPU over the ring, one
+#      SIGKILLed halfway, the survivor resumes from the checkpoint and finishes
+#   5. worker export of that run, loaded by PyTorch into the reference model: loss vs Rust
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+stage_dir="$root/devbin"
+
+stage() {
+  local stand_in=0
+  [ "${1:-}" = "--stand-in" ] && stand_in=1
+  rm -rf "$stage_dir" && mkdir -p "$stage_dir"/{bin,py,data}
+  local features="" bench_features=""
+  if [ "$stand_in" = 0 ]; then
+    features="--features simmim-worker/cuda"
+    bench_features="--features cuda"
+  fi
+  # shellcheck disable=SC2086
+  cargo build --release -p simmim-worker -p simmim-coordinator --bins $features
+  cp target/release/worker target/release/coordinator "$stage_dir/bin/"
+  local step nccl
+  # shellcheck disable=SC2086
+  step=$(cargo bench -p simmim-model $bench_features --bench step --no-run 2>&1 |
+    grep -o 'target/release/deps/step-[0-9a-f]*' | tail -1)
+  cp "$step" "$stage_dir/bin/step"
+  if [ "$stand_in" = 0 ]; then
+    nccl=$(cargo bench -p simmim-worker --features cuda --bench nccl --no-run 2>&1 |
+      grep -o 'target/release/deps/nccl-[0-9a-f]*' | tail -1)
+    cp "$nccl" "$stage_dir/bin/nccl-bench"
+    echo cuda > "$stage_dir/MODE"
+  else
+    echo cpu > "$stage_dir/MODE"
+  fi
+  strip "$stage_dir"/bin/*
+  # The carried copy is limited to 64 MiB: compress when the binaries would not fit.
+  if [ "$(du -sm "$stage_dir/bin" | cut -f1)" -gt 48 ]; then
+    xz -T2 -6 "$stage_dir"/bin/*
+  fi
+  cp ../shared/bench/torch_simmim_step.py tools/parity/simmim_reference.py \
+    tools/parity/check_export.py ../shared/gpu/gpu_diag_sample.py "$stage_dir/py/"
+  cp ../shared/datasets/cifar10/train.tar.gz "$stage_dir/data/"
+  du -sh "$stage_dir"/* && du -sh "$stage_dir"
+}
+
+# ---- run: everything below runs on the GPU machine (or here, on stand-ins) ----
+
+t0=$SECONDS
+budget="${GPU_CHECK_BUDGET_S:-470}"
+rows=()
+
+left() { echo $((budget - (SECONDS - t0))); }
+# A part's time limit: what it wants, or what is left of the budget minus a reserve.
+limit() {
+  local want=$1 reserve=${2:-20} have
+  have=$(($(left) - reserve))
+  [ "$have" -lt "$want" ] && want=$have
+  echo "$want"
+}
+row() { rows+=("| $1 | $2 | $3 |"); echo "== $1: $2 ($3)"; }
+json_field() { python3 -c "import json,sys
+for line in sys.stdin:
+    line=line.strip()
+    if line.startswith('{'):
+        v=json.loads(line).get('$1', '')
+        print(f'{v:.2f}' if isinstance(v, float) else v); break"; }
+
+# Peak GPU memory (MiB over the baseline) while a command runs; "n/a" without nvidia-smi.
+with_memory() {  # name cmd...
+  local name=$1; shift
+  if [ "$mode" != cuda ] || ! command -v nvidia-smi >/dev/null; then
+    echo n/a > "$OUT/$name.mem"
+    "$@"
+    return
+  fi
+  local base
+  base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/$name.memlog" &
+  local sampler=$! status=0
+  "$@" || status=$?
+  kill "$sampler" 2>/dev/null || true
+  sort -n "$OUT/$name.memlog" | tail -1 | awk -v b="$base" '{print $1 - b}' > "$OUT/$name.mem"
+  return $status
+}
+
+unpack() {
+  for f in bin/*.xz; do
+    [ -e "$f" ] || continue
+    python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], 'wb'))" "$f"
+    chmod +x "${f%.xz}"
+  done
+  if [ ! -d data/train ]; then
+    mkdir -p data && tar xzf data/train.tar.gz -C data
+  fi
+}
+
+part_nccl() {
+  if [ "$mode" != cuda ]; then
+    row "NCCL 1-rank" "skipped" "stand-in run on the CPU"
+    return
+  fi
+  local status=0
+  timeout "$(limit 60)" bin/nccl-bench > "$OUT/nccl.txt" 2>&1 || status=$?
+  cat "$OUT/nccl.txt"
+  local staged device visible
+  staged=$(grep -E '^\| 100 ' "$OUT/nccl.txt" | head -1 | awk -F'|' '{print $4}' | tr -d ' ')
+  device=$(grep -E '^\| 100 ' "$OUT/nccl.txt" | tail -1 | awk -F'|' '{print $4}' | tr -d ' ')
+  visible=$(grep -c "visible to burn-cuda: ok" "$OUT/nccl.txt" || true)
+  row "NCCL 1-rank, 100 MB" "host-staged ${staged:-?} GB/s, on device ${device:-?} GB/s, lent-memory writes seen: $visible" "exit $status"
+}
+
+part_first_step() {
+  local kc="$OUT/kernel-cache" status
+  rm -rf "$kc"
+  local cmd=(bin/step --backend "$backend" --model "$big_model" --img "$big_img" --window 6
+    --batch "$big_batch" --json --kernel-cache "$kc")
+  [ "$mode" = cuda ] || cmd=(bin/step --backend flex --model "$big_model" --img "$big_img"
+    --window 6 --batch "$big_batch" --json)
+  for phase in cold warm; do
+    local steps=1 warmup=0 want=170
+    [ "$phase" = warm ] && steps=3 warmup=1 want=100
+    status=0
+    mkdir -p "$OUT/$phase"
+    ln -sf "$kc/compile.log" "$OUT/$phase/compile.log"
+    with_memory "first-$phase" python3 py/gpu_diag_sample.py "$OUT/$phase" "$(limit $want 150)" -- \
+      "${cmd[@]}" --steps "$steps" --warmup "$warmup" || status=$?
+    local first ips
+    first=$(json_field first_step_s < "$OUT/$phase/stdout.txt")
+    ips=$(json_field images_per_s < "$OUT/$phase/stdout.txt")
+    row "first step, $phase, $big_model $big_img b$big_batch f32" \
+      "${first:-did not finish} s to the end of step 1$([ "$phase" = warm ] && echo ", then ${ips:-?} img/s")" \
+      "kernels compiled: $(grep -c 'Compiling kernel' "$kc/compile.log" 2>/dev/null || echo 0); exit $status"
+  done
+}
+
+part_bench() {
+  local torch_device=cuda
+  [ "$mode" = cuda ] || torch_device=cpu
+  local common=(--model "$big_model" --img "$big_img" --window 6 --batch "$big_batch")
+  # Alternating, one sitting: torch f32, burn bf16, torch bf16 (burn f32 ran in part 2).
+  local status ips mem
+  for run in "torch none" "burn bf16" "torch bf16"; do
+    set -- $run
+    status=0
+    if [ "$1" = torch ]; then
+      with_memory "bench-$1-$2" timeout "$(limit 90 120)" python3 py/torch_simmim_step.py \
+        "${common[@]}" --steps "$bench_steps" --warmup 2 --device "$torch_device" --amp "$2" \
+        --json > "$OUT/bench-$1-$2.txt" 2>&1 || status=$?
+    else
+      with_memory "bench-$1-$2" timeout "$(limit 150 100)" bin/step --backend "$backend" \
+        "${common[@]}" --dtype "$2" --steps "$bench_steps" --warmup 1 --json \
+        ${kernel_cache_arg[@]+"${kernel_cache_arg[@]}"} > "$OUT/bench-$1-$2.txt" 2>&1 || status=$?
+    fi
+    ips=$(json_field images_per_s < "$OUT/bench-$1-$2.txt")
+    mem=$(cat "$OUT/bench-$1-$2.mem")
+    local allocator
+    allocator=$(json_field peak_gpu_mib < "$OUT/bench-$1-$2.txt")
+    row "step bench $1 $2, $big_model $big_img b$big_batch" \
+      "${ips:-did not finish} img/s, GPU memory +${mem} MiB" \
+      "${allocator:+torch allocator peak $allocator MiB; }exit $status"
+  done
+}
+
+part_cluster() {
+  local run_root="$OUT/runs" port=$((20000 + RANDOM % 20000)) status=0
+  rm -rf "$run_root"
+  cat > "$OUT/gpu_run.yaml" <<YAML
+run: {name: gpu, root: $run_root, seed: 0}
+model:
+  config:
+    encoder: {type: swin, img_size: 32, patch_size: 2, embed_dim: 48, depths: [2, 2, 2],
+              num_heads: [3, 6, 12], window_size: 4}
+    mask_patch_size: 8
+    mask_ratio: 0.6
+data: {train: $stage_dir/data/train}
+train: {epochs: 3, warmup_epochs: 0.25, micro_batch: 64, base_lr: 8.0e-3, warmup_lr: 4.0e-5,
+        min_lr: 8.0e-5, max_steps: $cluster_steps}
+checkpoint: {every_steps: $((cluster_steps / 6)), every_minutes: null}
+output: {recon_every_steps: 0}
+workers: {min: 1, max: 2, device: $worker_device, heartbeat_timeout_s: 15, last_call_s: 30,
+          rejoin_timeout_s: 120}
+YAML
+  export SIMMIM_TOKEN="gpu-check-$RANDOM$RANDOM"
+  bin/coordinator start --config "$OUT/gpu_run.yaml" --listen "127.0.0.1:$port" \
+    --local-workers 0 > "$OUT/coordinator.log" 2>&1 &
+  local coordinator=$!
+  local workers=()
+  for w in 0 1; do
+    SIMMIM_COLLECTIVE=ring SIMMIM_WORKER_ID="gpu-check-$w" MIMALLOC_PURGE_DELAY=-1 \
+      bin/worker --coordinator "http://127.0.0.1:$port" --device "$worker_device_flag" \
+      --kernel-cache "$OUT/kernel-cache-worker-$w" > "$OUT/worker-$w.log" 2>&1 &
+    workers+=($!)
+  done
+  local metrics="$run_root/gpu/metrics.jsonl" deadline=$((SECONDS + $(limit 260 60))) killed=""
+  local half=$((cluster_steps / 2))
+  while kill -0 "$coordinator" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+    if [ -z "$killed" ] && [ -f "$metrics" ] &&
+      python3 -c "import json,sys
+steps=[json.loads(l).get('step',0) for l in open(sys.argv[1]) if l.strip()]
+sys.exit(0 if steps and max(steps) >= $half else 1)" "$metrics" 2>/dev/null; then
+      kill -9 "${workers[1]}" 2>/dev/null || true
+      killed="at step >= $half"
+      echo "== SIGKILLed worker 1 $killed"
+    fi
+    sleep 1
+  done
+  if kill -0 "$coordinator" 2>/dev/null; then
+    kill -TERM "$coordinator" 2>/dev/null || true
+    sleep 5
+    status="timed out"
+  else
+    wait "$coordinator" || status=$?
+  fi
+  for pid in "${workers[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  local summary
+  summary=$(python3 - "$metrics" "$OUT/coordinator.log" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()] if __import__("os").path.exists(sys.argv[1]) else []
+losses = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+log = open(sys.argv[2]).read()
+if not losses:
+    print("no step recorded")
+else:
+    losses.sort()
+    first = sum(l for _, l in losses[:10]) / len(losses[:10])
+    last = sum(l for _, l in losses[-10:]) / len(losses[-10:])
+    gens = sorted({r.get("generation") for r in rows if r.get("generation") is not None})
+    print(f"steps {losses[0][0]}..{losses[-1][0]}, loss {first:.4f} -> {last:.4f} (first/last 10), "
+          f"generations {gens}, restarts in log: {log.count('restart')}")
+PY
+)
+  row "coordinator: 2 workers on $worker_device_flag, kill at $half of $cluster_steps" \
+    "$summary" "killed ${killed:-never}; coordinator exit $status"
+}
+
+part_export() {
+  local run="$OUT/runs/gpu" status=0 image
+  image=$(find "$stage_dir/data/train" -name '*.jpg' | head -1)
+  {
+    bin/worker export --checkpoint "$run" --format pytorch --out "$OUT/model.pth" &&
+      bin/worker reconstruct --checkpoint "$run" --image "$image" --out "$OUT/recon.png" \
+        --dump "$OUT/batch.safetensors" &&
+      (cd py && timeout "$(limit 60 5)" python3 check_export.py "$OUT/model.pth" "$OUT/batch.safetensors")
+  } > "$OUT/export.txt" 2>&1 || status=$?
+  cat "$OUT/export.txt"
+  local check
+  check=$(grep '^{' "$OUT/export.txt" | tail -1)
+  row "export -> torch.load(weights_only=True) -> reference loss" "${check:-no result}" "exit $status"
+}
+
+run() {
+  cd "$stage_dir"
+  mode=$(cat MODE)
+  OUT="${OUT:-$stage_dir/out}"
+  mkdir -p "$OUT"
+  OUT="$(cd "$OUT" && pwd)"
+  export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
+  # The driver's PTX->SASS cache where it can be sized, not in a home that may not persist.
+  export CUDA_CACHE_PATH="$OUT/nv-cache" CUDA_CACHE_MAXSIZE=4294967296
+  unset CUBECL_DEBUG_LOG CUBECL_DEBUG_OPTION
+  unpack
+  if [ "$mode" = cuda ]; then
+    backend=cuda big_model=swin_base big_img=192 big_batch=64 bench_steps=10
+    cluster_steps="${GPU_CHECK_STEPS:-300}" worker_device=cuda worker_device_flag=cuda:0
+    kernel_cache_arg=(--kernel-cache "$OUT/kernel-cache")
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  else
+    backend=flex big_model=swin_micro big_img=48 big_batch=8 bench_steps=2
+    cluster_steps="${GPU_CHECK_STEPS:-60}" worker_device=cpu worker_device_flag=cpu
+    kernel_cache_arg=()
+    echo "CPU stand-in, $(nproc) cores" > "$OUT/gpu.txt"
+  fi
+  { python3 -c "import torch; print('torch', torch.__version__)" 2>&1 || true; } | tail -1 | tee -a "$OUT/gpu.txt"
+  for part in part_nccl part_first_step part_cluster part_export part_bench; do
+    if [ "$(left)" -lt 30 ]; then
+      row "${part#part_}" "not run" "the $budget s budget was spent"
+      continue
+    fi
+    "$part" || row "${part#part_}" "failed" "see $OUT"
+  done
+  {
+    echo "GPU check on $(head -1 "$OUT/gpu.txt"), $(date -u +%FT%TZ), $((SECONDS - t0)) s, mode $mode"
+    echo
+    echo "| part | result | notes |"
+    echo "|---|---|---|"
+    printf '%s\n' "${rows[@]}"
+  } | tee "$OUT/gpu_check.md"
+}
+
+case "${1:-}" in
+stage) shift; stage "$@" ;;
+run) run ;;
+*)
+  echo "usage: $0 stage [--stand-in] | run" >&2
+  exit 2
+  ;;
+esac
