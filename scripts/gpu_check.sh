@@ -5,7 +5,7 @@
 #   scripts/gpu_check.sh run                 # there, with devbin/ carried: one table at the end
 #   scripts/gpu_check.sh stage --stand-in    # here: CPU builds under the same names, and
 #   scripts/gpu_check.sh run                 #   the same run on the CPU (rehearsal, small sizes)
-# The run stays within GPU_CHECK_BUDGET_S (default 470 s): every part has a time limit and
+# The run stays within GPU_CHECK_BUDGET_S (default 500 s; give the device call ~560): every part has a time limit and
 # the table says what did not finish. Results (logs, samples, the table) land in $OUT
 # (default devbin/out). Parts, in order of what only a GPU can tell:
 #   1. NCCL: the 1-rank transport, host-staged and in place on burn-cuda memory, GB/s
@@ -59,17 +59,26 @@ stage() {
 # ---- run: everything below runs on the GPU machine (or here, on stand-ins) ----
 
 t0=$SECONDS
-budget="${GPU_CHECK_BUDGET_S:-470}"
+budget="${GPU_CHECK_BUDGET_S:-500}"
 rows=()
 
 left() { echo $((budget - (SECONDS - t0))); }
-# A part's time limit: what it wants, or what is left of the budget minus a reserve.
+# A part's time limit: what it wants, or what is left of the budget minus a reserve for the
+# parts after it; never below 1 (`timeout 0` would mean no limit). Callers skip a step whose
+# limit is under 10 s.
 limit() {
   local want=$1 reserve=${2:-20} have
   have=$(($(left) - reserve))
   [ "$have" -lt "$want" ] && want=$have
+  [ "$want" -lt 1 ] && want=1
   echo "$want"
 }
+# Processes a part started, killed when the script ends however it ends.
+spawned=()
+cleanup() {
+  for pid in ${spawned[@]+"${spawned[@]}"}; do kill -9 "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
 row() { rows+=("| $1 | $2 | $3 |"); echo "== $1: $2 ($3)"; }
 json_field() { python3 -c "import json,sys
 for line in sys.stdin:
@@ -90,6 +99,7 @@ with_memory() {  # name cmd...
   base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/$name.memlog" &
   local sampler=$! status=0
+  spawned+=("$sampler")
   "$@" || status=$?
   kill "$sampler" 2>/dev/null || true
   sort -n "$OUT/$name.memlog" | tail -1 | awk -v b="$base" '{print $1 - b}' > "$OUT/$name.mem"
@@ -107,6 +117,23 @@ unpack() {
   fi
 }
 
+# cudarc opens libnccl.so (or .so.1/.so.12), never .so.2, the only name PyTorch's wheels ship:
+# without a system NCCL, link the wheel's library under the expected name.
+nccl_on_library_path() {
+  [ "$mode" = cuda ] || return 0
+  ldconfig -p 2>/dev/null | grep -q 'libnccl\.so ' && return 0
+  local found
+  found=$(python3 -c "import glob, site, sys
+for d in site.getsitepackages() + sys.path:
+    for f in glob.glob(d + '/nvidia/nccl/lib/libnccl.so*'):
+        print(f); raise SystemExit" 2>/dev/null || true)
+  [ -n "$found" ] || return 0
+  mkdir -p "$OUT/lib"
+  ln -sf "$found" "$OUT/lib/libnccl.so"
+  export LD_LIBRARY_PATH="$OUT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "NCCL: $found (linked as $OUT/lib/libnccl.so)"
+}
+
 part_nccl() {
   if [ "$mode" != cuda ]; then
     row "NCCL 1-rank" "skipped" "stand-in run on the CPU"
@@ -116,8 +143,10 @@ part_nccl() {
   timeout "$(limit 60)" bin/nccl-bench > "$OUT/nccl.txt" 2>&1 || status=$?
   cat "$OUT/nccl.txt"
   local staged device visible
-  staged=$(grep -E '^\| 100 ' "$OUT/nccl.txt" | head -1 | awk -F'|' '{print $4}' | tr -d ' ')
-  device=$(grep -E '^\| 100 ' "$OUT/nccl.txt" | tail -1 | awk -F'|' '{print $4}' | tr -d ' ')
+  staged=$(sed -n '/host-staged/,/on the device/p' "$OUT/nccl.txt" | grep -E '^\| 100 ' |
+    awk -F'|' '{print $4}' | tr -d ' ')
+  device=$(sed -n '/on the device/,$p' "$OUT/nccl.txt" | grep -E '^\| 100 ' |
+    awk -F'|' '{print $4}' | tr -d ' ')
   visible=$(grep -c "visible to burn-cuda: ok" "$OUT/nccl.txt" || true)
   row "NCCL 1-rank, 100 MB" "host-staged ${staged:-?} GB/s, on device ${device:-?} GB/s, lent-memory writes seen: $visible" "exit $status"
 }
@@ -129,20 +158,35 @@ part_first_step() {
     --batch "$big_batch" --json --kernel-cache "$kc")
   [ "$mode" = cuda ] || cmd=(bin/step --backend flex --model "$big_model" --img "$big_img"
     --window 6 --batch "$big_batch" --json)
+  local before=0
   for phase in cold warm; do
-    local steps=1 warmup=0 want=170
-    [ "$phase" = warm ] && steps=3 warmup=1 want=100
-    status=0
+    # Each part's reserve is what the parts after it need at least.
+    local steps=1 warmup=0 want=130 reserve=250
+    [ "$phase" = warm ] && steps=3 warmup=1 want=50 reserve=220
+    local cap
+    cap=$(limit $want $reserve)
+    if [ "$cap" -lt 10 ]; then
+      row "first step, $phase" "not run" "no time left in the budget"
+      continue
+    fi
     mkdir -p "$OUT/$phase"
+    # The sampler counts compiles in its folder's compile.log while the step runs.
     ln -sf "$kc/compile.log" "$OUT/$phase/compile.log"
-    with_memory "first-$phase" python3 py/gpu_diag_sample.py "$OUT/$phase" "$(limit $want 150)" -- \
-      "${cmd[@]}" --steps "$steps" --warmup "$warmup" || status=$?
-    local first ips
+    # The sampler may spend up to 35 s on gdb backtraces after its limit.
+    with_memory "first-$phase" python3 py/gpu_diag_sample.py "$OUT/$phase" "$((cap > 45 ? cap - 35 : cap))" -- \
+      "${cmd[@]}" --steps "$steps" --warmup "$warmup" 2>&1 | tee "$OUT/$phase/sampler.txt" || true
+    status=$(grep -o '== exit [-0-9]*' "$OUT/$phase/sampler.txt" | tail -1 | awk '{print $3}')
+    # Links do not come back from the device machine: keep a copy.
+    rm -f "$OUT/$phase/compile.log"
+    cp "$kc/compile.log" "$OUT/$phase/compile.log" 2>/dev/null || true
+    local first ips total
     first=$(json_field first_step_s < "$OUT/$phase/stdout.txt")
     ips=$(json_field images_per_s < "$OUT/$phase/stdout.txt")
+    total=$(grep -c 'Compiling kernel' "$kc/compile.log" 2>/dev/null) || total=${total:-0}
     row "first step, $phase, $big_model $big_img b$big_batch f32" \
       "${first:-did not finish} s to the end of step 1$([ "$phase" = warm ] && echo ", then ${ips:-?} img/s")" \
-      "kernels compiled: $(grep -c 'Compiling kernel' "$kc/compile.log" 2>/dev/null || echo 0); exit $status"
+      "kernels compiled: $((total - before)); exit ${status:-?}"
+    before=$total
   done
 }
 
@@ -151,16 +195,25 @@ part_bench() {
   [ "$mode" = cuda ] || torch_device=cpu
   local common=(--model "$big_model" --img "$big_img" --window 6 --batch "$big_batch")
   # Alternating, one sitting: torch f32, burn bf16, torch bf16 (burn f32 ran in part 2).
-  local status ips mem
+  local status ips mem cap
   for run in "torch none" "burn bf16" "torch bf16"; do
     set -- $run
     status=0
+    case "$1 $2" in
+    "torch none") cap=$(limit 40 200) ;;
+    "burn bf16") cap=$(limit 90 180) ;;
+    *) cap=$(limit 40 150) ;;
+    esac
+    if [ "$cap" -lt 10 ]; then
+      row "step bench $1 $2" "not run" "no time left in the budget"
+      continue
+    fi
     if [ "$1" = torch ]; then
-      with_memory "bench-$1-$2" timeout "$(limit 90 120)" python3 py/torch_simmim_step.py \
+      with_memory "bench-$1-$2" timeout "$cap" python3 py/torch_simmim_step.py \
         "${common[@]}" --steps "$bench_steps" --warmup 2 --device "$torch_device" --amp "$2" \
         --json > "$OUT/bench-$1-$2.txt" 2>&1 || status=$?
     else
-      with_memory "bench-$1-$2" timeout "$(limit 150 100)" bin/step --backend "$backend" \
+      with_memory "bench-$1-$2" timeout "$cap" bin/step --backend "$backend" \
         "${common[@]}" --dtype "$2" --steps "$bench_steps" --warmup 1 --json \
         ${kernel_cache_arg[@]+"${kernel_cache_arg[@]}"} > "$OUT/bench-$1-$2.txt" 2>&1 || status=$?
     fi
@@ -197,14 +250,16 @@ YAML
   bin/coordinator start --config "$OUT/gpu_run.yaml" --listen "127.0.0.1:$port" \
     --local-workers 0 > "$OUT/coordinator.log" 2>&1 &
   local coordinator=$!
+  spawned+=("$coordinator")
   local workers=()
   for w in 0 1; do
     SIMMIM_COLLECTIVE=ring SIMMIM_WORKER_ID="gpu-check-$w" MIMALLOC_PURGE_DELAY=-1 \
       bin/worker --coordinator "http://127.0.0.1:$port" --device "$worker_device_flag" \
       --kernel-cache "$OUT/kernel-cache-worker-$w" > "$OUT/worker-$w.log" 2>&1 &
     workers+=($!)
+    spawned+=($!)
   done
-  local metrics="$run_root/gpu/metrics.jsonl" deadline=$((SECONDS + $(limit 260 60))) killed=""
+  local metrics="$run_root/gpu/metrics.jsonl" deadline=$((SECONDS + $(limit 200 30))) killed=""
   local half=$((cluster_steps / 2))
   while kill -0 "$coordinator" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
     if [ -z "$killed" ] && [ -f "$metrics" ] &&
@@ -218,8 +273,10 @@ sys.exit(0 if steps and max(steps) >= $half else 1)" "$metrics" 2>/dev/null; the
     sleep 1
   done
   if kill -0 "$coordinator" 2>/dev/null; then
+    # Out of time: stop it (it checkpoints first), then make sure it is gone.
     kill -TERM "$coordinator" 2>/dev/null || true
-    sleep 5
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$coordinator" 2>/dev/null || break; sleep 1; done
+    kill -9 "$coordinator" 2>/dev/null || true
     status="timed out"
   else
     wait "$coordinator" || status=$?
@@ -253,7 +310,7 @@ part_export() {
     bin/worker export --checkpoint "$run" --format pytorch --out "$OUT/model.pth" &&
       bin/worker reconstruct --checkpoint "$run" --image "$image" --out "$OUT/recon.png" \
         --dump "$OUT/batch.safetensors" &&
-      (cd py && timeout "$(limit 60 5)" python3 check_export.py "$OUT/model.pth" "$OUT/batch.safetensors")
+      (cd py && timeout "$(limit 60 0)" python3 check_export.py "$OUT/model.pth" "$OUT/batch.safetensors")
   } > "$OUT/export.txt" 2>&1 || status=$?
   cat "$OUT/export.txt"
   local check
@@ -272,6 +329,7 @@ run() {
   export CUDA_CACHE_PATH="$OUT/nv-cache" CUDA_CACHE_MAXSIZE=4294967296
   unset CUBECL_DEBUG_LOG CUBECL_DEBUG_OPTION
   unpack
+  nccl_on_library_path
   if [ "$mode" = cuda ]; then
     backend=cuda big_model=swin_base big_img=192 big_batch=64 bench_steps=10
     cluster_steps="${GPU_CHECK_STEPS:-300}" worker_device=cuda worker_device_flag=cuda:0
@@ -284,7 +342,7 @@ run() {
     echo "CPU stand-in, $(nproc) cores" > "$OUT/gpu.txt"
   fi
   { python3 -c "import torch; print('torch', torch.__version__)" 2>&1 || true; } | tail -1 | tee -a "$OUT/gpu.txt"
-  for part in part_nccl part_first_step part_cluster part_export part_bench; do
+  for part in part_nccl part_first_step part_bench part_cluster part_export; do
     if [ "$(left)" -lt 30 ]; then
       row "${part#part_}" "not run" "the $budget s budget was spent"
       continue

@@ -99,6 +99,8 @@ pub fn configure(dir: &Path) -> Result<KernelCache, ModelError> {
         },
     }))
     .map_err(|e| failed(format!("cubecl refused the configuration: {e}")))?;
+    // CUBECL_* variables still apply on top, as they do to a cubecl.toml.
+    let config = config.override_from_env();
     // `set` panics when cubecl has already read its configuration (a CUDA tensor exists).
     std::panic::catch_unwind(|| CubeClRuntimeConfig::set(config)).map_err(|_| {
         failed("cubecl was configured already: set the cache before the first CUDA tensor".into())

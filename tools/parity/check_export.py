@@ -11,11 +11,29 @@ import argparse
 import json
 import sys
 
+import struct
+
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from simmim_reference import SimMIM
+
+DTYPES = {"F32": torch.float32, "U8": torch.uint8, "I64": torch.int64, "F64": torch.float64}
+
+
+def read_safetensors(path):
+    """Tensors and metadata of a safetensors file, with the standard library and torch only
+    (the GPU machine has PyTorch but maybe not the safetensors package)."""
+    raw = open(path, "rb").read()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
+    metadata = header.pop("__metadata__", {}) or {}
+    body = raw[8 + size:]
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        flat = torch.frombuffer(bytearray(body[start:end]), dtype=DTYPES[info["dtype"]])
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors, metadata
 
 
 def case_from_config(config):
@@ -37,9 +55,8 @@ def main():
     ap.add_argument("batch")
     ap.add_argument("--tolerance", type=float, default=1e-4)
     args = ap.parse_args()
-    with safe_open(args.batch, "pt") as f:
-        config = json.loads(f.metadata()["simmim_config"])
-    batch = load_file(args.batch)
+    batch, metadata = read_safetensors(args.batch)
+    config = json.loads(metadata["simmim_config"])
     model = SimMIM(case_from_config(config))
     state = torch.load(args.pth, map_location="cpu", weights_only=True)["model"]
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -19,7 +19,14 @@ pub type Compiling = ();
 #[cfg(feature = "cuda")]
 pub fn prepare(dir: &Path) -> Result<Option<Compiling>> {
     use simmim_model::kernel_cache;
-    let cache = kernel_cache::configure(dir)?;
+    let cache = match kernel_cache::configure(dir) {
+        Ok(cache) => cache,
+        Err(e) => {
+            // Training still works without the cache, only every start compiles again.
+            tracing::warn!("{e}; GPU kernels will be compiled again by every worker start");
+            return Ok(None);
+        }
+    };
     tracing::info!("{}", cache.describe());
     Ok(cache.watch(PROGRESS_EVERY, |p| {
         tracing::info!(

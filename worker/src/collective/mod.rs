@@ -31,6 +31,12 @@ pub trait Collective: Send {
     /// Element-wise sum over all ranks, in place; every rank ends with identical values.
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
 
+    /// Whether this transport sums device memory ([`Self::all_reduce_device_f32`]); then
+    /// every buffer of the step must go that way, on every rank.
+    fn reduces_device_memory(&self) -> bool {
+        false
+    }
+
     /// The same sum over `count` f32 values in this worker's GPU memory at `pointer`, for a
     /// transport that reduces device memory (NCCL); `None` for one that cannot (the caller
     /// then stages the values through the host).

@@ -57,6 +57,9 @@ unsafe impl Send for RawComm {}
 struct CommState {
     handle: Option<RawComm>,
     in_call: bool,
+    /// Set by the first abort, so a communicator formed after it is aborted at once instead
+    /// of living on with nobody waiting for it.
+    aborted: bool,
 }
 
 type Shared = Arc<Mutex<CommState>>;
@@ -108,6 +111,7 @@ pub fn unique_id() -> Result<[u8; 128], CollectiveError> {
 
 fn abort(comm: &Shared) {
     let mut state = lock(comm);
+    state.aborted = true;
     if state.in_call {
         tracing::warn!("aborting the NCCL communicator while a collective is in flight");
     }
@@ -262,6 +266,9 @@ fn form(comm: &Shared, world: usize, rank: usize, id: [u8; 128]) -> Result<(), S
     };
     {
         let mut state = lock(comm);
+        if state.aborted {
+            return Err("the communicator was aborted before it formed".into());
+        }
         // SAFETY: `handle` is written by NCCL when the call returns success or "in progress"
         // (a non-blocking communicator is usable for polling and aborting from then on), and
         // read only then; `config` outlives the call.
@@ -323,6 +330,8 @@ impl Nccl {
                         stream
                     }
                     Err(e) => {
+                        // A handle published before the failure must not outlive it.
+                        abort(&shared);
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
@@ -378,6 +387,10 @@ impl Collective for Nccl {
         let reduced = self.round_trip(Request::Host(data.to_vec()))?;
         data.copy_from_slice(&reduced);
         Ok(())
+    }
+
+    fn reduces_device_memory(&self) -> bool {
+        true
     }
 
     unsafe fn all_reduce_device_f32(

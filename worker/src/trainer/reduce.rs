@@ -12,7 +12,7 @@ use simmim_model::buckets::{flatten_buckets, unflatten_buckets};
 use simmim_model::grads::{host_values, weights_digest};
 use simmim_model::SimMimBackend;
 
-use crate::collective::verify_replicas;
+use crate::collective::{verify_replicas, CollectiveError};
 use crate::generation::Generation;
 
 /// What this rank brings to a step's exchange.
@@ -91,15 +91,32 @@ fn sum_bucket<I: SimMimBackend>(
 ) -> Result<Tensor<I, 1>> {
     let on_device = generation.with_collective(|collective| {
         I::with_device_memory(bucket.clone().into_primitive().tensor(), |memory| {
-            let (pointer, count) = memory?;
-            // SAFETY: the backend lends `count` f32 values at `pointer` for the duration of
-            // this call, and `bucket` (which owns them) is not used until it returns.
-            unsafe { collective.all_reduce_device_f32(pointer, count) }
+            match memory {
+                // SAFETY: the backend lends `count` f32 values at `pointer` for the duration
+                // of this call, and `bucket` (which owns them) is not used until it returns.
+                Some((pointer, count)) => unsafe {
+                    collective.all_reduce_device_f32(pointer, count)
+                },
+                // Every rank must make the same calls: a device transport cannot take this
+                // bucket through the host while the others reduce theirs on the device.
+                None if collective.reduces_device_memory() => Some(Err(CollectiveError::Setup(
+                    "the backend could not lend a gradient bucket's device memory".into(),
+                ))),
+                None => None,
+            }
         })
         .transpose()
-    })?;
-    if on_device.is_some() {
-        return Ok(bucket);
+    });
+    match on_device {
+        Ok(Some(())) => return Ok(bucket),
+        Ok(None) => {}
+        Err(e) => {
+            // A timed-out collective may still be writing into the bucket until its abort
+            // lands: never hand that memory back to the allocator (one bucket leaks; the
+            // generation ends here anyway).
+            std::mem::forget(bucket);
+            return Err(e);
+        }
     }
     let mut values = host_values(bucket.into_data(), || "a gradient bucket".into())?;
     generation.with_collective(|c| c.all_reduce_sum(&mut values))?;
