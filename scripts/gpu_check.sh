@@ -85,7 +85,7 @@ for line in sys.stdin:
     line=line.strip()
     if line.startswith('{'):
         v=json.loads(line).get('$1', '')
-        print(f'{v:.2f}' if isinstance(v, float) else v); break"; }
+        print(f'{v:.2f}' if isinstance(v, float) else ('' if v is None else v)); break"; }
 
 # Peak GPU memory (MiB over the baseline) while a command runs; "n/a" without nvidia-smi.
 with_memory() {  # name cmd...
