@@ -32,6 +32,11 @@ struct Args {
     every: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Instead of training: each parameter's relative gradient error of bf16 against f32 on
+    /// the first batch (same weights), worst first; compare with
+    /// `tools/bench/torch_precision.py --grad-errors`.
+    #[arg(long)]
+    grad_errors: bool,
     /// flex (CPU) or cuda (feature `cuda`).
     #[arg(long, default_value = "flex")]
     backend: String,
@@ -57,6 +62,53 @@ fn images(step: usize, batch: usize, img: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Relative L2 error of each parameter's bf16 gradient against its f32 one, worst first.
+fn grad_errors<B: AutodiffBackend + SimMimBackend>(
+    args: &Args,
+    config: &SimMimConfig,
+    device: &B::Device,
+) -> Result<Vec<(String, f64)>> {
+    use simmim_model::weights::{gradient_state_dict, HostTensor};
+    let img = config.encoder.img_size();
+    let geometry = config.mask_geometry()?;
+    let model = config.init::<B>(0, device)?;
+    let images = Tensor::<B, 4>::from_data(
+        TensorData::new(images(0, args.batch, img), [args.batch, 3, img, img]),
+        device,
+    );
+    let masks: Vec<u8> = (0..args.batch as u64)
+        .flat_map(|i| geometry.generate(i))
+        .collect();
+    let mask = mask_tensor::<B>(&masks, args.batch, geometry.token_grid(), device);
+    let mut dicts = Vec::new();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let (_, grads) = autocast(precision, || {
+            loss_and_grads(&model, images.clone(), mask.clone(), 1)
+        });
+        dicts.push(gradient_state_dict::<B, _>(&model, &grads)?);
+    }
+    let mut errors = Vec::new();
+    for (name, exact) in &dicts[0] {
+        let (HostTensor::F32 { values: a, .. }, Some(HostTensor::F32 { values: b, .. })) =
+            (exact, dicts[1].get(name))
+        else {
+            continue;
+        };
+        let norm = a.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if norm > 0.0 {
+            errors.push((name.clone(), diff / norm));
+        }
+    }
+    errors.sort_by(|x, y| y.1.total_cmp(&x.1));
+    Ok(errors)
 }
 
 fn run<B: AutodiffBackend + SimMimBackend>(
@@ -106,6 +158,20 @@ fn main() -> Result<()> {
             SimMimConfig::PRESETS
         );
     };
+    if args.grad_errors {
+        let errors = grad_errors::<Autodiff<burn_flex::Flex>>(&args, &config, &Default::default())?;
+        let median = errors[errors.len() / 2].1;
+        println!(
+            "{} parameters; median relative gradient error {median:.2e}",
+            errors.len()
+        );
+        println!("| parameter | relative error |");
+        println!("|---|---|");
+        for (name, error) in errors.iter().take(15) {
+            println!("| {name} | {error:.2e} |");
+        }
+        return Ok(());
+    }
     let losses = match args.backend.as_str() {
         "flex" => run::<Autodiff<burn_flex::Flex>>(&args, &config, &Default::default())?,
         #[cfg(feature = "cuda")]

@@ -48,9 +48,31 @@ def main():
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grad-errors", action="store_true",
+                    help="each parameter's relative gradient error, bf16 against f32, "
+                         "on the first batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.grad_errors:
+        model = SimMIM(SWIN_MICRO)
+        x, mask = batch(0, args.batch, SWIN_MICRO["img_size"])
+        grads = []
+        for enabled in (False, True):
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                loss, _ = model(x, mask)
+            loss.float().backward()
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        errors = sorted(((n, ((grads[1][n] - g).norm() / g.norm()).item())
+                         for n, g in grads[0].items() if g.norm() > 0), key=lambda e: -e[1])
+        print(f"{len(errors)} parameters; median relative gradient error "
+              f"{errors[len(errors) // 2][1]:.2e}")
+        print("| parameter | relative error |")
+        print("|---|---|")
+        for name, error in errors[:15]:
+            print(f"| {name} | {error:.2e} |")
+        return
     models = [SimMIM(SWIN_MICRO), SimMIM(SWIN_MICRO)]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.05)
