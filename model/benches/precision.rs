@@ -32,6 +32,13 @@ struct Args {
     every: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// The second run's precision: bf16, or f32 to measure how far two f32 runs drift
+    /// apart from summation order alone (with `--second-sub-batches` other than 4).
+    #[arg(long, default_value = "bf16")]
+    second: String,
+    /// Sub-batches of the second run (the first uses 4): another summation order.
+    #[arg(long, default_value_t = 4)]
+    second_sub_batches: usize,
     /// Instead of training: each parameter's relative gradient error of bf16 against f32 on
     /// the first batch (same weights), worst first; compare with
     /// `tools/bench/torch_precision.py --grad-errors`.
@@ -133,10 +140,18 @@ fn run<B: AutodiffBackend + SimMimBackend>(
             .collect();
         let mask = mask_tensor::<B>(&masks, args.batch, geometry.token_grid(), device);
         let mut pair = [0.0; 2];
-        for (i, precision) in [Precision::F32, Precision::Bf16].into_iter().enumerate() {
+        let second = match args.second.as_str() {
+            "f32" => Precision::F32,
+            _ => Precision::Bf16,
+        };
+        for (i, (precision, sub_batches)) in
+            [(Precision::F32, 4), (second, args.second_sub_batches)]
+                .into_iter()
+                .enumerate()
+        {
             let model = models[i].clone();
             let (loss, grads) = autocast(precision, || {
-                loss_and_grads(&model, images.clone(), mask.clone(), 4)
+                loss_and_grads(&model, images.clone(), mask.clone(), sub_batches)
             });
             if !loss.is_finite() {
                 bail!("{precision:?} loss is {loss} at step {step}");
@@ -182,7 +197,10 @@ fn main() -> Result<()> {
         "{} batch {}, lr {}, {} backend: mean loss per {} steps",
         args.model, args.batch, args.lr, args.backend, args.every
     );
-    println!("| steps | f32 | bf16 autocast | gap | relative gap |");
+    println!(
+        "| steps | f32 | {} ({} sub-batches) | gap | relative gap |",
+        args.second, args.second_sub_batches
+    );
     println!("|---|---|---|---|---|");
     for (block, rows) in losses.chunks(args.every).enumerate() {
         let n = rows.len() as f64;
