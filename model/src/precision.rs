@@ -86,48 +86,34 @@ mod rounding {
     use burn::tensor::{FloatDType, Tensor, TensorData};
     use burn_flex::Flex;
 
+    use super::*;
+
+    fn tensor(values: &[f32], shape: [usize; 2]) -> Tensor<Flex, 2> {
+        Tensor::from_data(TensorData::new(values.to_vec(), shape), &Default::default())
+    }
+
+    fn values(t: Tensor<Flex, 2>) -> Vec<f32> {
+        t.into_data().to_vec().expect("f32 values")
+    }
+
     /// bf16 rounding must be to nearest: truncation biases every product the same way, and
     /// a bf16 run then drifts from f32 in one direction.
     #[test]
     fn casts_and_matmuls_round_to_nearest() {
-        let device = Default::default();
         // 1.005 lies above the midpoint of bf16's 1.0 and 1.0078125; -1.005 mirrors it.
-        let x =
-            Tensor::<Flex, 2>::from_data(TensorData::new(vec![1.005f32, -1.005], [1, 2]), &device);
-        let cast: Vec<f32> = x
-            .clone()
-            .cast(FloatDType::BF16)
-            .cast(FloatDType::F32)
-            .into_data()
-            .to_vec()
-            .unwrap();
-        assert_eq!(cast, vec![1.0078125, -1.0078125], "cast");
-        let ones = Tensor::<Flex, 2>::from_data(
-            TensorData::new(vec![1.0f32, 0.0, 0.0, 1.0], [2, 2]),
-            &device,
-        );
-        let product: Vec<f32> = x
-            .cast(FloatDType::BF16)
-            .matmul(ones.cast(FloatDType::BF16))
-            .cast(FloatDType::F32)
-            .into_data()
-            .to_vec()
-            .unwrap();
-        assert_eq!(product, vec![1.0078125, -1.0078125], "matmul");
+        let x = tensor(&[1.005, -1.005], [1, 2]);
+        let cast = x.clone().cast(FloatDType::BF16).cast(FloatDType::F32);
+        assert_eq!(values(cast), vec![1.0078125, -1.0078125], "cast");
+        let identity = tensor(&[1.0, 0.0, 0.0, 1.0], [2, 2]);
+        let product = autocast(Precision::Bf16, || matmul(x, identity));
+        assert_eq!(values(product), vec![1.0078125, -1.0078125], "matmul");
         // A sum of bf16 products that needs rounding: 1 + 2 * 0.0029296875 = 1.005859375,
         // nearest bf16 1.0078125 (truncation would give 1.0).
-        let c = Tensor::<Flex, 2>::from_data(
-            TensorData::new(vec![1.0f32, 0.0029296875, 0.0029296875], [3, 1]),
-            &device,
+        let (ones, terms) = (
+            tensor(&[1.0, 1.0, 1.0], [1, 3]),
+            tensor(&[1.0, 0.0029296875, 0.0029296875], [3, 1]),
         );
-        let rounded: Vec<f32> =
-            Tensor::<Flex, 2>::from_data(TensorData::new(vec![1.0f32, 1.0, 1.0], [1, 3]), &device)
-                .cast(FloatDType::BF16)
-                .matmul(c.cast(FloatDType::BF16))
-                .cast(FloatDType::F32)
-                .into_data()
-                .to_vec()
-                .unwrap();
-        assert_eq!(rounded, vec![1.0078125], "rounded sum");
+        let sum = autocast(Precision::Bf16, || matmul(ones, terms));
+        assert_eq!(values(sum), vec![1.0078125], "rounded sum");
     }
 }
