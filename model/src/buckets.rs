@@ -1,7 +1,8 @@
 //! A module's gradients as a few flat tensors on their device ("buckets", as DDP's), in the
 //! module's parameter order, so a transport can sum them where they are (NCCL reads and writes
 //! GPU memory) instead of every gradient going to the host and back each step. The CPU path
-//! reads the same buckets to the host; both lay the values out as [`crate::grads::flatten`].
+//! reads the same buckets to the host. Every rank lays the values out identically: each
+//! gradient row-major, in the module's visiting order.
 
 use std::ops::Range;
 
@@ -12,9 +13,6 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::grads::host_values;
 use crate::ModelError;
-
-/// DDP's default bucket: 25 MB of f32.
-pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
 /// Which parameters (by visiting index) share a bucket: whole parameters in order, a new
 /// bucket when the next parameter would pass `limit` values, so a parameter larger than the
@@ -189,22 +187,31 @@ mod tests {
 #[cfg(test)]
 mod round_trip {
     use burn::backend::Autodiff;
+    use burn::module::Module;
     use burn_flex::Flex;
 
     use super::*;
-    use crate::grads::{flat_len, flatten, unflatten};
     use crate::{InitModel, SimMimConfig};
 
     type B = Autodiff<Flex>;
+
+    fn one_bucket(values: &[f32]) -> Tensor<Flex, 1> {
+        Tensor::from_data(
+            TensorData::new(values.to_vec(), [values.len()]),
+            &Default::default(),
+        )
+    }
 
     #[test]
     fn buckets_carry_the_flat_layout_and_the_tail_and_split_back() {
         let config = SimMimConfig::preset("swin_micro").expect("preset");
         let device = Default::default();
         let model = config.init::<B>(0, &device).expect("model");
-        let n = flat_len::<B, _>(&model);
+        let n = model.num_params();
         let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.001 - 0.5).collect();
-        let grads = unflatten::<B, _>(&model, &values, &device).expect("grads");
+        // One bucket holding everything is the flat layout itself.
+        let (grads, _) = unflatten_buckets::<B, _>(&model, &[one_bucket(&values)], usize::MAX, 0)
+            .expect("grads");
         let tail = [3.5, 1.0, 0.0];
         let limit = 20_000;
         let buckets = flatten_buckets::<B, _>(&model, &grads, limit, &tail, &device);
@@ -220,9 +227,33 @@ mod round_trip {
         let (back, read_tail) =
             unflatten_buckets::<B, _>(&model, &buckets, limit, tail.len()).expect("split");
         assert_eq!(read_tail, tail);
-        assert_eq!(flatten::<B, _>(&model, &back).expect("flatten"), values);
+        let again = flatten_buckets::<B, _>(&model, &back, usize::MAX, &[], &device);
+        let again = host_values(again[0].clone().into_data(), || "bucket".into()).expect("read");
+        assert_eq!(again, values);
 
         let err = unflatten_buckets::<B, _>(&model, &buckets, limit, 0).expect_err("tail");
         assert!(err.to_string().contains("expected"), "{err}");
+    }
+
+    #[test]
+    fn a_bucket_of_the_wrong_length_is_refused() {
+        let config = SimMimConfig::preset("swin_micro").expect("preset");
+        let model = config.init::<B>(0, &Default::default()).expect("model");
+        let n = model.num_params();
+        assert!(n > 0);
+        let err =
+            unflatten_buckets::<B, _>(&model, &[one_bucket(&vec![0.0; n - 1])], usize::MAX, 0)
+                .expect_err("a short buffer must be refused");
+        assert!(
+            err.to_string().contains(&format!("{} values", n - 1)),
+            "{err}"
+        );
+        let (grads, _) =
+            unflatten_buckets::<B, _>(&model, &[one_bucket(&vec![0.5; n])], usize::MAX, 0)
+                .expect("fits");
+        let flat = flatten_buckets::<B, _>(&model, &grads, usize::MAX, &[], &Default::default());
+        let flat = host_values(flat[0].clone().into_data(), || "bucket".into()).expect("read");
+        assert_eq!(flat.len(), n);
+        assert!(flat.iter().all(|&v| v == 0.5));
     }
 }
