@@ -16,7 +16,7 @@
 //! `ncclCommInitRank` cannot be interrupted at all).
 //!
 //! The train loop hands this transport device buffers (its gradient buckets, see
-//! `trainer::buckets`), reduced in place on the GPU; host buffers (the replica check, the
+//! `simmim_model::buckets` and `trainer::reduce`), reduced in place on the GPU; host buffers (the replica check, the
 //! rendezvous of a CPU fallback) are staged through the device in 25 MB pieces.
 
 use std::mem::MaybeUninit;
@@ -372,6 +372,35 @@ impl Nccl {
             }
         }
     }
+
+    /// Sends one request to the NCCL thread and waits for its reply with the transport's
+    /// timeout; past it, the communicator is aborted and the generation ends.
+    fn round_trip(&mut self, request: Request) -> Result<Vec<f32>, CollectiveError> {
+        let failed = |reason: String| CollectiveError::Peer {
+            rank: self.rank,
+            address: "nccl".into(),
+            reason,
+        };
+        let requests = self
+            .requests
+            .as_ref()
+            .ok_or_else(|| failed("the communicator was aborted".into()))?;
+        requests
+            .send(request)
+            .map_err(|_| failed("the NCCL thread has stopped".into()))?;
+        match self.replies.recv_timeout(self.timeout) {
+            Ok(Ok(reduced)) => Ok(reduced),
+            Ok(Err(e)) => Err(failed(e)),
+            Err(_) => {
+                abort(&self.comm);
+                self.requests = None;
+                Err(failed(format!(
+                    "no all-reduce result within {:.0} s: a peer is gone; communicator aborted",
+                    self.timeout.as_secs_f64()
+                )))
+            }
+        }
+    }
 }
 
 impl Collective for Nccl {
@@ -402,37 +431,6 @@ impl Collective for Nccl {
             self.round_trip(Request::Device { pointer, count })
                 .map(|_| ()),
         )
-    }
-}
-
-impl Nccl {
-    /// Sends one request to the NCCL thread and waits for its reply with the transport's
-    /// timeout; past it, the communicator is aborted and the generation ends.
-    fn round_trip(&mut self, request: Request) -> Result<Vec<f32>, CollectiveError> {
-        let failed = |reason: String| CollectiveError::Peer {
-            rank: self.rank,
-            address: "nccl".into(),
-            reason,
-        };
-        let requests = self
-            .requests
-            .as_ref()
-            .ok_or_else(|| failed("the communicator was aborted".into()))?;
-        requests
-            .send(request)
-            .map_err(|_| failed("the NCCL thread has stopped".into()))?;
-        match self.replies.recv_timeout(self.timeout) {
-            Ok(Ok(reduced)) => Ok(reduced),
-            Ok(Err(e)) => Err(failed(e)),
-            Err(_) => {
-                abort(&self.comm);
-                self.requests = None;
-                Err(failed(format!(
-                    "no all-reduce result within {:.0} s: a peer is gone; communicator aborted",
-                    self.timeout.as_secs_f64()
-                )))
-            }
-        }
     }
 }
 
