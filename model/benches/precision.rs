@@ -71,6 +71,28 @@ fn images(step: usize, batch: usize, img: usize) -> Vec<f32> {
     out
 }
 
+/// Step `step`'s images and masks (mask ids continue across steps), the same for both runs.
+fn batch<B: AutodiffBackend>(
+    step: usize,
+    size: usize,
+    config: &SimMimConfig,
+    device: &B::Device,
+) -> Result<(Tensor<B, 4>, Tensor<B, 3>)> {
+    let img = config.encoder.img_size();
+    let geometry = config.mask_geometry()?;
+    let images = Tensor::from_data(
+        TensorData::new(images(step, size, img), [size, 3, img, img]),
+        device,
+    );
+    let masks: Vec<u8> = (0..size as u64)
+        .flat_map(|i| geometry.generate((step * size) as u64 + i))
+        .collect();
+    Ok((
+        images,
+        mask_tensor::<B>(&masks, size, geometry.token_grid(), device),
+    ))
+}
+
 /// Relative L2 error of each parameter's bf16 gradient against its f32 one, worst first.
 fn grad_errors<B: AutodiffBackend + SimMimBackend>(
     args: &Args,
@@ -78,17 +100,8 @@ fn grad_errors<B: AutodiffBackend + SimMimBackend>(
     device: &B::Device,
 ) -> Result<Vec<(String, f64)>> {
     use simmim_model::weights::{gradient_state_dict, HostTensor};
-    let img = config.encoder.img_size();
-    let geometry = config.mask_geometry()?;
     let model = config.init::<B>(0, device)?;
-    let images = Tensor::<B, 4>::from_data(
-        TensorData::new(images(0, args.batch, img), [args.batch, 3, img, img]),
-        device,
-    );
-    let masks: Vec<u8> = (0..args.batch as u64)
-        .flat_map(|i| geometry.generate(i))
-        .collect();
-    let mask = mask_tensor::<B>(&masks, args.batch, geometry.token_grid(), device);
+    let (images, mask) = batch::<B>(0, args.batch, config, device)?;
     let mut dicts = Vec::new();
     for precision in [Precision::F32, Precision::Bf16] {
         let (_, grads) = autocast(precision, || {
@@ -123,27 +136,19 @@ fn run<B: AutodiffBackend + SimMimBackend>(
     config: &SimMimConfig,
     device: &B::Device,
 ) -> Result<Vec<(f64, f64)>> {
-    let img = config.encoder.img_size();
-    let geometry = config.mask_geometry()?;
     let mut models = [config.init::<B>(0, device)?, config.init::<B>(0, device)?];
     let mut optimizers = [
         AdamW::<B::InnerBackend>::new(AdamWConfig::default()),
         AdamW::<B::InnerBackend>::new(AdamWConfig::default()),
     ];
+    let second = match args.second.as_str() {
+        "f32" => Precision::F32,
+        _ => Precision::Bf16,
+    };
     let mut losses = Vec::with_capacity(args.steps);
     for step in 0..args.steps {
-        let pixels = images(step, args.batch, img);
-        let images =
-            Tensor::<B, 4>::from_data(TensorData::new(pixels, [args.batch, 3, img, img]), device);
-        let masks: Vec<u8> = (0..args.batch as u64)
-            .flat_map(|i| geometry.generate((step * args.batch) as u64 + i))
-            .collect();
-        let mask = mask_tensor::<B>(&masks, args.batch, geometry.token_grid(), device);
+        let (images, mask) = batch::<B>(step, args.batch, config, device)?;
         let mut pair = [0.0; 2];
-        let second = match args.second.as_str() {
-            "f32" => Precision::F32,
-            _ => Precision::Bf16,
-        };
         for (i, (precision, sub_batches)) in
             [(Precision::F32, 4), (second, args.second_sub_batches)]
                 .into_iter()
