@@ -154,10 +154,9 @@ part_nccl() {
 part_first_step() {
   local kc="$OUT/kernel-cache" status
   rm -rf "$kc"
+  # The kernel cache is the same folder as kernel_cache_arg's (cuda only).
   local cmd=(bin/step --backend "$backend" --model "$big_model" --img "$big_img" --window 6
-    --batch "$big_batch" --json --kernel-cache "$kc")
-  [ "$mode" = cuda ] || cmd=(bin/step --backend flex --model "$big_model" --img "$big_img"
-    --window 6 --batch "$big_batch" --json)
+    --batch "$big_batch" --json ${kernel_cache_arg[@]+"${kernel_cache_arg[@]}"})
   local before=0
   for phase in cold warm; do
     # Each part's reserve is what the parts after it need at least.
