@@ -23,6 +23,14 @@ use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn_autodiff::{Autodiff, NodeId};
 use burn_flex::{Flex, FlexTensor};
 
+use crate::attention;
+use crate::attention_kernel;
+
+/// A primitive float tensor as a `Tensor` of rank `D`.
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
 /// A Burn backend the SimMIM model can run on.
 pub trait SimMimBackend: Backend {
     /// `x * Φ(x)` with the exact normal CDF, as `torch.nn.GELU()`.
@@ -66,6 +74,60 @@ pub trait SimMimBackend: Backend {
         layer_norm_backward_decomposed::<Self>(x, gamma, grad, epsilon)
     }
 
+    /// Whether [`Self::qkv_attention`] is this backend's own kernel, so the model hands attention
+    /// to it (see [`crate::attention`]); Burn's ops otherwise.
+    fn has_attention_kernel() -> bool {
+        false
+    }
+
+    /// Attention over a fused qkv projection `[G, N, 3C]` with `bias` `[P, heads, N, N]`,
+    /// heads merged: `[G, N, C]` (see [`crate::attention::attention`]).
+    fn qkv_attention(
+        qkv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        Self::qkv_attention_with_probs(qkv, bias, heads, scale).0
+    }
+
+    /// [`Self::qkv_attention`] and its softmax probabilities `[G, heads, N, N]`, which the
+    /// backward needs.
+    fn qkv_attention_with_probs(
+        qkv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (out, probs) =
+            attention::forward_decomposed::<Self>(float(qkv), float(bias), heads, scale);
+        (
+            out.into_primitive().tensor(),
+            probs.into_primitive().tensor(),
+        )
+    }
+
+    /// Gradients of [`Self::qkv_attention`]: `(d_qkv, d_bias)`, `d_bias` with `bias_groups` rows.
+    fn qkv_attention_backward(
+        qkv: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        bias_groups: usize,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (d_qkv, d_bias) = attention::backward_decomposed::<Self>(
+            float(qkv),
+            float(probs),
+            float(grad),
+            bias_groups,
+            scale,
+        );
+        (
+            d_qkv.into_primitive().tensor(),
+            d_bias.into_primitive().tensor(),
+        )
+    }
+
     /// Lends a contiguous f32 tensor's device memory to `use_memory` as (device address,
     /// value count), for a library that reads and writes it in place (NCCL); `None` where the
     /// backend has no such memory (the CPU) or cannot lend it. The memory is valid, and the
@@ -81,6 +143,107 @@ pub trait SimMimBackend: Backend {
 }
 
 impl SimMimBackend for Flex {
+    fn has_attention_kernel() -> bool {
+        true
+    }
+
+    fn qkv_attention_with_probs(
+        qkv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (qkv, bias) = (qkv.to_contiguous(), bias.to_contiguous());
+        let (qkv_shape, bias_shape) = (qkv.layout().shape().clone(), bias.layout().shape().clone());
+        let shape = match (qkv.as_slice::<f32>(), bias.as_slice::<f32>()) {
+            (Some(q), Some(b)) if qkv_shape.num_dims() == 3 && bias_shape.num_dims() == 4 => {
+                let shape = attention_kernel::Shape {
+                    groups: qkv_shape[0],
+                    tokens: qkv_shape[1],
+                    dim: qkv_shape[2] / 3,
+                    heads,
+                    bias_groups: bias_shape[0],
+                };
+                shape.fits(q.len(), b.len()).then_some((shape, q, b))
+            }
+            _ => None,
+        };
+        let Some((shape, q, b)) = shape else {
+            let (out, probs) =
+                attention::forward_decomposed::<Self>(float(qkv), float(bias), heads, scale);
+            return (
+                out.into_primitive().tensor(),
+                probs.into_primitive().tensor(),
+            );
+        };
+        let (out, probs) = attention_kernel::forward(q, b, shape, scale as f32);
+        let (g, n, c) = (shape.groups, shape.tokens, shape.dim);
+        (
+            FlexTensor::from_data(TensorData::new(out, [g, n, c])),
+            FlexTensor::from_data(TensorData::new(probs, [g, heads, n, n])),
+        )
+    }
+
+    fn qkv_attention_backward(
+        qkv: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        bias_groups: usize,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (qkv, probs, grad) = (
+            qkv.to_contiguous(),
+            probs.to_contiguous(),
+            grad.to_contiguous(),
+        );
+        let (qkv_shape, probs_shape) =
+            (qkv.layout().shape().clone(), probs.layout().shape().clone());
+        let slices = (
+            qkv.as_slice::<f32>(),
+            probs.as_slice::<f32>(),
+            grad.as_slice::<f32>(),
+        );
+        let kernel = match slices {
+            (Some(q), Some(p), Some(g))
+                if qkv_shape.num_dims() == 3 && probs_shape.num_dims() == 4 =>
+            {
+                let shape = attention_kernel::Shape {
+                    groups: qkv_shape[0],
+                    tokens: qkv_shape[1],
+                    dim: qkv_shape[2] / 3,
+                    heads: probs_shape[1],
+                    bias_groups,
+                };
+                let probs_fit = p.len() == shape.groups * shape.heads * shape.tokens * shape.tokens;
+                let bias_len = bias_groups * shape.heads * shape.tokens * shape.tokens;
+                (shape.fits(q.len(), bias_len)
+                    && probs_fit
+                    && g.len() == shape.groups * shape.tokens * shape.dim)
+                    .then_some((shape, q, p, g))
+            }
+            _ => None,
+        };
+        let Some((shape, q, p, g)) = kernel else {
+            let (d_qkv, d_bias) = attention::backward_decomposed::<Self>(
+                float(qkv),
+                float(probs),
+                float(grad),
+                bias_groups,
+                scale,
+            );
+            return (
+                d_qkv.into_primitive().tensor(),
+                d_bias.into_primitive().tensor(),
+            );
+        };
+        let (d_qkv, d_bias) = attention_kernel::backward(q, p, g, shape, scale as f32);
+        let (n, heads) = (shape.tokens, shape.heads);
+        (
+            FlexTensor::from_data(TensorData::new(d_qkv, qkv_shape)),
+            FlexTensor::from_data(TensorData::new(d_bias, [bias_groups, heads, n, n])),
+        )
+    }
+
     fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
         if x.dtype() != DType::F32 {
             return Self::gelu(x);
@@ -318,6 +481,69 @@ impl SimMimBackend for burn_cuda::Cuda<burn::tensor::bf16> {}
 impl SimMimBackend for burn_cuda::Cuda<burn::tensor::f16> {}
 
 impl<B: SimMimBackend, C: CheckpointStrategy> SimMimBackend for Autodiff<B, C> {
+    fn has_attention_kernel() -> bool {
+        B::has_attention_kernel()
+    }
+
+    fn qkv_attention(
+        qkv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Attention;
+
+        /// The projection and the probabilities (the backward recomputes nothing else),
+        /// the bias's leading size and the scale.
+        type State<B> = (FloatTensor<B>, FloatTensor<B>, usize, f64);
+
+        impl<B: SimMimBackend> Backward<B, 2> for Attention {
+            type State = State<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let (qkv, probs, bias_groups, scale) = ops.state;
+                let [qkv_parent, bias_parent] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (d_qkv, d_bias) =
+                    B::qkv_attention_backward(qkv, probs, grad, bias_groups, scale);
+                for (parent, gradient) in [(qkv_parent, d_qkv), (bias_parent, d_bias)] {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, gradient);
+                    }
+                }
+            }
+        }
+
+        let bias_groups = bias.primitive.shape()[0];
+        match Attention
+            .prepare::<C>([qkv.node.clone(), bias.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, probs) = B::qkv_attention_with_probs(
+                    qkv.primitive.clone(),
+                    bias.primitive,
+                    heads,
+                    scale,
+                );
+                prep.finish((qkv.primitive, probs, bias_groups, scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::qkv_attention(
+                qkv.primitive,
+                bias.primitive,
+                heads,
+                scale,
+            )),
+        }
+    }
+
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct SoftmaxLast;
@@ -604,7 +830,7 @@ fn erf(x: f32) -> f32 {
 /// built in the exponent bits. Relative error about 2e-7; inputs below -87 give e^-87
 /// (1.6e-38), which is zero for every use here.
 #[inline(always)]
-fn exp_nonpositive(y: f32) -> f32 {
+pub(crate) fn exp_nonpositive(y: f32) -> f32 {
     let y = y.max(-87.0);
     // Round to nearest with the 1.5 * 2^23 trick (vectorises without SSE4.1's round).
     const SHIFTER: f32 = 12_582_912.0;

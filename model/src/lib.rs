@@ -32,6 +32,8 @@
 //! # }
 //! ```
 
+pub mod attention;
+mod attention_kernel;
 pub mod backend;
 pub mod buckets;
 pub mod classifier;

@@ -5,6 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
+use crate::attention;
 use crate::backend::SimMimBackend;
 use crate::config::SwinConfig;
 use crate::init::WeightInit;
@@ -53,10 +54,24 @@ impl<B: SimMimBackend> WindowAttention<B> {
         let [batch_windows, tokens, dim] = windows.dims();
         let heads = self.num_heads;
         let head_dim = dim / heads;
+        let scale = (head_dim as f64).powf(-0.5);
+        let bias = relative_bias(
+            self.relative_position_bias_table.val(),
+            self.relative_position_index.clone(),
+            self.window * self.window,
+        );
+        if attention::use_fused::<B>() {
+            // One projection, read in place by the backend's attention kernel.
+            let bias = match mask {
+                Some(mask) => bias.unsqueeze_dim::<4>(0) + mask.clone().unsqueeze_dim(1),
+                None => bias.unsqueeze_dim(0),
+            };
+            let qkv = linear_tokens(&self.qkv, windows);
+            return linear_tokens(&self.proj, attention::attention(qkv, bias, heads, scale));
+        }
         let rows = windows.reshape([batch_windows * tokens, dim]);
         let weight = self.qkv.weight.val();
         let shape = [batch_windows, tokens, heads];
-        let scale = (head_dim as f64).powf(-0.5);
         let part = |i: usize, scale: f64| {
             let bias = self
                 .qkv
@@ -68,11 +83,6 @@ impl<B: SimMimBackend> WindowAttention<B> {
         let (q, k, v) = (part(0, scale), part(1, 1.0), part(2, 1.0));
 
         let attn = matmul(q, k.swap_dims(2, 3));
-        let bias = relative_bias(
-            self.relative_position_bias_table.val(),
-            self.relative_position_index.clone(),
-            self.window * self.window,
-        );
         // Position bias and shift mask are summed while small ([nW, heads, N, N]) so the
         // large logits tensor takes a single broadcast add.
         let attn = match mask {

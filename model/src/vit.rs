@@ -6,6 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Int, Tensor};
 
+use crate::attention;
 use crate::backend::SimMimBackend;
 use crate::config::VitConfig;
 use crate::init::{constant, WeightInit};
@@ -71,6 +72,9 @@ impl<B: SimMimBackend> VitAttention<B> {
         let scale = (head_dim as f64).powf(-0.5);
         let q_bias = self.q_bias.as_ref().map(|b| b.val());
         let v_bias = self.v_bias.as_ref().map(|b| b.val());
+        if attention::use_fused::<B>() {
+            return self.forward_fused(rows, [batch, tokens], q_bias, v_bias, shared_bias);
+        }
         let q = qkv_part(&weight, q_bias, &rows, 0, scale, shape);
         let k = qkv_part(&weight, None, &rows, 1, 1.0, shape);
         let v = qkv_part(&weight, v_bias, &rows, 2, 1.0, shape);
@@ -88,6 +92,44 @@ impl<B: SimMimBackend> VitAttention<B> {
         let out = matmul(softmax_last(attn), v)
             .swap_dims(1, 2)
             .reshape([batch, tokens, dim]);
+        linear_tokens(&self.proj, out)
+    }
+
+    /// The forward through the backend's attention kernel: one qkv projection, and the
+    /// block's and the shared relative position biases summed while small.
+    fn forward_fused(
+        &self,
+        rows: Tensor<B, 2>,
+        [batch, tokens]: [usize; 2],
+        q_bias: Option<Tensor<B, 1>>,
+        v_bias: Option<Tensor<B, 1>>,
+        shared_bias: Option<&Tensor<B, 3>>,
+    ) -> Tensor<B, 3> {
+        let dim = rows.dims()[1];
+        let heads = self.num_heads;
+        let scale = ((dim / heads) as f64).powf(-0.5);
+        let mut qkv = matmul(rows, self.qkv.weight.val());
+        if q_bias.is_some() || v_bias.is_some() {
+            let device = qkv.device();
+            let zeros = || Tensor::zeros([dim], &device);
+            let (q_bias, v_bias) = (q_bias.unwrap_or_else(zeros), v_bias.unwrap_or_else(zeros));
+            qkv = qkv + Tensor::cat(vec![q_bias, zeros(), v_bias], 0).unsqueeze_dim(0);
+        }
+        let own_bias = match (
+            &self.relative_position_bias_table,
+            &self.relative_position_index,
+        ) {
+            (Some(table), Some(index)) => Some(relative_bias(table.val(), index.clone(), tokens)),
+            _ => None,
+        };
+        let bias = match (own_bias, shared_bias) {
+            (Some(own), Some(shared)) => own + shared.clone(),
+            (Some(own), None) => own,
+            (None, Some(shared)) => shared.clone(),
+            (None, None) => Tensor::zeros([heads, tokens, tokens], &qkv.device()),
+        };
+        let qkv = qkv.reshape([batch, tokens, 3 * dim]);
+        let out = attention::attention(qkv, bias.unsqueeze_dim(0), heads, scale);
         linear_tokens(&self.proj, out)
     }
 }

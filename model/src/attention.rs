@@ -1,0 +1,237 @@
+//! The attention core shared by Swin's window attention and ViT's global attention:
+//! `softmax(scale * q kᵀ + bias) v` per head, with the heads merged back into channels.
+//!
+//! Written as Burn ops, attention splits the fused qkv projection into heads (a strided
+//! copy), adds the bias to the large logits tensor by broadcast (strided again), and merges
+//! the heads after the second matmul (another copy); backward repeats each copy. On the CPU
+//! those copies were about a sixth of the step. A backend with its own kernel
+//! ([`SimMimBackend::has_attention_kernel`]) reads q, k and v in place from the projection's rows,
+//! writes the merged output directly and returns the gradient of the whole projection in one
+//! buffer. The functions here are the same math in Burn ops: the trait's default for other
+//! backends and the reference the kernel is tested against.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{activation, Tensor, TensorPrimitive};
+
+use crate::backend::SimMimBackend;
+use crate::precision::{self, Precision};
+
+/// Attention over `qkv`: `[G, N, 3C]`, the fused projection's output for `G` groups (windows
+/// or images) of `N` tokens, q, k and v as consecutive blocks of `C` channels, each split
+/// into `heads`. `bias`: `[P, heads, N, N]`; group `g` uses `bias[g % P]` (Swin's `P`
+/// windows per image, each with its own shift mask; 1 for a bias shared by all). Returns
+/// `[G, N, C]`. Through the backend's kernel where it has one and matmuls run in f32, else
+/// as Burn ops that autodiff differentiates.
+pub fn attention<B: SimMimBackend>(
+    qkv: Tensor<B, 3>,
+    bias: Tensor<B, 4>,
+    heads: usize,
+    scale: f64,
+) -> Tensor<B, 3> {
+    if use_fused::<B>() {
+        let out = B::qkv_attention(
+            qkv.into_primitive().tensor(),
+            bias.into_primitive().tensor(),
+            heads,
+            scale,
+        );
+        return Tensor::from_primitive(TensorPrimitive::Float(out));
+    }
+    forward_decomposed(qkv, bias, heads, scale).0
+}
+
+/// Whether the model should hand attention to [`attention`] with one fused qkv projection.
+/// Elsewhere (GPU backends, bf16 autocast) the encoders keep their per-part projections,
+/// which autodiff and kernel fusion handle well.
+pub fn use_fused<B: SimMimBackend>() -> bool {
+    B::has_attention_kernel() && precision::current() == Precision::F32
+}
+
+/// q, k or v (`part` 0, 1, 2) of `qkv` `[G, N, 3C]` as `[G, heads, N, C / heads]`.
+fn split_part<B: Backend>(qkv: &Tensor<B, 3>, part: usize, heads: usize) -> Tensor<B, 4> {
+    let [groups, tokens, width] = qkv.dims();
+    let dim = width / 3;
+    qkv.clone()
+        .narrow(2, part * dim, dim)
+        .reshape([groups, tokens, heads, dim / heads])
+        .swap_dims(1, 2)
+}
+
+/// `[G, heads, N, head_dim]` back to `[G, N, C]`.
+fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [groups, heads, tokens, head_dim] = x.dims();
+    x.swap_dims(1, 2)
+        .reshape([groups, tokens, heads * head_dim])
+}
+
+/// The forward in Burn ops: `(output [G, N, C], probabilities [G, heads, N, N])`. Matmuls run
+/// in the current precision.
+pub fn forward_decomposed<B: Backend>(
+    qkv: Tensor<B, 3>,
+    bias: Tensor<B, 4>,
+    heads: usize,
+    scale: f64,
+) -> (Tensor<B, 3>, Tensor<B, 4>) {
+    let [groups, tokens, _] = qkv.dims();
+    let bias_groups = bias.dims()[0];
+    let q = split_part(&qkv, 0, heads).mul_scalar(scale);
+    let (k, v) = (split_part(&qkv, 1, heads), split_part(&qkv, 2, heads));
+    let logits = precision::matmul(q, k.swap_dims(2, 3)).reshape([
+        groups / bias_groups,
+        bias_groups,
+        heads,
+        tokens,
+        tokens,
+    ]) + bias.unsqueeze_dim(0);
+    let probs = activation::softmax(logits.reshape([groups, heads, tokens, tokens]), 3);
+    let out = merge_heads(precision::matmul(probs.clone(), v));
+    (out, probs)
+}
+
+/// The backward in Burn ops, from the forward's probabilities: `(d_qkv [G, N, 3C],
+/// d_bias [P, heads, N, N])`.
+pub fn backward_decomposed<B: Backend>(
+    qkv: Tensor<B, 3>,
+    probs: Tensor<B, 4>,
+    grad: Tensor<B, 3>,
+    bias_groups: usize,
+    scale: f64,
+) -> (Tensor<B, 3>, Tensor<B, 4>) {
+    let [groups, heads, tokens, _] = probs.dims();
+    let (q, k, v) = (
+        split_part(&qkv, 0, heads),
+        split_part(&qkv, 1, heads),
+        split_part(&qkv, 2, heads),
+    );
+    let dim = qkv.dims()[2] / 3;
+    let d_out = grad
+        .reshape([groups, tokens, heads, dim / heads])
+        .swap_dims(1, 2);
+    let d_v = precision::matmul(probs.clone().swap_dims(2, 3), d_out.clone());
+    let d_probs = precision::matmul(d_out, v.swap_dims(2, 3));
+    let row_dot = (d_probs.clone() * probs.clone()).sum_dim(3);
+    let d_logits = probs * (d_probs - row_dot);
+    let d_q = precision::matmul(d_logits.clone(), k).mul_scalar(scale);
+    let d_k = precision::matmul(d_logits.clone().swap_dims(2, 3), q).mul_scalar(scale);
+    let d_bias = d_logits
+        .reshape([groups / bias_groups, bias_groups, heads, tokens, tokens])
+        .sum_dim(0)
+        .reshape([bias_groups, heads, tokens, tokens]);
+    let d_qkv = Tensor::cat(
+        vec![merge_heads(d_q), merge_heads(d_k), merge_heads(d_v)],
+        2,
+    );
+    (d_qkv, d_bias)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Autodiff;
+    use burn::tensor::Distribution;
+    use burn_flex::Flex;
+
+    type AD = Autodiff<Flex>;
+
+    fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().expect("f32")
+    }
+
+    /// Largest difference relative to the reference's largest magnitude.
+    fn relative_gap(ours: &[f32], reference: &[f32]) -> f32 {
+        assert_eq!(ours.len(), reference.len());
+        let scale = reference.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        ours.iter()
+            .zip(reference)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale
+    }
+
+    /// (groups, tokens, channels, heads, bias groups): Swin windows with per-window shift
+    /// masks, a ViT-like odd token count with one shared bias, and an uneven split of
+    /// groups over threads.
+    const SHAPES: [(usize, usize, usize, usize, usize); 3] =
+        [(8, 16, 32, 2, 4), (2, 17, 48, 3, 1), (37, 9, 24, 4, 1)];
+
+    /// The kernel's output and gradients against autodiff through Burn's decomposition.
+    #[test]
+    fn kernel_matches_burns_decomposition() {
+        assert!(<AD as SimMimBackend>::has_attention_kernel());
+        let device = Default::default();
+        for (groups, tokens, dim, heads, bias_groups) in SHAPES {
+            let scale = ((dim / heads) as f64).powf(-0.5);
+            let qkv = Tensor::<AD, 3>::random(
+                [groups, tokens, 3 * dim],
+                Distribution::Normal(0.0, 1.5),
+                &device,
+            )
+            .require_grad();
+            // A shift-mask-like bias: some entries -100, the rest small.
+            let mask = Tensor::<AD, 4>::random(
+                [bias_groups, 1, tokens, tokens],
+                Distribution::Bernoulli(0.2),
+                &device,
+            )
+            .mul_scalar(-100.0);
+            let bias = (Tensor::<AD, 4>::random(
+                [bias_groups, heads, tokens, tokens],
+                Distribution::Normal(0.0, 0.5),
+                &device,
+            ) + mask)
+                .detach()
+                .require_grad();
+            let upstream = Tensor::<AD, 3>::random(
+                [groups, tokens, dim],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let run = |out: Tensor<AD, 3>| {
+                let grads = (out.clone() * upstream.clone()).sum().backward();
+                (
+                    values(out.inner()),
+                    values(qkv.grad(&grads).expect("qkv grad")),
+                    values(bias.grad(&grads).expect("bias grad")),
+                )
+            };
+            let (out, d_qkv, d_bias) = run(attention(qkv.clone(), bias.clone(), heads, scale));
+            let (out_ref, d_qkv_ref, d_bias_ref) =
+                run(forward_decomposed(qkv.clone(), bias.clone(), heads, scale).0);
+            let shape = (groups, tokens, dim, heads, bias_groups);
+            assert!(relative_gap(&out, &out_ref) < 1e-5, "output {shape:?}");
+            assert!(relative_gap(&d_qkv, &d_qkv_ref) < 1e-5, "d_qkv {shape:?}");
+            assert!(
+                relative_gap(&d_bias, &d_bias_ref) < 1e-5,
+                "d_bias {shape:?}"
+            );
+            // Not a vacuous comparison: the gradients are far from zero.
+            assert!(d_bias_ref.iter().any(|v| v.abs() > 1e-3));
+
+            // The Burn-ops backward (the default for backends without a kernel) agrees too.
+            let (_, probs) =
+                forward_decomposed(qkv.clone().inner(), bias.clone().inner(), heads, scale);
+            let (d_qkv_dec, d_bias_dec) = backward_decomposed(
+                qkv.clone().inner(),
+                probs,
+                upstream.clone().inner(),
+                bias_groups,
+                scale,
+            );
+            assert!(
+                relative_gap(&values(d_qkv_dec), &d_qkv_ref) < 1e-5,
+                "{shape:?}"
+            );
+            assert!(
+                relative_gap(&values(d_bias_dec), &d_bias_ref) < 1e-5,
+                "{shape:?}"
+            );
+        }
+    }
+
+    /// Under bf16 autocast the model keeps Burn's ops, so attention matmuls round as
+    /// `crate::precision` says; the kernel is f32 only.
+    #[test]
+    fn autocast_bypasses_the_kernel() {
+        assert!(use_fused::<Flex>());
+        crate::precision::autocast(Precision::Bf16, || assert!(!use_fused::<Flex>()));
+    }
+}
