@@ -135,7 +135,10 @@ fn run<B: AutodiffBackend + SimMimBackend>(
     args: &Args,
     config: &SimMimConfig,
     device: &B::Device,
-) -> Result<Vec<(f64, f64)>> {
+) -> Result<Vec<(f64, f64)>>
+where
+    B::InnerBackend: SimMimBackend,
+{
     let mut models = [config.init::<B>(0, device)?, config.init::<B>(0, device)?];
     let mut optimizers = [
         AdamW::<B::InnerBackend>::new(AdamWConfig::default()),

@@ -81,7 +81,10 @@ fn run<B: AutodiffBackend + simmim_model::SimMimBackend>(
     config: &SimMimConfig,
     batch: usize,
     device: &B::Device,
-) -> Result<Timing> {
+) -> Result<Timing>
+where
+    B::InnerBackend: simmim_model::SimMimBackend,
+{
     let started = Instant::now();
     let precision = match args.dtype.as_str() {
         "bf16" => simmim_model::precision::Precision::Bf16,

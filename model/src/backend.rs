@@ -25,6 +25,8 @@ use burn_flex::{Flex, FlexTensor};
 
 use crate::attention;
 use crate::attention_kernel;
+use crate::optim::{adamw_update_decomposed, AdamWUpdate};
+use crate::optim_kernel;
 
 /// A primitive float tensor as a `Tensor` of rank `D`.
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -128,6 +130,17 @@ pub trait SimMimBackend: Backend {
         )
     }
 
+    /// One AdamW update of a flat parameter: `[value, first, second]`, each a new tensor
+    /// (a checkpoint may still hold the old ones).
+    fn adamw_update(
+        value: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        update: &AdamWUpdate,
+    ) -> [FloatTensor<Self>; 3] {
+        adamw_update_decomposed::<Self>(value, grad, moments, update)
+    }
+
     /// Lends a contiguous f32 tensor's device memory to `use_memory` as (device address,
     /// value count), for a library that reads and writes it in place (NCCL); `None` where the
     /// backend has no such memory (the CPU) or cannot lend it. The memory is valid, and the
@@ -145,6 +158,43 @@ pub trait SimMimBackend: Backend {
 impl SimMimBackend for Flex {
     fn has_attention_kernel() -> bool {
         true
+    }
+
+    fn adamw_update(
+        value: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        update: &AdamWUpdate,
+    ) -> [FloatTensor<Self>; 3] {
+        let contiguous = |t: FloatTensor<Self>| t.to_contiguous();
+        let (value, grad) = (contiguous(value), contiguous(grad));
+        let moments = moments.map(|(m, v)| (contiguous(m), contiguous(v)));
+        let all_f32 = [Some(&value), Some(&grad)]
+            .into_iter()
+            .chain(moments.iter().flat_map(|(m, v)| [Some(m), Some(v)]))
+            .flatten()
+            .all(|t| t.dtype() == DType::F32);
+        let slices = (
+            value.as_slice::<f32>(),
+            grad.as_slice::<f32>(),
+            moments
+                .as_ref()
+                .map(|(m, v)| (m.as_slice::<f32>(), v.as_slice::<f32>())),
+        );
+        let shape = value.layout().shape().clone();
+        let kernel = match slices {
+            (Some(w), Some(g), None) if all_f32 => Some(optim_kernel::adamw(w, g, None, update)),
+            (Some(w), Some(g), Some((Some(m), Some(v)))) if all_f32 => {
+                Some(optim_kernel::adamw(w, g, Some((m, v)), update))
+            }
+            _ => None,
+        };
+        match kernel.flatten() {
+            Some(outputs) => {
+                outputs.map(|values| FlexTensor::from_data(TensorData::new(values, shape.clone())))
+            }
+            None => adamw_update_decomposed::<Self>(value, grad, moments, update),
+        }
     }
 
     fn qkv_attention_with_probs(

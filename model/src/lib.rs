@@ -48,6 +48,7 @@ pub mod layers;
 pub mod mask;
 pub mod naming;
 pub mod optim;
+mod optim_kernel;
 pub mod precision;
 pub mod rel_pos;
 pub mod simmim;

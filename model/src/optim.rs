@@ -10,9 +10,11 @@ use std::collections::HashMap;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::SimMimBackend;
 use crate::error::ModelError;
 use crate::naming::{parameters, takes_weight_decay, PathTracker};
 use crate::weights::{HostTensor, StateDict};
@@ -254,6 +256,7 @@ impl<B: Backend> AdamW<B> {
     pub fn step<AB, M>(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> (M, StepStats)
     where
         AB: AutodiffBackend<InnerBackend = B>,
+        B: SimMimBackend,
         M: AutodiffModule<AB>,
     {
         let grad_norm = Self::global_norm::<AB, M>(&module, &grads);
@@ -299,7 +302,10 @@ struct Updater<'a, B: Backend> {
     weight_decay: f64,
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB::InnerBackend> {
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB::InnerBackend>
+where
+    AB::InnerBackend: SimMimBackend,
+{
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.tracker.enter(name, container_type);
     }
@@ -323,35 +329,90 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB::InnerBackend> {
         let lr = self.lr * self.lr_scales.get(&official.name).copied().unwrap_or(1.0);
         let count: usize = shape.iter().product();
 
-        let mut grad = grad.reshape([count]);
-        if self.clip_scale < 1.0 {
-            grad = grad.mul_scalar(self.clip_scale);
-        }
-        let (first, second) = match self.moments.remove(&id) {
-            Some(Moments { first, second }) => (
-                first.mul_scalar(self.beta1) + grad.clone().mul_scalar(1.0 - self.beta1),
-                second.mul_scalar(self.beta2) + grad.square().mul_scalar(1.0 - self.beta2),
-            ),
-            None => (
-                grad.clone().mul_scalar(1.0 - self.beta1),
-                grad.square().mul_scalar(1.0 - self.beta2),
-            ),
+        let update = AdamWUpdate {
+            grad_scale: self.clip_scale.min(1.0),
+            beta1: self.beta1,
+            beta2: self.beta2,
+            decay_factor: if decay && self.weight_decay != 0.0 {
+                1.0 - lr * self.weight_decay
+            } else {
+                1.0
+            },
+            step_size: lr / self.bias_correction1,
+            bias_correction2_sqrt: self.bias_correction2_sqrt,
+            eps: self.eps,
         };
-        let mut value = tensor.inner().reshape([count]);
-        if decay && self.weight_decay != 0.0 {
-            value = value.mul_scalar(1.0 - lr * self.weight_decay);
-        }
-        let denominator = second
-            .clone()
-            .sqrt()
-            .div_scalar(self.bias_correction2_sqrt)
-            .add_scalar(self.eps);
-        value = value - (first.clone() / denominator).mul_scalar(lr / self.bias_correction1);
+        let flat = |t: Tensor<AB::InnerBackend, 1>| t.into_primitive().tensor();
+        let moments = self
+            .moments
+            .remove(&id)
+            .map(|Moments { first, second }| (flat(first), flat(second)));
+        let [value, first, second] = <AB::InnerBackend as SimMimBackend>::adamw_update(
+            flat(tensor.inner().reshape([count])),
+            flat(grad.reshape([count])),
+            moments,
+            &update,
+        )
+        .map(|t| Tensor::<AB::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(t)));
         self.moments.insert(id, Moments { first, second });
 
         let updated = Tensor::<AB, D>::from_inner(value.reshape(shape)).require_grad();
         Param::from_mapped_value(id, updated, mapper)
     }
+}
+
+/// The numbers of one AdamW update of one parameter, as `torch.optim.AdamW` applies them:
+/// `g = grad * grad_scale`, `m = beta1 m + (1 - beta1) g`, `v = beta2 v + (1 - beta2) g²`,
+/// `value = value * decay_factor - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWUpdate {
+    /// The global-norm clipping factor (1 without clipping).
+    pub grad_scale: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// `1 - lr * weight_decay` for the decay group, else 1.
+    pub decay_factor: f64,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f64,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias_correction2_sqrt: f64,
+    pub eps: f64,
+}
+
+/// [`AdamWUpdate`] in Burn ops on flat tensors: `[value, first, second]` (moments start at
+/// zero when `moments` is `None`). The default for backends without their own kernel.
+pub fn adamw_update_decomposed<B: Backend>(
+    value: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    moments: Option<(FloatTensor<B>, FloatTensor<B>)>,
+    u: &AdamWUpdate,
+) -> [FloatTensor<B>; 3] {
+    let flat = |t: FloatTensor<B>| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+    let mut grad = flat(grad);
+    if u.grad_scale != 1.0 {
+        grad = grad.mul_scalar(u.grad_scale);
+    }
+    let (first, second) = match moments {
+        Some((first, second)) => (
+            flat(first).mul_scalar(u.beta1) + grad.clone().mul_scalar(1.0 - u.beta1),
+            flat(second).mul_scalar(u.beta2) + grad.square().mul_scalar(1.0 - u.beta2),
+        ),
+        None => (
+            grad.clone().mul_scalar(1.0 - u.beta1),
+            grad.square().mul_scalar(1.0 - u.beta2),
+        ),
+    };
+    let mut value = flat(value);
+    if u.decay_factor != 1.0 {
+        value = value.mul_scalar(u.decay_factor);
+    }
+    let denominator = second
+        .clone()
+        .sqrt()
+        .div_scalar(u.bias_correction2_sqrt)
+        .add_scalar(u.eps);
+    value = value - (first.clone() / denominator).mul_scalar(u.step_size);
+    [value, first, second].map(|t| t.into_primitive().tensor())
 }
 
 use burn::tensor::ElementConversion;

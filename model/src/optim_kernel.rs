@@ -1,0 +1,154 @@
+//! The CPU kernel behind [`crate::backend::SimMimBackend::adamw_update`] on burn-flex: one
+//! pass over each parameter instead of a dozen whole-tensor ops (burn-flex runs each
+//! element-wise op on one thread, with a fresh buffer), spread over rayon's threads. The
+//! arithmetic is the decomposition's, in the same order and precision.
+
+use rayon::prelude::*;
+
+use crate::optim::AdamWUpdate;
+
+/// Values per parallel task: large enough that scheduling costs nothing next to the work.
+const CHUNK: usize = 1 << 15;
+
+/// `[value, first, second]` after one update, or `None` when the lengths differ.
+pub fn adamw(
+    value: &[f32],
+    grad: &[f32],
+    moments: Option<(&[f32], &[f32])>,
+    u: &AdamWUpdate,
+) -> Option<[Vec<f32>; 3]> {
+    let len = value.len();
+    if grad.len() != len || moments.is_some_and(|(m, v)| m.len() != len || v.len() != len) {
+        return None;
+    }
+    // Each scalar as Burn's `mul_scalar` etc. take it: computed in f64, applied as f32.
+    let grad_scale = u.grad_scale as f32;
+    let (beta1, one_minus_beta1) = (u.beta1 as f32, (1.0 - u.beta1) as f32);
+    let (beta2, one_minus_beta2) = (u.beta2 as f32, (1.0 - u.beta2) as f32);
+    let decay_factor = u.decay_factor as f32;
+    let step_size = u.step_size as f32;
+    let bias_correction2_sqrt = u.bias_correction2_sqrt as f32;
+    let eps = u.eps as f32;
+
+    let mut out = [vec![0f32; len], vec![0f32; len], vec![0f32; len]];
+    let [new_value, new_first, new_second] = &mut out;
+    new_value
+        .par_chunks_mut(CHUNK)
+        .zip(new_first.par_chunks_mut(CHUNK))
+        .zip(new_second.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(chunk, ((w_out, m_out), v_out))| {
+            let start = chunk * CHUNK;
+            let end = start + w_out.len();
+            let (w_in, g_in) = (&value[start..end], &grad[start..end]);
+            let old = moments.map(|(m, v)| (&m[start..end], &v[start..end]));
+            for i in 0..w_out.len() {
+                let mut g = g_in[i];
+                if grad_scale != 1.0 {
+                    g *= grad_scale;
+                }
+                let (m, v) = match old {
+                    Some((m, v)) => (
+                        m[i] * beta1 + g * one_minus_beta1,
+                        v[i] * beta2 + (g * g) * one_minus_beta2,
+                    ),
+                    None => (g * one_minus_beta1, (g * g) * one_minus_beta2),
+                };
+                let mut w = w_in[i];
+                if decay_factor != 1.0 {
+                    w *= decay_factor;
+                }
+                let denominator = v.sqrt() / bias_correction2_sqrt + eps;
+                w_out[i] = w - (m / denominator) * step_size;
+                m_out[i] = m;
+                v_out[i] = v;
+            }
+        });
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::adamw_update_decomposed;
+    use burn::tensor::{Distribution, Tensor};
+    use burn_flex::Flex;
+
+    /// The kernel against the Burn-ops decomposition over a few steps, with clipping and
+    /// decay, on a length that leaves a partial chunk: the same values to the last bit,
+    /// since both apply the same f32 operations in the same order.
+    #[test]
+    fn kernel_matches_the_decomposition() {
+        let device = Default::default();
+        let len = 2 * CHUNK + 123;
+        let random = |std: f64| {
+            Tensor::<Flex, 1>::random([len], Distribution::Normal(0.0, std), &device)
+                .into_data()
+                .to_vec::<f32>()
+                .expect("f32")
+        };
+        let mut value = random(1.0);
+        let mut moments: Option<(Vec<f32>, Vec<f32>)> = None;
+        let mut reference = (value.clone(), None::<(Vec<f32>, Vec<f32>)>);
+        for t in 1..=3 {
+            let grad = random(0.1);
+            let u = AdamWUpdate {
+                grad_scale: if t == 2 { 0.5 } else { 1.0 },
+                beta1: 0.9,
+                beta2: 0.999,
+                decay_factor: 1.0 - 1e-3 * 0.05,
+                step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+                bias_correction2_sqrt: (1.0 - 0.999f64.powi(t)).sqrt(),
+                eps: 1e-8,
+            };
+            let [w, m, v] = adamw(
+                &value,
+                &grad,
+                moments.as_ref().map(|(m, v)| (m.as_slice(), v.as_slice())),
+                &u,
+            )
+            .expect("lengths match");
+
+            let tensor = |values: &[f32]| {
+                Tensor::<Flex, 1>::from_floats(values, &device)
+                    .into_primitive()
+                    .tensor()
+            };
+            let old = reference.1.as_ref().map(|(m, v)| (tensor(m), tensor(v)));
+            let [rw, rm, rv] =
+                adamw_update_decomposed::<Flex>(tensor(&reference.0), tensor(&grad), old, &u).map(
+                    |t| {
+                        Tensor::<Flex, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(t))
+                            .into_data()
+                            .to_vec::<f32>()
+                            .expect("f32")
+                    },
+                );
+            assert_eq!(w, rw, "value after step {t}");
+            assert_eq!(m, rm, "first moment after step {t}");
+            assert_eq!(v, rv, "second moment after step {t}");
+            assert!(
+                w.iter().zip(&value).any(|(a, b)| a != b),
+                "the step moved nothing"
+            );
+            value = w;
+            moments = Some((m, v));
+            reference = (rw, Some((rm, rv)));
+        }
+        assert!(adamw(
+            &value,
+            &value[1..],
+            None,
+            &AdamWUpdate {
+                grad_scale: 1.0,
+                beta1: 0.9,
+                beta2: 0.999,
+                decay_factor: 1.0,
+                step_size: 1e-3,
+                bias_correction2_sqrt: 1.0,
+                eps: 1e-8,
+            }
+        )
+        .is_none());
+    }
+}
