@@ -160,6 +160,18 @@ mod tests {
         let device = Default::default();
         for (groups, tokens, dim, heads, bias_groups) in SHAPES {
             let scale = ((dim / heads) as f64).powf(-0.5);
+            // The kernel takes this shape (a refused one would fall back to the very
+            // decomposition it is compared with).
+            let lengths = crate::attention_kernel::Lengths {
+                qkv: groups * tokens * 3 * dim,
+                bias: Some(bias_groups * heads * tokens * tokens),
+                probs: Some(groups * heads * tokens * tokens),
+                out: Some(groups * tokens * dim),
+            };
+            let dims = [groups, tokens, 3 * dim];
+            assert!(
+                crate::attention_kernel::Shape::of(&dims, heads, bias_groups, lengths).is_some()
+            );
             let qkv = Tensor::<AD, 3>::random(
                 [groups, tokens, 3 * dim],
                 Distribution::Normal(0.0, 1.5),

@@ -23,6 +23,36 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// The shape of a call on a qkv projection of dimensions `[G, N, 3C]`, when those and
+    /// the slices' lengths (`None`: not given) describe a call the kernel can run.
+    pub fn of(
+        qkv_dims: &[usize],
+        heads: usize,
+        bias_groups: usize,
+        lengths: Lengths,
+    ) -> Option<Self> {
+        let &[groups, tokens, width] = qkv_dims else {
+            return None;
+        };
+        let shape = Self {
+            groups,
+            tokens,
+            dim: width / 3,
+            heads,
+            bias_groups,
+        };
+        let fits = |len: Option<usize>, expected: usize| len.is_none_or(|len| len == expected);
+        let valid = heads > 0
+            && shape.dim.is_multiple_of(heads)
+            && bias_groups > 0
+            && groups.is_multiple_of(bias_groups)
+            && lengths.qkv == groups * shape.qkv_group()
+            && fits(lengths.bias, bias_groups * shape.probs_group())
+            && fits(lengths.probs, groups * shape.probs_group())
+            && fits(lengths.out, groups * tokens * shape.dim);
+        valid.then_some(shape)
+    }
+
     fn head_dim(&self) -> usize {
         self.dim / self.heads
     }
@@ -36,16 +66,16 @@ impl Shape {
     fn probs_group(&self) -> usize {
         self.heads * self.tokens * self.tokens
     }
+}
 
-    /// Whether the slices have the sizes this shape implies.
-    pub fn fits(&self, qkv: usize, bias: usize) -> bool {
-        self.heads > 0
-            && self.dim.is_multiple_of(self.heads)
-            && self.bias_groups > 0
-            && self.groups.is_multiple_of(self.bias_groups)
-            && qkv == self.groups * self.qkv_group()
-            && bias == self.bias_groups * self.probs_group()
-    }
+/// The lengths of the slices handed to the kernel; `None` for those a call does not take.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Lengths {
+    pub qkv: usize,
+    pub bias: Option<usize>,
+    pub probs: Option<usize>,
+    /// The output, or the output's gradient.
+    pub out: Option<usize>,
 }
 
 /// A row-major `rows x cols` view of f32s with arbitrary strides, for `gemm`.

@@ -29,7 +29,7 @@ use crate::optim::{adamw_update_decomposed, AdamWUpdate};
 use crate::optim_kernel;
 
 /// A primitive float tensor as a `Tensor` of rank `D`.
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
@@ -169,11 +169,7 @@ impl SimMimBackend for Flex {
         let contiguous = |t: FloatTensor<Self>| t.to_contiguous();
         let (value, grad) = (contiguous(value), contiguous(grad));
         let moments = moments.map(|(m, v)| (contiguous(m), contiguous(v)));
-        let all_f32 = [Some(&value), Some(&grad)]
-            .into_iter()
-            .chain(moments.iter().flat_map(|(m, v)| [Some(m), Some(v)]))
-            .flatten()
-            .all(|t| t.dtype() == DType::F32);
+        // `as_slice` is `None` for a tensor that is not f32: the decomposition takes those.
         let slices = (
             value.as_slice::<f32>(),
             grad.as_slice::<f32>(),
@@ -183,8 +179,8 @@ impl SimMimBackend for Flex {
         );
         let shape = value.layout().shape().clone();
         let kernel = match slices {
-            (Some(w), Some(g), None) if all_f32 => Some(optim_kernel::adamw(w, g, None, update)),
-            (Some(w), Some(g), Some((Some(m), Some(v)))) if all_f32 => {
+            (Some(w), Some(g), None) => Some(optim_kernel::adamw(w, g, None, update)),
+            (Some(w), Some(g), Some((Some(m), Some(v)))) => {
                 Some(optim_kernel::adamw(w, g, Some((m, v)), update))
             }
             _ => None,
@@ -204,21 +200,29 @@ impl SimMimBackend for Flex {
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (qkv, bias) = (qkv.to_contiguous(), bias.to_contiguous());
-        let (qkv_shape, bias_shape) = (qkv.layout().shape().clone(), bias.layout().shape().clone());
-        let shape = match (qkv.as_slice::<f32>(), bias.as_slice::<f32>()) {
-            (Some(q), Some(b)) if qkv_shape.num_dims() == 3 && bias_shape.num_dims() == 4 => {
-                let shape = attention_kernel::Shape {
-                    groups: qkv_shape[0],
-                    tokens: qkv_shape[1],
-                    dim: qkv_shape[2] / 3,
-                    heads,
-                    bias_groups: bias_shape[0],
+        let kernel = match (qkv.as_slice::<f32>(), bias.as_slice::<f32>()) {
+            (Some(q), Some(b)) => {
+                let bias_dims = bias.layout().shape();
+                let lengths = attention_kernel::Lengths {
+                    qkv: q.len(),
+                    bias: Some(b.len()),
+                    ..Default::default()
                 };
-                shape.fits(q.len(), b.len()).then_some((shape, q, b))
+                (bias_dims.num_dims() == 4)
+                    .then(|| {
+                        attention_kernel::Shape::of(
+                            qkv.layout().shape(),
+                            heads,
+                            bias_dims[0],
+                            lengths,
+                        )
+                    })
+                    .flatten()
+                    .map(|shape| (shape, q, b))
             }
             _ => None,
         };
-        let Some((shape, q, b)) = shape else {
+        let Some((shape, q, b)) = kernel else {
             let (out, probs) =
                 attention::forward_decomposed::<Self>(float(qkv), float(bias), heads, scale);
             return (
@@ -246,30 +250,23 @@ impl SimMimBackend for Flex {
             probs.to_contiguous(),
             grad.to_contiguous(),
         );
-        let (qkv_shape, probs_shape) =
-            (qkv.layout().shape().clone(), probs.layout().shape().clone());
+        let qkv_shape = qkv.layout().shape().clone();
         let slices = (
             qkv.as_slice::<f32>(),
             probs.as_slice::<f32>(),
             grad.as_slice::<f32>(),
         );
         let kernel = match slices {
-            (Some(q), Some(p), Some(g))
-                if qkv_shape.num_dims() == 3 && probs_shape.num_dims() == 4 =>
-            {
-                let shape = attention_kernel::Shape {
-                    groups: qkv_shape[0],
-                    tokens: qkv_shape[1],
-                    dim: qkv_shape[2] / 3,
-                    heads: probs_shape[1],
-                    bias_groups,
+            (Some(q), Some(p), Some(g)) if probs.layout().shape().num_dims() == 4 => {
+                let lengths = attention_kernel::Lengths {
+                    qkv: q.len(),
+                    probs: Some(p.len()),
+                    out: Some(g.len()),
+                    ..Default::default()
                 };
-                let probs_fit = p.len() == shape.groups * shape.heads * shape.tokens * shape.tokens;
-                let bias_len = bias_groups * shape.heads * shape.tokens * shape.tokens;
-                (shape.fits(q.len(), bias_len)
-                    && probs_fit
-                    && g.len() == shape.groups * shape.tokens * shape.dim)
-                    .then_some((shape, q, p, g))
+                let heads = probs.layout().shape()[1];
+                attention_kernel::Shape::of(&qkv_shape, heads, bias_groups, lengths)
+                    .map(|shape| (shape, q, p, g))
             }
             _ => None,
         };

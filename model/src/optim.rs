@@ -11,10 +11,10 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::SimMimBackend;
+use crate::backend::{float, SimMimBackend};
 use crate::error::ModelError;
 use crate::naming::{parameters, takes_weight_decay, PathTracker};
 use crate::weights::{HostTensor, StateDict};
@@ -274,13 +274,18 @@ impl<B: Backend> AdamW<B> {
             moments: &mut self.moments,
             lr_scales: &self.lr_scales,
             lr,
-            clip_scale,
-            beta1,
-            beta2,
             bias_correction1: 1.0 - beta1.powi(t),
-            bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
-            eps: self.config.eps,
             weight_decay: self.config.weight_decay,
+            // What every parameter shares; decay and step size are set per parameter.
+            shared: AdamWUpdate {
+                grad_scale: clip_scale,
+                beta1,
+                beta2,
+                decay_factor: 1.0,
+                step_size: 0.0,
+                bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
+                eps: self.config.eps,
+            },
         };
         let module = module.map(&mut updater);
         (module, StepStats { grad_norm })
@@ -293,13 +298,9 @@ struct Updater<'a, B: Backend> {
     moments: &'a mut HashMap<ParamId, Moments<B>>,
     lr_scales: &'a HashMap<String, f64>,
     lr: f64,
-    clip_scale: f64,
-    beta1: f64,
-    beta2: f64,
     bias_correction1: f64,
-    bias_correction2_sqrt: f64,
-    eps: f64,
     weight_decay: f64,
+    shared: AdamWUpdate,
 }
 
 impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB::InnerBackend>
@@ -330,17 +331,13 @@ where
         let count: usize = shape.iter().product();
 
         let update = AdamWUpdate {
-            grad_scale: self.clip_scale.min(1.0),
-            beta1: self.beta1,
-            beta2: self.beta2,
             decay_factor: if decay && self.weight_decay != 0.0 {
                 1.0 - lr * self.weight_decay
             } else {
                 1.0
             },
             step_size: lr / self.bias_correction1,
-            bias_correction2_sqrt: self.bias_correction2_sqrt,
-            eps: self.eps,
+            ..self.shared
         };
         let flat = |t: Tensor<AB::InnerBackend, 1>| t.into_primitive().tensor();
         let moments = self
@@ -353,7 +350,7 @@ where
             moments,
             &update,
         )
-        .map(|t| Tensor::<AB::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(t)));
+        .map(float::<AB::InnerBackend, 1>);
         self.moments.insert(id, Moments { first, second });
 
         let updated = Tensor::<AB, D>::from_inner(value.reshape(shape)).require_grad();
@@ -387,7 +384,7 @@ pub fn adamw_update_decomposed<B: Backend>(
     moments: Option<(FloatTensor<B>, FloatTensor<B>)>,
     u: &AdamWUpdate,
 ) -> [FloatTensor<B>; 3] {
-    let flat = |t: FloatTensor<B>| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+    let flat = float::<B, 1>;
     let mut grad = flat(grad);
     if u.grad_scale != 1.0 {
         grad = grad.mul_scalar(u.grad_scale);
