@@ -15,7 +15,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{ActivationOps, FloatTensor};
-use burn::tensor::{DType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Scalar, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
@@ -141,6 +141,12 @@ pub trait SimMimBackend: Backend {
         adamw_update_decomposed::<Self>(value, grad, moments, update)
     }
 
+    /// `sum_i weights[i] * parts[i]` over same-shaped tensors, accumulated left to right in
+    /// the tensors' precision: sub-batch gradients into the batch's, micro-steps into a step's.
+    fn weighted_sum(parts: Vec<FloatTensor<Self>>, weights: &[f64]) -> Option<FloatTensor<Self>> {
+        weighted_sum_decomposed::<Self>(parts, weights)
+    }
+
     /// Lends a contiguous f32 tensor's device memory to `use_memory` as (device address,
     /// value count), for a library that reads and writes it in place (NCCL); `None` where the
     /// backend has no such memory (the CPU) or cannot lend it. The memory is valid, and the
@@ -158,6 +164,23 @@ pub trait SimMimBackend: Backend {
 impl SimMimBackend for Flex {
     fn has_attention_kernel() -> bool {
         true
+    }
+
+    fn weighted_sum(parts: Vec<FloatTensor<Self>>, weights: &[f64]) -> Option<FloatTensor<Self>> {
+        let parts: Vec<FlexTensor> = parts.into_iter().map(|t| t.to_contiguous()).collect();
+        let first = parts.first()?;
+        let shape = first.layout().shape().clone();
+        let slices: Option<Vec<&[f32]>> = parts
+            .iter()
+            .map(|t| {
+                t.as_slice::<f32>()
+                    .filter(|s| s.len() == shape.num_elements())
+            })
+            .collect();
+        match slices.and_then(|slices| optim_kernel::weighted_sum(&slices, weights)) {
+            Some(sum) => Some(FlexTensor::from_data(TensorData::new(sum, shape))),
+            None => weighted_sum_decomposed::<Self>(parts, weights),
+        }
     }
 
     fn adamw_update(
@@ -387,6 +410,21 @@ impl SimMimBackend for Flex {
 }
 
 /// Softmax backward from Burn tensor ops (for inputs the CPU kernel does not take).
+/// Burn's ops for [`SimMimBackend::weighted_sum`]; `None` without parts.
+pub(crate) fn weighted_sum_decomposed<B: Backend>(
+    parts: Vec<FloatTensor<B>>,
+    weights: &[f64],
+) -> Option<FloatTensor<B>> {
+    parts
+        .into_iter()
+        .zip(weights)
+        .map(|(part, &w)| {
+            let w = Scalar::new(w, &part.dtype());
+            B::float_mul_scalar(part, w)
+        })
+        .reduce(B::float_add)
+}
+
 fn softmax_backward_decomposed<B: Backend>(
     y: FloatTensor<B>,
     grad: FloatTensor<B>,

@@ -67,6 +67,31 @@ pub fn adamw(
     Some(out)
 }
 
+/// `sum_i weights[i] * parts[i]` in one pass on all cores, accumulated left to right in f32
+/// as [`crate::backend::weighted_sum_decomposed`] does (the same bits); `None` when the parts
+/// are missing, differ in length or do not match the weights.
+pub fn weighted_sum(parts: &[&[f32]], weights: &[f64]) -> Option<Vec<f32>> {
+    let (first, rest) = parts.split_first()?;
+    if parts.len() != weights.len() || rest.iter().any(|p| p.len() != first.len()) {
+        return None;
+    }
+    // Each weight as Burn's `mul_scalar` takes it: applied as f32.
+    let weights: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+    let mut out = Vec::with_capacity(first.len());
+    (0..first.len())
+        .into_par_iter()
+        .with_min_len(CHUNK)
+        .map(|i| {
+            let mut total = first[i] * weights[0];
+            for (part, &w) in rest.iter().zip(&weights[1..]) {
+                total = total + part[i] * w;
+            }
+            total
+        })
+        .collect_into_vec(&mut out);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +175,50 @@ mod tests {
             }
         )
         .is_none());
+    }
+
+    /// The summing kernel against Burn's ops on four parts of a rank-2 shape whose length
+    /// leaves a partial chunk, through the backend op the gradient sums call: the same
+    /// bits, and the sum is the weighted sum (checked against f64 on a few values).
+    #[test]
+    fn weighted_sum_matches_the_decomposition() {
+        use crate::backend::{weighted_sum_decomposed, SimMimBackend};
+        let device = Default::default();
+        let shape = [3, CHUNK - 7];
+        let weights = [0.125, 0.3, 0.2, 0.375];
+        let parts: Vec<Tensor<Flex, 2>> = (0..weights.len())
+            .map(|_| Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device))
+            .collect();
+        let primitives = || -> Vec<_> {
+            parts
+                .iter()
+                .map(|t| t.clone().into_primitive().tensor())
+                .collect()
+        };
+        let values = |t| {
+            crate::backend::float::<Flex, 2>(t)
+                .into_data()
+                .to_vec::<f32>()
+                .expect("f32")
+        };
+        let kernel = Flex::weighted_sum(primitives(), &weights).expect("parts");
+        let reference = weighted_sum_decomposed::<Flex>(primitives(), &weights).expect("parts");
+        let (kernel, reference) = (values(kernel), values(reference));
+        assert_eq!(kernel, reference);
+        let inputs: Vec<Vec<f32>> = parts
+            .iter()
+            .map(|t| t.clone().into_data().to_vec::<f32>().expect("f32"))
+            .collect();
+        for i in [0, CHUNK, kernel.len() - 1] {
+            let exact: f64 = inputs
+                .iter()
+                .zip(weights)
+                .map(|(p, w)| p[i] as f64 * w)
+                .sum();
+            assert!((kernel[i] as f64 - exact).abs() < 1e-5, "value {i}");
+        }
+        assert!(weighted_sum(&[&inputs[0], &inputs[1][1..]], &weights[..2]).is_none());
+        assert!(weighted_sum(&[&inputs[0]], &weights).is_none());
+        assert!(Flex::weighted_sum(Vec::new(), &[]).is_none());
     }
 }

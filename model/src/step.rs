@@ -23,7 +23,10 @@ pub fn loss_and_grads<B: AutodiffBackend + SimMimBackend>(
     images: Tensor<B, 4>,
     mask: Tensor<B, 3>,
     sub_batches: usize,
-) -> (f64, GradientsParams) {
+) -> (f64, GradientsParams)
+where
+    B::InnerBackend: SimMimBackend,
+{
     let batch = images.dims()[0];
     in_sub_batches(model, batch, sub_batches, |replica, start, len| {
         let mask = mask.clone().narrow(0, start, len);
@@ -41,7 +44,10 @@ pub fn classifier_loss_and_grads<B: AutodiffBackend + SimMimBackend>(
     images: Tensor<B, 4>,
     targets: Tensor<B, 2>,
     sub_batches: usize,
-) -> (f64, GradientsParams) {
+) -> (f64, GradientsParams)
+where
+    B::InnerBackend: SimMimBackend,
+{
     let batch = images.dims()[0];
     in_sub_batches(model, batch, sub_batches, |replica, start, len| {
         let logits = replica.forward(images.clone().narrow(0, start, len));
@@ -61,6 +67,7 @@ fn in_sub_batches<B, M, F>(
 ) -> (f64, GradientsParams)
 where
     B: AutodiffBackend,
+    B::InnerBackend: SimMimBackend,
     M: AutodiffModule<B> + Send,
     F: Fn(&M, usize, usize) -> (Tensor<B, 1>, f64) + Sync,
 {
@@ -127,26 +134,32 @@ pub fn weighted_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     mut parts: Vec<GradientsParams>,
     weights: &[f64],
-) -> GradientsParams {
+) -> GradientsParams
+where
+    B::InnerBackend: SimMimBackend,
+{
     struct Summer<'a> {
         parts: &'a mut [GradientsParams],
         weights: &'a [f64],
         out: GradientsParams,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Summer<'_> {
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Summer<'_>
+    where
+        B::InnerBackend: SimMimBackend,
+    {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let mut total: Option<Tensor<B::InnerBackend, D>> = None;
-            for (part, &w) in self.parts.iter_mut().zip(self.weights) {
-                if let Some(g) = part.remove::<B::InnerBackend, D>(param.id) {
-                    let g = g.mul_scalar(w);
-                    total = Some(match total {
-                        Some(t) => t + g,
-                        None => g,
-                    });
-                }
-            }
-            if let Some(total) = total {
-                self.out.register(param.id, total);
+            let (grads, weights): (Vec<_>, Vec<f64>) = self
+                .parts
+                .iter_mut()
+                .zip(self.weights)
+                .filter_map(|(part, &w)| {
+                    let grad = part.remove::<B::InnerBackend, D>(param.id)?;
+                    Some((grad.into_primitive().tensor(), w))
+                })
+                .unzip();
+            if let Some(total) = B::InnerBackend::weighted_sum(grads, &weights) {
+                self.out
+                    .register(param.id, crate::backend::float::<B::InnerBackend, D>(total));
             }
         }
     }
