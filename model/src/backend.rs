@@ -14,6 +14,7 @@
 //! Backends without their own kernels use Burn's ops through the trait's defaults.
 
 use burn::tensor::backend::Backend;
+use rayon::prelude::*;
 use burn::tensor::ops::{ActivationOps, FloatTensor};
 use burn::tensor::{DType, Scalar, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -454,12 +455,11 @@ fn for_row_blocks(
         return;
     }
     let block = rows.div_ceil(threads) * width;
-    std::thread::scope(|scope| {
-        for (index, chunk) in out.chunks_mut(block).enumerate() {
-            let work = &work;
-            scope.spawn(move || work(index * block, chunk));
-        }
-    });
+    // rayon's threads, not fresh OS threads: a kernel runs hundreds of times a step, and
+    // spawning (stack mapping, and unmapping's TLB flushes) cost more than small blocks.
+    out.par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(index, chunk)| work(index * block, chunk));
 }
 
 /// LayerNorm backward from Burn tensor ops: the default for backends without a kernel.
@@ -771,25 +771,16 @@ fn layer_norm_backward_rows(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if rows * width < 1 << 16 { 1 } else { threads };
     let rows_per_thread = rows.div_ceil(threads).max(1);
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = dx
-            .chunks_mut(rows_per_thread * width)
-            .enumerate()
-            .map(|(index, dx)| {
-                let start = index * rows_per_thread * width;
-                let x = &x[start..start + dx.len()];
-                let grad = &grad[start..start + dx.len()];
-                scope.spawn(move || layer_norm_backward_block(x, gamma, grad, epsilon, dx))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| match h.join() {
-                Ok(partial) => partial,
-                Err(panic) => std::panic::resume_unwind(panic),
-            })
-            .collect()
-    });
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(rows_per_thread * width)
+        .enumerate()
+        .map(|(index, dx)| {
+            let start = index * rows_per_thread * width;
+            let x = &x[start..start + dx.len()];
+            let grad = &grad[start..start + dx.len()];
+            layer_norm_backward_block(x, gamma, grad, epsilon, dx)
+        })
+        .collect();
     let mut dgamma = vec![0f32; width];
     let mut dbeta = vec![0f32; width];
     for (pg, pb) in partials {
