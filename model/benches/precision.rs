@@ -98,7 +98,10 @@ fn grad_errors<B: AutodiffBackend + SimMimBackend>(
     args: &Args,
     config: &SimMimConfig,
     device: &B::Device,
-) -> Result<Vec<(String, f64)>> {
+) -> Result<Vec<(String, f64)>>
+where
+    B::InnerBackend: SimMimBackend,
+{
     use simmim_model::weights::{gradient_state_dict, HostTensor};
     let model = config.init::<B>(0, device)?;
     let (images, mask) = batch::<B>(0, args.batch, config, device)?;

@@ -14,7 +14,6 @@
 //! Backends without their own kernels use Burn's ops through the trait's defaults.
 
 use burn::tensor::backend::Backend;
-use rayon::prelude::*;
 use burn::tensor::ops::{ActivationOps, FloatTensor};
 use burn::tensor::{DType, Scalar, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -23,6 +22,7 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn_autodiff::{Autodiff, NodeId};
 use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
 
 use crate::attention;
 use crate::attention_kernel;

@@ -33,7 +33,8 @@ pub fn adamw(
     // Written once each, so not zeroed first: zeroing is one more pass over three times the
     // parameters' bytes, on the allocating thread alone.
     let mut out: [Vec<f32>; 3] = std::array::from_fn(|_| Vec::with_capacity(len));
-    let [new_value, new_first, new_second] = out.each_mut().map(|v| &mut v.spare_capacity_mut()[..len]);
+    let [new_value, new_first, new_second] =
+        out.each_mut().map(|v| &mut v.spare_capacity_mut()[..len]);
     new_value
         .par_chunks_mut(CHUNK)
         .zip(new_first.par_chunks_mut(CHUNK))
@@ -91,7 +92,7 @@ pub fn weighted_sum(parts: &[&[f32]], weights: &[f64]) -> Option<Vec<f32>> {
         .map(|i| {
             let mut total = first[i] * weights[0];
             for (part, &w) in rest.iter().zip(&weights[1..]) {
-                total = total + part[i] * w;
+                total += part[i] * w;
             }
             total
         })

@@ -7,6 +7,8 @@
 //! each sub-batch's masked-L1 loss is weighted by its share of the masked pixels, so the sum
 //! equals the full-batch loss up to the loss's 1e-5 guard term.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
@@ -83,6 +85,7 @@ where
     let forward = &forward;
     // Sub-batch threads compute as their caller does (see `precision`).
     let precision = crate::precision::current();
+    let pools = part_pools(sub_batches);
     let results: Vec<(f64, f64, GradientsParams)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..sub_batches)
             .map(|part| {
@@ -90,12 +93,19 @@ where
                 let len = (part + 1) * batch / sub_batches - start;
                 // A replica with fresh autodiff leaves: each thread builds its own graph.
                 let replica = M::from_inner(model.valid());
+                let pool = pools.as_deref().map(|pools| &pools[part]);
                 scope.spawn(move || {
-                    let (loss_tensor, weight) =
-                        crate::precision::autocast(precision, || forward(&replica, start, len));
-                    let loss: f64 = loss_tensor.clone().into_scalar().elem();
-                    let grads = GradientsParams::from_grads(loss_tensor.backward(), &replica);
-                    (loss, weight, grads)
+                    let run = move || {
+                        let (loss_tensor, weight) =
+                            crate::precision::autocast(precision, || forward(&replica, start, len));
+                        let loss: f64 = loss_tensor.clone().into_scalar().elem();
+                        let grads = GradientsParams::from_grads(loss_tensor.backward(), &replica);
+                        (loss, weight, grads)
+                    };
+                    match pool {
+                        Some(pool) => pool.install(run),
+                        None => run(),
+                    }
                 })
             })
             .collect();
@@ -126,6 +136,34 @@ where
         .sum();
     let parts: Vec<GradientsParams> = results.into_iter().map(|(_, _, g)| g).collect();
     (loss, weighted_sum::<B, M>(model, parts, &weights))
+}
+
+/// One rayon pool per sub-batch, each with its share of the cores (one thread when there are
+/// at least as many sub-batches as cores), kept for the next step. A sub-batch runs inside
+/// its pool, so the parallel kernels it calls (burn-flex's matmuls, ours) split their work
+/// over that share on the spot. Called from plain threads instead, every parallel kernel
+/// handed its work to rayon's global pool and slept until a pool thread had done it: perf
+/// showed the cores a third idle on swin_tiny while total work was below PyTorch's.
+/// `None` when the threads cannot be started: the sub-batches then use the global pool.
+fn part_pools(parts: usize) -> Option<Arc<[rayon::ThreadPool]>> {
+    static POOLS: Mutex<Option<Arc<[rayon::ThreadPool]>>> = Mutex::new(None);
+    let mut cached = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(pools) = cached.as_ref().filter(|pools| pools.len() == parts) {
+        return Some(pools.clone());
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / parts).max(1);
+    let pools: Arc<[rayon::ThreadPool]> = (0..parts)
+        .map(|part| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("sub-batch-{part}-{i}"))
+                .build()
+                .ok()
+        })
+        .collect::<Option<_>>()?;
+    *cached = Some(pools.clone());
+    Some(pools)
 }
 
 /// `sum_i weights[i] * grads[i]`, parameter by parameter: sub-batch gradients into the
