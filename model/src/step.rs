@@ -7,7 +7,7 @@
 //! each sub-batch's masked-L1 loss is weighted by its share of the masked pixels, so the sum
 //! equals the full-batch loss up to the loss's 1e-5 guard term.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -117,6 +117,7 @@ where
             })
             .collect()
     });
+    return_part_pools(pools);
 
     let total: f64 = results.iter().map(|(_, w, _)| w).sum();
     let weights: Vec<f64> = results
@@ -145,25 +146,35 @@ where
 /// handed its work to rayon's global pool and slept until a pool thread had done it: perf
 /// showed the cores a third idle on swin_tiny while total work was below PyTorch's.
 /// `None` when the threads cannot be started: the sub-batches then use the global pool.
-fn part_pools(parts: usize) -> Option<Arc<[rayon::ThreadPool]>> {
-    static POOLS: Mutex<Option<Arc<[rayon::ThreadPool]>>> = Mutex::new(None);
-    let mut cached = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(pools) = cached.as_ref().filter(|pools| pools.len() == parts) {
-        return Some(pools.clone());
+/// Give the pools back with [`return_part_pools`].
+fn part_pools(parts: usize) -> Option<Vec<rayon::ThreadPool>> {
+    let cached = POOLS.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(pools) = cached.filter(|pools| pools.len() == parts) {
+        return Some(pools);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / parts).max(1);
-    let pools: Arc<[rayon::ThreadPool]> = (0..parts)
+    (0..parts)
         .map(|part| {
+            // The cores left over by the division go one each to the first pools.
+            let threads = (cores / parts + usize::from(part < cores % parts)).max(1);
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(move |i| format!("sub-batch-{part}-{i}"))
                 .build()
                 .ok()
         })
-        .collect::<Option<_>>()?;
-    *cached = Some(pools.clone());
-    Some(pools)
+        .collect()
+}
+
+/// The pools of the last call, taken by the next one: a concurrent caller builds its own
+/// instead of sharing threads (where one sub-batch could end up running on top of another).
+static POOLS: Mutex<Option<Vec<rayon::ThreadPool>>> = Mutex::new(None);
+
+/// Keeps the pools for the next step (after a panic they are dropped and built again).
+fn return_part_pools(pools: Option<Vec<rayon::ThreadPool>>) {
+    if let Some(pools) = pools {
+        *POOLS.lock().unwrap_or_else(PoisonError::into_inner) = Some(pools);
+    }
 }
 
 /// `sum_i weights[i] * grads[i]`, parameter by parameter: sub-batch gradients into the
