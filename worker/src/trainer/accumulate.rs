@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Result};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
+use simmim_model::SimMimBackend;
 
 use super::task::{MicroStep, Task};
 use crate::data::loader::{Batch, Loader};
@@ -33,6 +34,7 @@ pub fn accumulate<B, T>(
 ) -> Result<Accumulated>
 where
     B: AutodiffBackend,
+    B::InnerBackend: SimMimBackend,
     T: Task<B>,
 {
     let mut parts = Vec::with_capacity(accumulation);
