@@ -28,6 +28,9 @@ stage() {
   if [ "$stand_in" = 0 ]; then
     features="--features simmim-worker/cuda"
     bench_features="--features cuda"
+    # The GPU machine's toolkit (CUDA 13.0, driver 580): without this cudarc binds to the newest
+    # CUDA it knows, whose library names and symbols the machine may not have.
+    export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"
   fi
   # shellcheck disable=SC2086
   cargo build --release -p simmim-worker -p simmim-coordinator --bins $features
@@ -37,10 +40,21 @@ stage() {
   step=$(cargo bench -p simmim-model $bench_features --bench step --no-run 2>&1 |
     grep -o 'target/release/deps/step-[0-9a-f]*' | tail -1)
   cp "$step" "$stage_dir/bin/step"
+  # shellcheck disable=SC2086
+  step=$(cargo bench -p simmim-model $bench_features --bench precision --no-run 2>&1 |
+    grep -o 'target/release/deps/precision-[0-9a-f]*' | tail -1)
+  cp "$step" "$stage_dir/bin/precision"
   if [ "$stand_in" = 0 ]; then
     nccl=$(cargo bench -p simmim-worker --features cuda --bench nccl --no-run 2>&1 |
       grep -o 'target/release/deps/nccl-[0-9a-f]*' | tail -1)
     cp "$nccl" "$stage_dir/bin/nccl-bench"
+    # GPU_CHECK_AUTOTUNE=1: the step bench with burn-cuda's autotune too, to weigh its first-step
+    # cost against its speed (another build of the cubecl crates, about 10 minutes here).
+    if [ "${GPU_CHECK_AUTOTUNE:-0}" = 1 ]; then
+      step=$(cargo bench -p simmim-model --features cuda,autotune --bench step --no-run 2>&1 |
+        grep -o 'target/release/deps/step-[0-9a-f]*' | tail -1)
+      cp "$step" "$stage_dir/bin/step-autotune"
+    fi
     echo cuda > "$stage_dir/MODE"
   else
     echo cpu > "$stage_dir/MODE"
@@ -117,21 +131,50 @@ unpack() {
   fi
 }
 
-# cudarc opens libnccl.so (or .so.1/.so.12), never .so.2, the only name PyTorch's wheels ship:
-# without a system NCCL, link the wheel's library under the expected name.
-nccl_on_library_path() {
-  [ "$mode" = cuda ] || return 0
-  ldconfig -p 2>/dev/null | grep -q 'libnccl\.so ' && return 0
-  local found
-  found=$(python3 -c "import glob, site, sys
+# Where a CUDA library lives when the loader does not know it: the toolkit's folders, then the
+# pip wheels' (nvidia/<pkg>/lib, nvidia/cu13/lib). Prints the first match.
+find_cuda_lib() {  # pattern
+  local pattern=$1 found=""
+  for d in "$CUDA_PATH/lib64" "$CUDA_PATH/targets/x86_64-linux/lib" "$CUDA_PATH/lib"; do
+    found=$(ls "$d"/$pattern 2>/dev/null | head -1) && [ -n "$found" ] && { echo "$found"; return; }
+  done
+  python3 -c "import glob, site, sys
 for d in site.getsitepackages() + sys.path:
-    for f in glob.glob(d + '/nvidia/nccl/lib/libnccl.so*'):
-        print(f); raise SystemExit" 2>/dev/null || true)
-  [ -n "$found" ] || return 0
+    for f in sorted(glob.glob(d + '/nvidia/**/' + sys.argv[1], recursive=True)):
+        print(f); raise SystemExit" "$pattern" 2>/dev/null || true
+}
+
+# cudarc dlopens libnvrtc.so.<major> and libnccl.so (or .so.1/.so.12), never libnccl.so.2, the
+# only name NCCL's wheels ship. Put what the loader cannot find on LD_LIBRARY_PATH, and say where
+# each library came from: a missing one is the first thing to read in a failed run.
+cuda_libs_on_library_path() {
+  [ "$mode" = cuda ] || return 0
   mkdir -p "$OUT/lib"
-  ln -sf "$found" "$OUT/lib/libnccl.so"
-  export LD_LIBRARY_PATH="$OUT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  echo "NCCL: $found (linked as $OUT/lib/libnccl.so)"
+  local found extra=""
+  if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
+    found=$(find_cuda_lib 'libnvrtc.so*')
+    [ -n "$found" ] && extra="$(dirname "$found")"
+    echo "NVRTC: ${found:-not found} (not known to ldconfig)"
+  else
+    echo "NVRTC: $(ldconfig -p | grep -o '/[^ ]*libnvrtc\.so[^ ]*' | head -1) (ldconfig)"
+  fi
+  if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
+    found=$(find_cuda_lib 'libnccl.so*')
+    if [ -n "$found" ]; then
+      ln -sf "$found" "$OUT/lib/libnccl.so"
+      echo "NCCL: $found (linked as $OUT/lib/libnccl.so)"
+    else
+      echo "NCCL: not found"
+    fi
+  fi
+  export LD_LIBRARY_PATH="$OUT/lib${extra:+:$extra}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # NVRTC compiles cubecl's kernels against $CUDA_PATH/include (cuda_bf16.h and friends).
+  if [ ! -f "$CUDA_PATH/include/cuda_bf16.h" ]; then
+    found=$(find_cuda_lib 'include/cuda_bf16.h')
+    [ -n "$found" ] && export CUDA_PATH="$(dirname "$(dirname "$found")")"
+  fi
+  echo "CUDA_PATH=$CUDA_PATH, headers: $(ls "$CUDA_PATH/include/cuda_bf16.h" 2>/dev/null || echo missing)"
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 }
 
 part_nccl() {
@@ -252,6 +295,10 @@ YAML
   spawned+=("$coordinator")
   local workers=()
   for w in 0 1; do
+    # A copy of part 2's cache each: kernels that do not depend on the shape are not compiled
+    # again, and the two processes never write one cache.
+    rm -rf "$OUT/kernel-cache-worker-$w"
+    [ -d "$OUT/kernel-cache" ] && cp -r "$OUT/kernel-cache" "$OUT/kernel-cache-worker-$w"
     SIMMIM_COLLECTIVE=ring SIMMIM_WORKER_ID="gpu-check-$w" MIMALLOC_PURGE_DELAY=-1 \
       bin/worker --coordinator "http://127.0.0.1:$port" --device "$worker_device_flag" \
       --kernel-cache "$OUT/kernel-cache-worker-$w" > "$OUT/worker-$w.log" 2>&1 &
@@ -317,18 +364,76 @@ part_export() {
   row "export -> torch.load(weights_only=True) -> reference loss" "${check:-no result}" "exit $status"
 }
 
+# 100 steps of swin_micro in f32 and under bf16 autocast, same data and initialisation, on the
+# GPU: the loss gap per 10 steps, beside the CPU's table in docs/gpu.md.
+part_precision() {
+  if [ ! -x bin/precision ]; then
+    row "bf16 vs f32" "not run" "no precision bench staged"
+    return
+  fi
+  local cap status=0 steps=100 batch=16 every=10 cache=()
+  if [ "$mode" = cuda ]; then
+    cache=(--kernel-cache "$OUT/kernel-cache")
+  else
+    steps=6 batch=2 every=3
+  fi
+  cap=$(limit 90 60)
+  if [ "$cap" -lt 20 ]; then
+    row "bf16 vs f32, swin_micro b$batch, $steps steps" "not run" "no time left in the budget"
+    return
+  fi
+  timeout "$cap" bin/precision --backend "$backend" --steps "$steps" --batch "$batch" \
+    --every "$every" ${cache[@]+"${cache[@]}"} > "$OUT/precision.txt" 2>&1 || status=$?
+  cat "$OUT/precision.txt"
+  local gaps
+  gaps=$(grep -E '^\| [0-9]+-[0-9]+ ' "$OUT/precision.txt" | awk -F'|' '{gsub(/ /,"",$6); printf "%s ", $6}')
+  row "bf16 vs f32, swin_micro b$batch, $steps steps, relative loss gap per $every steps" \
+    "${gaps:-no result}" "exit $status (limit $cap s)"
+}
+
+# Last, with what time is left: the step bench built with autotune (bf16, a cold cache of its
+# own), so its first step and its speed can be set against the default build's.
+part_autotune() {
+  if [ ! -x bin/step-autotune ]; then
+    row "step bench burn bf16 autotune" "not run" "no autotune build staged"
+    return
+  fi
+  local cap status=0
+  cap=$(limit 150 0)
+  if [ "$cap" -lt 30 ]; then
+    row "step bench burn bf16 autotune" "not run" "no time left in the budget"
+    return
+  fi
+  with_memory "bench-autotune" timeout "$cap" bin/step-autotune --backend "$backend" \
+    --model "$big_model" --img "$big_img" --window 6 --batch "$big_batch" --dtype bf16 \
+    --steps 3 --warmup 1 --json ${kernel_cache_arg[@]+--kernel-cache "$OUT/kernel-cache-autotune"} \
+    > "$OUT/bench-autotune.txt" 2>&1 || status=$?
+  local first ips
+  first=$(json_field first_step_s < "$OUT/bench-autotune.txt")
+  ips=$(json_field images_per_s < "$OUT/bench-autotune.txt")
+  row "step bench burn bf16 autotune, $big_model $big_img b$big_batch, cold cache" \
+    "${first:-did not finish} s to the end of step 1, then ${ips:-?} img/s, GPU memory +$(cat "$OUT/bench-autotune.mem") MiB" \
+    "exit $status (limit $cap s)"
+}
+
 run() {
   cd "$stage_dir"
   mode=$(cat MODE)
-  OUT="${OUT:-$stage_dir/out}"
-  mkdir -p "$OUT"
+  # The parts write logs, caches and checkpoints into a work folder; the caller's $OUT gets the
+  # table and one archive of the logs (the device tool returns at most 8 files, 2 folders deep).
+  result="${OUT:-}"
+  OUT="${GPU_CHECK_WORK:-$stage_dir/out}"
+  rm -rf "$OUT" && mkdir -p "$OUT"
   OUT="$(cd "$OUT" && pwd)"
+  [ -n "$result" ] && mkdir -p "$result" && result="$(cd "$result" && pwd)"
   export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
   # The driver's PTX->SASS cache where it can be sized, not in a home that may not persist.
   export CUDA_CACHE_PATH="$OUT/nv-cache" CUDA_CACHE_MAXSIZE=4294967296
   unset CUBECL_DEBUG_LOG CUBECL_DEBUG_OPTION
   unpack
-  nccl_on_library_path
+  # Not in a pipe: the function exports LD_LIBRARY_PATH and CUDA_PATH for the parts.
+  cuda_libs_on_library_path > "$OUT/libs.txt" 2>&1
+  cat "$OUT/libs.txt"
   if [ "$mode" = cuda ]; then
     backend=cuda big_model=swin_base big_img=192 big_batch=64 bench_steps=10
     cluster_steps="${GPU_CHECK_STEPS:-300}" worker_device=cuda worker_device_flag=cuda:0
@@ -341,7 +446,7 @@ run() {
     echo "CPU stand-in, $(nproc) cores" > "$OUT/gpu.txt"
   fi
   { python3 -c "import torch; print('torch', torch.__version__)" 2>&1 || true; } | tail -1 | tee -a "$OUT/gpu.txt"
-  for part in part_nccl part_first_step part_bench part_cluster part_export; do
+  for part in part_nccl part_first_step part_bench part_cluster part_export part_precision part_autotune; do
     if [ "$(left)" -lt 30 ]; then
       row "${part#part_}" "not run" "the $budget s budget was spent"
       continue
@@ -355,6 +460,14 @@ run() {
     echo "|---|---|---|"
     printf '%s\n' "${rows[@]}"
   } | tee "$OUT/gpu_check.md"
+  if [ -n "$result" ] && [ "$result" != "$OUT" ]; then
+    cp "$OUT/gpu_check.md" "$result/"
+    # Logs, samples, metrics and the export; not the caches, checkpoints or linked libraries.
+    tar -C "$OUT" -cJf "$result/gpu_check_logs.tar.xz" --exclude='kernel-cache*' \
+      --exclude=nv-cache --exclude=lib --exclude=checkpoints --exclude='*.memlog' . ||
+      echo "could not archive the logs" >&2
+    ls -la "$result"
+  fi
 }
 
 case "${1:-}" in

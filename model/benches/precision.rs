@@ -5,6 +5,10 @@
 //!     cargo bench -p simmim-model --bench precision -- --steps 100 --batch 16
 //!     cargo bench -p simmim-model --bench precision --features cuda -- --backend cuda --batch 64
 
+#[cfg(feature = "cuda")]
+#[path = "common/kernel_cache_cli.rs"]
+mod kernel_cache_cli;
+
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -47,6 +51,10 @@ struct Args {
     /// flex (CPU) or cuda (feature `cuda`).
     #[arg(long, default_value = "flex")]
     backend: String,
+    /// cuda: where compiled kernels are kept (as the worker's `--kernel-cache`); without it
+    /// every kernel is compiled again in each run.
+    #[arg(long)]
+    kernel_cache: Option<std::path::PathBuf>,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -201,7 +209,10 @@ fn main() -> Result<()> {
     let losses = match args.backend.as_str() {
         "flex" => run::<Autodiff<burn_flex::Flex>>(&args, &config, &Default::default())?,
         #[cfg(feature = "cuda")]
-        "cuda" => run::<Autodiff<burn_cuda::Cuda>>(&args, &config, &Default::default())?,
+        "cuda" => {
+            let _compiling = kernel_cache_cli::configure(args.kernel_cache.as_deref())?;
+            run::<Autodiff<burn_cuda::Cuda>>(&args, &config, &Default::default())?
+        }
         other => bail!("--backend {other} is not available in this build"),
     };
     println!(

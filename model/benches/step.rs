@@ -11,6 +11,10 @@
 
 use std::time::Instant;
 
+#[cfg(feature = "cuda")]
+#[path = "common/kernel_cache_cli.rs"]
+mod kernel_cache_cli;
+
 use anyhow::{bail, Context, Result};
 /// Burn allocates a fresh buffer per op; glibc hands large ones back to the kernel and the
 /// next op page-faults them in again (measured: a third of the step). mimalloc keeps them.
@@ -186,20 +190,7 @@ fn main() -> Result<()> {
                      run on a machine with an NVIDIA driver, or use --backend flex"
                 );
             }
-            let _compiling = match &args.kernel_cache {
-                Some(dir) => {
-                    let cache = simmim_model::kernel_cache::configure(dir)?;
-                    eprintln!("{}", cache.describe());
-                    cache.watch(std::time::Duration::from_secs(10), |p| {
-                        eprintln!(
-                            "compiling GPU kernels: {} so far in {:.0} s",
-                            p.kernels,
-                            p.elapsed.as_secs_f64()
-                        )
-                    })
-                }
-                None => None,
-            };
+            let _compiling = kernel_cache_cli::configure(args.kernel_cache.as_deref())?;
             let device = burn_cuda::CudaDevice::default();
             match dtype {
                 "f32" | "bf16" => run::<Autodiff<burn_cuda::Cuda<f32>>>(&args, &config, batch, &device)?,
