@@ -13,8 +13,9 @@ py="${TORCH_PYTHON:-$root/.venv-torchref/bin/python}"
 ref="$root/../shared/bench/torch_simmim_step.py"
 # Keep freed buffers mapped: Burn allocates a fresh buffer per op (measured: sys time 3.1 s -> 0.7 s).
 export MIMALLOC_PURGE_DELAY=-1 MIMALLOC_RESERVE_OS_MEMORY=4GiB
-bin=$(cargo bench -p simmim-model --features ndarray --bench step --no-run 2>&1 |
-  grep -o 'target/release/deps/step-[0-9a-f]*' | tail -1)
+# STEP_BIN: an already built step bench (a copy survives the next build; without ndarray).
+bin="${STEP_BIN:-$(cargo bench -p simmim-model --features ndarray --bench step --no-run 2>&1 |
+  grep -o 'target/release/deps/step-[0-9a-f]*' | tail -1)}"
 out=$(mktemp)
 configs=("swin_micro 64" "swin_tiny 8 --img 192 --window 6" "swin_base 4 --img 192 --window 6" "vit_base 4 --img 224")
 for ((r = 0; r < rounds; r++)); do

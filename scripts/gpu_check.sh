@@ -151,12 +151,13 @@ cuda_libs_on_library_path() {
   [ "$mode" = cuda ] || return 0
   mkdir -p "$OUT/lib"
   local found extra=""
-  if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
-    found=$(find_cuda_lib 'libnvrtc.so*')
+  # The major version the stage bound cudarc to (CUDARC_CUDA_VERSION 13000).
+  if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so\.13'; then
+    found=$(find_cuda_lib 'libnvrtc.so.13*')
     [ -n "$found" ] && extra="$(dirname "$found")"
     echo "NVRTC: ${found:-not found} (not known to ldconfig)"
   else
-    echo "NVRTC: $(ldconfig -p | grep -o '/[^ ]*libnvrtc\.so[^ ]*' | head -1) (ldconfig)"
+    echo "NVRTC: $(ldconfig -p | grep -o '/[^ ]*libnvrtc\.so\.13[^ ]*' | head -1) (ldconfig)"
   fi
   if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
     found=$(find_cuda_lib 'libnccl.so*')

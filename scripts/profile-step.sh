@@ -28,7 +28,9 @@ threads="${THREADS:-$(nproc)}"
 [ "$long" -gt "$short" ] || { echo "profile-step.sh: LONG ($long) must exceed SHORT ($short)" >&2; exit 1; }
 command -v perf >/dev/null || { echo "profile-step.sh: perf is not installed" >&2; exit 1; }
 export MIMALLOC_PURGE_DELAY=-1 MIMALLOC_RESERVE_OS_MEMORY=4GiB
-bin=$(cargo bench -p simmim-model --bench step --no-run --message-format=json 2>/dev/null |
+# STEP_BIN: an already built step bench (as in scripts/bench.sh).
+bin=${STEP_BIN:-}
+[ -n "$bin" ] || bin=$(cargo bench -p simmim-model --bench step --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)

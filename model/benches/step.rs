@@ -70,8 +70,34 @@ struct Args {
 struct Timing {
     forward_backward: Vec<f64>,
     optimizer: Vec<f64>,
+    /// CPU seconds the process spent (all threads) in each phase, summed over the timed steps.
+    forward_backward_cpu: f64,
+    optimizer_cpu: f64,
     /// From the first tensor to the end of the first step (kernel compilation included).
     first_step: f64,
+}
+
+/// The process's CPU time so far (user + system, every thread), from `/proc/self/stat` in
+/// 10 ms ticks; 0 where there is no procfs. Set against wall time it says how many cores a
+/// phase kept busy: where the step is slower than PyTorch with the same work, the idle is.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15, in clock ticks of 1/100 s.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -115,11 +141,13 @@ where
     let mut timing = Timing {
         forward_backward: vec![],
         optimizer: vec![],
+        forward_backward_cpu: 0.0,
+        optimizer_cpu: 0.0,
         first_step: 0.0,
     };
     let sub_batches = sub_batches(args);
     for step in 0..args.warmup + args.steps {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), process_cpu_seconds());
         let (loss, grads) = simmim_model::precision::autocast(precision, || {
             loss_and_grads(&model, images.clone(), mask.clone(), sub_batches)
         });
@@ -127,10 +155,10 @@ where
             bail!("loss is {loss} at step {step}");
         }
         B::sync(device).ok();
-        let t1 = Instant::now();
+        let (t1, c1) = (Instant::now(), process_cpu_seconds());
         model = optimizer.step(1e-4, model, grads).0;
         B::sync(device).ok();
-        let t2 = Instant::now();
+        let (t2, c2) = (Instant::now(), process_cpu_seconds());
         if step == 0 {
             timing.first_step = (t2 - started).as_secs_f64();
             if args.backend == "cuda" {
@@ -140,6 +168,8 @@ where
         if step >= args.warmup {
             timing.forward_backward.push((t1 - t0).as_secs_f64());
             timing.optimizer.push((t2 - t1).as_secs_f64());
+            timing.forward_backward_cpu += c1 - c0;
+            timing.optimizer_cpu += c2 - c1;
         }
     }
     Ok(timing)
@@ -213,16 +243,19 @@ fn main() -> Result<()> {
     let ips = batch as f64 / step;
     let sub_batches = sub_batches(&args);
     let first = timing.first_step;
+    let busy = |cpu: f64, wall: &[f64]| cpu / wall.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+    let fwd_bwd_busy = busy(timing.forward_backward_cpu, &timing.forward_backward);
+    let opt_busy = busy(timing.optimizer_cpu, &timing.optimizer);
     if args.json {
         println!(
-            "{{\"impl\":\"burn\",\"backend\":\"{}\",\"dtype\":\"{}\",\"model\":\"{}\",\"img\":{},\"batch\":{batch},\"sub_batches\":{sub_batches},\"step_s\":{step:.4},\"fwd_bwd_s\":{fwd_bwd:.4},\"opt_s\":{opt:.4},\"images_per_s\":{ips:.2},\"first_step_s\":{first:.2}}}",
+            "{{\"impl\":\"burn\",\"backend\":\"{}\",\"dtype\":\"{}\",\"model\":\"{}\",\"img\":{},\"batch\":{batch},\"sub_batches\":{sub_batches},\"step_s\":{step:.4},\"fwd_bwd_s\":{fwd_bwd:.4},\"opt_s\":{opt:.4},\"images_per_s\":{ips:.2},\"first_step_s\":{first:.2},\"fwd_bwd_cores_busy\":{fwd_bwd_busy:.2},\"opt_cores_busy\":{opt_busy:.2}}}",
             args.backend, args.dtype, args.model, config.encoder.img_size()
         );
     } else {
-        println!("| impl | backend | model | img | batch | sub-batches | step s | fwd+bwd s | opt s | images/s |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("| impl | backend | model | img | batch | sub-batches | step s | fwd+bwd s | opt s | images/s | cores busy fwd+bwd / opt |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| burn | {} {} | {} | {} | {batch} | {sub_batches} | {step:.3} | {fwd_bwd:.3} | {opt:.3} | {ips:.2} |",
+            "| burn | {} {} | {} | {} | {batch} | {sub_batches} | {step:.3} | {fwd_bwd:.3} | {opt:.3} | {ips:.2} | {fwd_bwd_busy:.2} / {opt_busy:.2} |",
             args.backend, args.dtype, args.model, config.encoder.img_size()
         );
     }

@@ -220,10 +220,9 @@ pub fn backward(
     let hd = shape.head_dim();
     let bias_len = bias_groups * shape.probs_group();
     let mut d_qkv = vec![0f32; groups * shape.qkv_group()];
-    // Each task sums its own bias gradient; a few tasks per core keep the partials few. The
-    // machine's cores, not the current pool's threads, set the split, so the sums (and their
-    // rounding) do not depend on which pool runs the kernel (see `step::part_pools`).
-    let tasks = std::thread::available_parallelism().map_or(1, |n| n.get()) * 2;
+    // Each task sums its own bias gradient; a few tasks per core keep the partials few (split
+    // by the machine's cores: see `backend::cores`).
+    let tasks = crate::backend::cores() * 2;
     let groups_per_task = groups.div_ceil(tasks).max(1);
     let partials: Vec<Vec<f32>> = d_qkv
         .par_chunks_mut(groups_per_task * shape.qkv_group())

@@ -441,6 +441,13 @@ fn softmax_backward_decomposed<B: Backend>(
     B::float_reshape((y * (grad - dot)).into_primitive().tensor(), shape)
 }
 
+/// The machine's cores. Kernels split their work (and their partial sums) by this, not by
+/// `rayon::current_num_threads()`: a sub-batch runs inside a pool with a share of the cores
+/// (`step::part_pools`), and a result must not depend on which pool computed it.
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Runs `work(first_element, block)` over blocks of whole rows of `out` on all cores.
 fn for_row_blocks(
     out: &mut [f32],
@@ -448,7 +455,7 @@ fn for_row_blocks(
     rows_per_task: usize,
     work: impl Fn(usize, &mut [f32]) + Sync,
 ) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores();
     let rows = out.len() / width.max(1);
     if threads == 1 || rows <= rows_per_task {
         work(0, out);
@@ -768,7 +775,7 @@ fn layer_norm_backward_rows(
     let width = gamma.len();
     let rows = x.len() / width;
     let mut dx = vec![0f32; x.len()];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores();
     let threads = if rows * width < 1 << 16 { 1 } else { threads };
     let rows_per_thread = rows.div_ceil(threads).max(1);
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx

@@ -152,7 +152,7 @@ fn part_pools(parts: usize) -> Option<Vec<rayon::ThreadPool>> {
     if let Some(pools) = cached.filter(|pools| pools.len() == parts) {
         return Some(pools);
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = crate::backend::cores();
     (0..parts)
         .map(|part| {
             // The cores left over by the division go one each to the first pools.
