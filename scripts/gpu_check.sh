@@ -5,9 +5,11 @@
 #   scripts/gpu_check.sh run                 # there, with devbin/ carried: one table at the end
 #   scripts/gpu_check.sh stage --stand-in    # here: CPU builds under the same names, and
 #   scripts/gpu_check.sh run                 #   the same run on the CPU (rehearsal, small sizes)
-# The run stays within GPU_CHECK_BUDGET_S (default 500 s; give the device call ~560): every part has a time limit and
-# the table says what did not finish. Results (logs, samples, the table) land in $OUT
-# (default devbin/out). Parts, in order of what only a GPU can tell:
+# The run stays within GPU_CHECK_BUDGET_S (default 530 s; give the device call a timeout_s of
+# 580): every part has a time limit and the table says what did not finish. The parts work in
+# devbin/out; $OUT gets the table (gpu_check.md, rewritten after every part) and, when the run
+# ends however it ends, gpu_check_logs.tar.xz (the device tool returns at most 8 files).
+# Parts, in order of what only a GPU can tell:
 #   1. NCCL: the 1-rank transport, host-staged and in place on burn-cuda memory, GB/s
 #   2. first step of swin_base 192 batch 64: cold (empty kernel cache), then warm
 #   3. step bench: burn f32 / bf16 (autocast) beside PyTorch --amp none / bf16, images/s and
@@ -15,6 +17,8 @@
 #   4. coordinator start: the demo model, two workers sharing the GPU over the ring, one
 #      SIGKILLed halfway, the survivor resumes from the checkpoint and finishes
 #   5. worker export of that run, loaded by PyTorch into the reference model: loss vs Rust
+#   6. bf16 autocast against f32, 100 steps of swin_micro: the loss gap per 10 steps
+#   7. (staged with GPU_CHECK_AUTOTUNE=1) the step bench with autotune, with what time is left
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -73,7 +77,7 @@ stage() {
 # ---- run: everything below runs on the GPU machine (or here, on stand-ins) ----
 
 t0=$SECONDS
-budget="${GPU_CHECK_BUDGET_S:-500}"
+budget="${GPU_CHECK_BUDGET_S:-530}"
 rows=()
 
 left() { echo $((budget - (SECONDS - t0))); }
@@ -91,9 +95,51 @@ limit() {
 spawned=()
 cleanup() {
   for pid in ${spawned[@]+"${spawned[@]}"}; do kill -9 "$pid" 2>/dev/null || true; done
+  pack_results
 }
 trap cleanup EXIT
-row() { rows+=("| $1 | $2 | $3 |"); echo "== $1: $2 ($3)"; }
+# A TERM (the device tool's timeout) still runs the EXIT trap, so the logs come back.
+trap 'exit 143' TERM INT
+mode="" result="" packed=""
+row() {
+  rows+=("| $1 | $2 | $3 |")
+  echo "== $1: $2 ($3)"
+  write_table > /dev/null
+}
+# The table so far, in the work folder and in the caller's $OUT (a run cut short keeps its rows).
+write_table() {
+  [ -n "${OUT:-}" ] && [ -d "$OUT" ] || return 0
+  {
+    echo "GPU check on $(head -1 "$OUT/gpu.txt" 2>/dev/null || echo "?"), $(date -u +%FT%TZ), $((SECONDS - t0)) s, mode $mode"
+    echo
+    echo "| part | result | notes |"
+    echo "|---|---|---|"
+    printf '%s\n' ${rows[@]+"${rows[@]}"}
+  } > "$OUT/gpu_check.md"
+  if [ -n "$result" ] && [ "$result" != "$OUT" ]; then cp "$OUT/gpu_check.md" "$result/"; fi
+  cat "$OUT/gpu_check.md"
+}
+# Logs, samples, metrics and the export into $OUT as one archive; not the caches, checkpoints
+# or linked libraries. Python's tarfile, as the machine may have no xz.
+pack_results() {
+  [ -z "$packed" ] && [ -n "$result" ] && [ "$result" != "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
+  packed=1
+  write_table > /dev/null || true
+  python3 - "$OUT" "$result/gpu_check_logs.tar.xz" <<'PY' || echo "could not archive the logs" >&2
+import os, sys, tarfile
+work, archive = sys.argv[1], sys.argv[2]
+def keep(info):
+    parts = info.name.split("/")[1:]
+    if any(p in ("nv-cache", "lib", "checkpoints") or p.startswith("kernel-cache") for p in parts):
+        return None
+    if info.name.endswith(".memlog"):
+        return None
+    return None if info.issym() else info
+with tarfile.open(archive, "w:xz") as tar:
+    tar.add(work, arcname="out", filter=keep)
+PY
+  ls -la "$result" >&2 || true
+}
 json_field() { python3 -c "import json,sys
 for line in sys.stdin:
     line=line.strip()
@@ -150,16 +196,18 @@ for d in site.getsitepackages() + sys.path:
 cuda_libs_on_library_path() {
   [ "$mode" = cuda ] || return 0
   mkdir -p "$OUT/lib"
-  local found extra=""
+  local found extra="" known
+  # Read once: `ldconfig -p | grep -q` can end in SIGPIPE, which pipefail reads as no match.
+  known=$(ldconfig -p 2>/dev/null || true)
   # The major version the stage bound cudarc to (CUDARC_CUDA_VERSION 13000).
-  if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so\.13'; then
+  if ! grep -q 'libnvrtc\.so\.13' <<<"$known"; then
     found=$(find_cuda_lib 'libnvrtc.so.13*')
     [ -n "$found" ] && extra="$(dirname "$found")"
     echo "NVRTC: ${found:-not found} (not known to ldconfig)"
   else
-    echo "NVRTC: $(ldconfig -p | grep -o '/[^ ]*libnvrtc\.so\.13[^ ]*' | head -1) (ldconfig)"
+    echo "NVRTC: $(grep -o '/[^ ]*libnvrtc\.so\.13[^ ]*' <<<"$known" | head -1) (ldconfig)"
   fi
-  if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
+  if ! grep -q 'libnccl\.so ' <<<"$known"; then
     found=$(find_cuda_lib 'libnccl.so*')
     if [ -n "$found" ]; then
       ln -sf "$found" "$OUT/lib/libnccl.so"
@@ -171,8 +219,13 @@ cuda_libs_on_library_path() {
   export LD_LIBRARY_PATH="$OUT/lib${extra:+:$extra}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # NVRTC compiles cubecl's kernels against $CUDA_PATH/include (cuda_bf16.h and friends).
   if [ ! -f "$CUDA_PATH/include/cuda_bf16.h" ]; then
-    found=$(find_cuda_lib 'include/cuda_bf16.h')
-    [ -n "$found" ] && export CUDA_PATH="$(dirname "$(dirname "$found")")"
+    found=$(ls /usr/local/cuda-13*/include/cuda_bf16.h /usr/local/cuda/include/cuda_bf16.h \
+      2>/dev/null | head -1 || true)
+    [ -n "$found" ] || found=$(find_cuda_lib 'include/cuda_bf16.h')
+    if [ -n "$found" ]; then
+      CUDA_PATH="$(dirname "$(dirname "$found")")"
+      export CUDA_PATH
+    fi
   fi
   echo "CUDA_PATH=$CUDA_PATH, headers: $(ls "$CUDA_PATH/include/cuda_bf16.h" 2>/dev/null || echo missing)"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
@@ -184,7 +237,7 @@ part_nccl() {
     return
   fi
   local status=0
-  timeout "$(limit 60)" bin/nccl-bench > "$OUT/nccl.txt" 2>&1 || status=$?
+  timeout -k 10 "$(limit 60)" bin/nccl-bench > "$OUT/nccl.txt" 2>&1 || status=$?
   cat "$OUT/nccl.txt"
   local staged device visible
   staged=$(sed -n '/host-staged/,/on the device/p' "$OUT/nccl.txt" | grep -E '^\| 100 ' |
@@ -252,11 +305,11 @@ part_bench() {
       continue
     fi
     if [ "$1" = torch ]; then
-      with_memory "bench-$1-$2" timeout "$cap" python3 py/torch_simmim_step.py \
+      with_memory "bench-$1-$2" timeout -k 10 "$cap" python3 py/torch_simmim_step.py \
         "${common[@]}" --steps "$bench_steps" --warmup 2 --device "$torch_device" --amp "$2" \
         --json > "$OUT/bench-$1-$2.txt" 2>&1 || status=$?
     else
-      with_memory "bench-$1-$2" timeout "$cap" bin/step --backend "$backend" \
+      with_memory "bench-$1-$2" timeout -k 10 "$cap" bin/step --backend "$backend" \
         "${common[@]}" --dtype "$2" --steps "$bench_steps" --warmup 1 --json \
         ${kernel_cache_arg[@]+"${kernel_cache_arg[@]}"} > "$OUT/bench-$1-$2.txt" 2>&1 || status=$?
     fi
@@ -357,7 +410,7 @@ part_export() {
     bin/worker export --checkpoint "$run" --format pytorch --out "$OUT/model.pth" &&
       bin/worker reconstruct --checkpoint "$run" --image "$image" --out "$OUT/recon.png" \
         --dump "$OUT/batch.safetensors" &&
-      (cd py && timeout "$(limit 60 0)" python3 check_export.py "$OUT/model.pth" "$OUT/batch.safetensors")
+      (cd py && timeout -k 10 "$(limit 60 0)" python3 check_export.py "$OUT/model.pth" "$OUT/batch.safetensors")
   } > "$OUT/export.txt" 2>&1 || status=$?
   cat "$OUT/export.txt"
   local check
@@ -378,12 +431,14 @@ part_precision() {
   else
     steps=6 batch=2 every=3
   fi
-  cap=$(limit 90 60)
+  local reserve=0
+  [ -x bin/step-autotune ] && reserve=60
+  cap=$(limit 90 "$reserve")
   if [ "$cap" -lt 20 ]; then
     row "bf16 vs f32, swin_micro b$batch, $steps steps" "not run" "no time left in the budget"
     return
   fi
-  timeout "$cap" bin/precision --backend "$backend" --steps "$steps" --batch "$batch" \
+  timeout -k 10 "$cap" bin/precision --backend "$backend" --steps "$steps" --batch "$batch" \
     --every "$every" ${cache[@]+"${cache[@]}"} > "$OUT/precision.txt" 2>&1 || status=$?
   cat "$OUT/precision.txt"
   local gaps
@@ -405,7 +460,7 @@ part_autotune() {
     row "step bench burn bf16 autotune" "not run" "no time left in the budget"
     return
   fi
-  with_memory "bench-autotune" timeout "$cap" bin/step-autotune --backend "$backend" \
+  with_memory "bench-autotune" timeout -k 10 "$cap" bin/step-autotune --backend "$backend" \
     --model "$big_model" --img "$big_img" --window 6 --batch "$big_batch" --dtype bf16 \
     --steps 3 --warmup 1 --json ${kernel_cache_arg[@]+--kernel-cache "$OUT/kernel-cache-autotune"} \
     > "$OUT/bench-autotune.txt" 2>&1 || status=$?
@@ -419,10 +474,9 @@ part_autotune() {
 
 run() {
   cd "$stage_dir"
-  mode=$(cat MODE)
   # The parts write logs, caches and checkpoints into a work folder; the caller's $OUT gets the
   # table and one archive of the logs (the device tool returns at most 8 files, 2 folders deep).
-  result="${OUT:-}"
+  result="${OUT:-}" mode=$(cat MODE)
   OUT="${GPU_CHECK_WORK:-$stage_dir/out}"
   rm -rf "$OUT" && mkdir -p "$OUT"
   OUT="$(cd "$OUT" && pwd)"
@@ -433,7 +487,7 @@ run() {
   unset CUBECL_DEBUG_LOG CUBECL_DEBUG_OPTION
   unpack
   # Not in a pipe: the function exports LD_LIBRARY_PATH and CUDA_PATH for the parts.
-  cuda_libs_on_library_path > "$OUT/libs.txt" 2>&1
+  cuda_libs_on_library_path > "$OUT/libs.txt" 2>&1 || echo "library lookup failed" >> "$OUT/libs.txt"
   cat "$OUT/libs.txt"
   if [ "$mode" = cuda ]; then
     backend=cuda big_model=swin_base big_img=192 big_batch=64 bench_steps=10
@@ -452,23 +506,10 @@ run() {
       row "${part#part_}" "not run" "the $budget s budget was spent"
       continue
     fi
-    "$part" || row "${part#part_}" "failed" "see $OUT"
+    "$part" || row "${part#part_}" "failed" "see gpu_check_logs.tar.xz"
   done
-  {
-    echo "GPU check on $(head -1 "$OUT/gpu.txt"), $(date -u +%FT%TZ), $((SECONDS - t0)) s, mode $mode"
-    echo
-    echo "| part | result | notes |"
-    echo "|---|---|---|"
-    printf '%s\n' "${rows[@]}"
-  } | tee "$OUT/gpu_check.md"
-  if [ -n "$result" ] && [ "$result" != "$OUT" ]; then
-    cp "$OUT/gpu_check.md" "$result/"
-    # Logs, samples, metrics and the export; not the caches, checkpoints or linked libraries.
-    tar -C "$OUT" -cJf "$result/gpu_check_logs.tar.xz" --exclude='kernel-cache*' \
-      --exclude=nv-cache --exclude=lib --exclude=checkpoints --exclude='*.memlog' . ||
-      echo "could not archive the logs" >&2
-    ls -la "$result"
-  fi
+  pack_results
+  write_table
 }
 
 case "${1:-}" in
