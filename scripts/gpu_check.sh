@@ -24,40 +24,38 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 stage_dir="$root/devbin"
 
+# Builds one bench binary and copies it into devbin/bin under the name the run uses.
+stage_bench() {  # package bench name [cargo feature args...]
+  local package=$1 bench=$2 name=$3 built
+  shift 3
+  built=$(cargo bench -p "$package" "$@" --bench "$bench" --no-run 2>&1 |
+    grep -o "target/release/deps/$bench-[0-9a-f]*" | tail -1 || true)
+  [ -n "$built" ] || { echo "stage: building the $bench bench of $package failed" >&2; return 1; }
+  cp "$built" "$stage_dir/bin/$name"
+}
+
 stage() {
   local stand_in=0
   [ "${1:-}" = "--stand-in" ] && stand_in=1
   rm -rf "$stage_dir" && mkdir -p "$stage_dir"/{bin,py,data}
-  local features="" bench_features=""
+  local features=() bench_features=()
   if [ "$stand_in" = 0 ]; then
-    features="--features simmim-worker/cuda"
-    bench_features="--features cuda"
+    features=(--features simmim-worker/cuda)
+    bench_features=(--features cuda)
     # The GPU machine's toolkit (CUDA 13.0, driver 580): without this cudarc binds to the newest
     # CUDA it knows, whose library names and symbols the machine may not have.
     export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"
   fi
-  # shellcheck disable=SC2086
-  cargo build --release -p simmim-worker -p simmim-coordinator --bins $features
+  cargo build --release -p simmim-worker -p simmim-coordinator --bins ${features[@]+"${features[@]}"}
   cp target/release/worker target/release/coordinator "$stage_dir/bin/"
-  local step nccl
-  # shellcheck disable=SC2086
-  step=$(cargo bench -p simmim-model $bench_features --bench step --no-run 2>&1 |
-    grep -o 'target/release/deps/step-[0-9a-f]*' | tail -1)
-  cp "$step" "$stage_dir/bin/step"
-  # shellcheck disable=SC2086
-  step=$(cargo bench -p simmim-model $bench_features --bench precision --no-run 2>&1 |
-    grep -o 'target/release/deps/precision-[0-9a-f]*' | tail -1)
-  cp "$step" "$stage_dir/bin/precision"
+  stage_bench simmim-model step step ${bench_features[@]+"${bench_features[@]}"}
+  stage_bench simmim-model precision precision ${bench_features[@]+"${bench_features[@]}"}
   if [ "$stand_in" = 0 ]; then
-    nccl=$(cargo bench -p simmim-worker --features cuda --bench nccl --no-run 2>&1 |
-      grep -o 'target/release/deps/nccl-[0-9a-f]*' | tail -1)
-    cp "$nccl" "$stage_dir/bin/nccl-bench"
+    stage_bench simmim-worker nccl nccl-bench --features cuda
     # GPU_CHECK_AUTOTUNE=1: the step bench with burn-cuda's autotune too, to weigh its first-step
     # cost against its speed (another build of the cubecl crates, about 10 minutes here).
     if [ "${GPU_CHECK_AUTOTUNE:-0}" = 1 ]; then
-      step=$(cargo bench -p simmim-model --features cuda,autotune --bench step --no-run 2>&1 |
-        grep -o 'target/release/deps/step-[0-9a-f]*' | tail -1)
-      cp "$step" "$stage_dir/bin/step-autotune"
+      stage_bench simmim-model step step-autotune --features cuda,autotune
     fi
     echo cuda > "$stage_dir/MODE"
   else
@@ -177,17 +175,22 @@ unpack() {
   fi
 }
 
-# Where a CUDA library lives when the loader does not know it: the toolkit's folders, then the
-# pip wheels' (nvidia/<pkg>/lib, nvidia/cu13/lib). Prints the first match.
-find_cuda_lib() {  # pattern
-  local pattern=$1 found=""
-  for d in "$CUDA_PATH/lib64" "$CUDA_PATH/targets/x86_64-linux/lib" "$CUDA_PATH/lib"; do
-    found=$(ls "$d"/$pattern 2>/dev/null | head -1) && [ -n "$found" ] && { echo "$found"; return; }
-  done
+# The first file under PyTorch's NVIDIA wheels (nvidia/<pkg>/..., nvidia/cu13/...) matching a
+# path pattern, e.g. 'lib/libnccl.so*' or 'include/cuda_bf16.h'.
+find_in_wheels() {  # pattern
   python3 -c "import glob, site, sys
 for d in site.getsitepackages() + sys.path:
     for f in sorted(glob.glob(d + '/nvidia/**/' + sys.argv[1], recursive=True)):
-        print(f); raise SystemExit" "$pattern" 2>/dev/null || true
+        print(f); raise SystemExit" "$1" 2>/dev/null || true
+}
+
+# The first match of a file pattern in the toolkit's library folders, else in the wheels'.
+find_cuda_lib() {  # pattern
+  local found
+  found=$(ls "$CUDA_PATH"/lib64/$1 "$CUDA_PATH"/targets/x86_64-linux/lib/$1 "$CUDA_PATH"/lib/$1 \
+    2>/dev/null | head -1 || true)
+  [ -n "$found" ] || found=$(find_in_wheels "lib/$1")
+  echo "$found"
 }
 
 # cudarc dlopens libnvrtc.so.<major> and libnccl.so (or .so.1/.so.12), never libnccl.so.2, the
@@ -221,7 +224,7 @@ cuda_libs_on_library_path() {
   if [ ! -f "$CUDA_PATH/include/cuda_bf16.h" ]; then
     found=$(ls /usr/local/cuda-13*/include/cuda_bf16.h /usr/local/cuda/include/cuda_bf16.h \
       2>/dev/null | head -1 || true)
-    [ -n "$found" ] || found=$(find_cuda_lib 'include/cuda_bf16.h')
+    [ -n "$found" ] || found=$(find_in_wheels 'include/cuda_bf16.h')
     if [ -n "$found" ]; then
       CUDA_PATH="$(dirname "$(dirname "$found")")"
       export CUDA_PATH
