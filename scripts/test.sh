@@ -54,7 +54,6 @@ report() {
 trap report EXIT
 
 setup() {
-  scripts/setup.sh
   # Tools for the deploy/ checks (rendering and schema validation, offline), installed once...
   if ! command -v kubectl >/dev/null; then
     echo "setup: installing kubectl (Debian's kubernetes-client)"
@@ -90,7 +89,21 @@ if [[ $tier == quick ]]; then
   exit 0
 fi
 
-stage "setup (tools, dataset, base image)" setup
+# The tools download and install (apt, pip, debootstrap: network-bound) while the lints and the
+# build keep the cores busy; the tests wait for them.
+scripts/setup.sh
+mkdir -p runs
+setup > runs/test-setup.log 2>&1 &
+setup_pid=$!
+setup_start=$SECONDS
+wait_for_setup() {
+  if ! wait "$setup_pid"; then
+    tail -30 runs/test-setup.log
+    echo "setup of the test tools failed (log: runs/test-setup.log)" >&2
+    return 1
+  fi
+  echo "(the tools were ready $((SECONDS - setup_start)) s after the start; log: runs/test-setup.log)"
+}
 stage "cargo fmt --check" cargo fmt --all -- --check
 stage "cargo clippy (release profile)" \
   cargo clippy --release --workspace --all-targets "${timings[@]}" -- -D warnings
@@ -111,6 +124,7 @@ run_tests() {
     cargo test --release --workspace
   fi
 }
+stage "wait for the test tools (set up in the background)" wait_for_setup
 stage "tests" run_tests
 smoke() {
   rm -rf runs/cifar10-smoke

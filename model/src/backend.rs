@@ -83,6 +83,14 @@ pub trait SimMimBackend: Backend {
         false
     }
 
+    /// Whether this backend's kernels run on the host's cores. There a batch split into
+    /// concurrent sub-batches keeps every core busy while one sub-batch sits in a narrow
+    /// kernel; on a GPU the batch is one stream of kernels, and splitting it only makes each
+    /// kernel smaller and multiplies the launches, so the trainer runs it whole.
+    fn computes_on_host() -> bool {
+        true
+    }
+
     /// Attention over a fused qkv projection `[G, N, 3C]` with `bias` `[P, heads, N, N]`,
     /// heads merged: `[G, N, C]` (see [`crate::attention::attention`]).
     fn qkv_attention(
@@ -519,6 +527,10 @@ pub fn cuda_driver_present() -> bool {
 
 #[cfg(feature = "cuda")]
 impl SimMimBackend for burn_cuda::Cuda<f32> {
+    fn computes_on_host() -> bool {
+        false
+    }
+
     fn with_device_memory<R>(
         tensor: FloatTensor<Self>,
         use_memory: impl FnOnce(Option<(u64, usize)>) -> R,
@@ -568,13 +580,25 @@ mod cuda_memory {
     }
 }
 #[cfg(feature = "cuda")]
-impl SimMimBackend for burn_cuda::Cuda<burn::tensor::bf16> {}
+impl SimMimBackend for burn_cuda::Cuda<burn::tensor::bf16> {
+    fn computes_on_host() -> bool {
+        false
+    }
+}
 #[cfg(feature = "cuda")]
-impl SimMimBackend for burn_cuda::Cuda<burn::tensor::f16> {}
+impl SimMimBackend for burn_cuda::Cuda<burn::tensor::f16> {
+    fn computes_on_host() -> bool {
+        false
+    }
+}
 
 impl<B: SimMimBackend, C: CheckpointStrategy> SimMimBackend for Autodiff<B, C> {
     fn has_attention_kernel() -> bool {
         B::has_attention_kernel()
+    }
+
+    fn computes_on_host() -> bool {
+        B::computes_on_host()
     }
 
     fn qkv_attention(

@@ -75,6 +75,77 @@ pub struct SimMimConfig {
     pub mask_patch_size: usize,
     #[serde(default = "default_mask_ratio")]
     pub mask_ratio: f64,
+    /// The mask strategy, and the patch and ratio where given here (they win over the two
+    /// flat fields above, which stay for the official layout).
+    #[serde(default, skip_serializing_if = "crate::mask::MaskSpec::is_default")]
+    pub mask: crate::mask::MaskSpec,
+    /// The reconstruction loss (the paper's ablation of losses and of where they apply).
+    #[serde(default, skip_serializing_if = "LossSpec::is_default")]
+    pub loss: LossSpec,
+}
+
+/// `model.config.loss`: what the reconstruction is scored with, and on which pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSpec {
+    #[serde(default)]
+    pub kind: LossKind,
+    /// Where `smooth_l1` turns from quadratic to linear (PyTorch's `beta`).
+    #[serde(default = "default_smooth_l1_beta")]
+    pub beta: f64,
+    #[serde(default)]
+    pub area: LossArea,
+}
+
+/// The per-pixel loss, as PyTorch's `l1_loss`, `smooth_l1_loss` and `mse_loss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    #[default]
+    L1,
+    SmoothL1,
+    L2,
+}
+
+/// The pixels the loss averages over: the masked ones (SimMIM's) or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossArea {
+    #[default]
+    Masked,
+    All,
+}
+
+fn default_smooth_l1_beta() -> f64 {
+    1.0
+}
+
+impl Default for LossSpec {
+    fn default() -> Self {
+        Self {
+            kind: LossKind::L1,
+            beta: default_smooth_l1_beta(),
+            area: LossArea::Masked,
+        }
+    }
+}
+
+impl LossSpec {
+    /// Whether the spec is SimMIM's own loss (then it is left out of a written config, so
+    /// configs and their hashes from before it existed stay the same).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return Err(config_error(
+                "loss.beta",
+                format!("{} must be a positive number", self.beta),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_in_chans() -> usize {
@@ -297,21 +368,28 @@ impl SimMimConfig {
             EncoderConfig::Swin(c) => c.validate()?,
             EncoderConfig::Vit(c) => c.validate()?,
         }
-        crate::mask::MaskGeometry::new(
-            self.encoder.img_size(),
-            self.mask_patch_size,
-            self.encoder.patch_size(),
-            self.mask_ratio,
-        )?;
+        self.mask_geometry()?;
+        self.loss.validate()?;
         Ok(())
     }
 
+    /// The mask patch in effect (`mask.patch`, else `mask_patch_size`).
+    pub fn mask_patch(&self) -> usize {
+        self.mask.patch.unwrap_or(self.mask_patch_size)
+    }
+
+    /// The mask ratio in effect (`mask.ratio`, else `mask_ratio`).
+    pub fn mask_ratio(&self) -> f64 {
+        self.mask.ratio.unwrap_or(self.mask_ratio)
+    }
+
     pub fn mask_geometry(&self) -> Result<crate::mask::MaskGeometry, ConfigError> {
-        crate::mask::MaskGeometry::new(
+        crate::mask::MaskGeometry::with_strategy(
             self.encoder.img_size(),
-            self.mask_patch_size,
+            self.mask_patch(),
             self.encoder.patch_size(),
-            self.mask_ratio,
+            self.mask_ratio(),
+            self.mask.strategy,
         )
     }
 
@@ -322,6 +400,8 @@ impl SimMimConfig {
             encoder: EncoderConfig::Swin(c),
             mask_patch_size: 32,
             mask_ratio: 0.6,
+            mask: Default::default(),
+            loss: Default::default(),
         };
         Some(match name {
             "swin_tiny" => swin(SwinConfig::official(96, [2, 2, 6, 2], [3, 6, 12, 24], 6)),
@@ -342,6 +422,8 @@ impl SimMimConfig {
                 }),
                 mask_patch_size: 8,
                 mask_ratio: 0.6,
+                mask: Default::default(),
+                loss: Default::default(),
             },
             "vit_base" => Self {
                 encoder: EncoderConfig::Vit(VitConfig {
@@ -361,6 +443,8 @@ impl SimMimConfig {
                 }),
                 mask_patch_size: 32,
                 mask_ratio: 0.6,
+                mask: Default::default(),
+                loss: Default::default(),
             },
             _ => return None,
         })

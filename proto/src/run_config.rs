@@ -219,7 +219,8 @@ pub struct TrainSection {
     /// Stop after this many optimizer steps (the schedule still spans `epochs`).
     #[serde(default)]
     pub max_steps: Option<u64>,
-    /// Sub-batches computed concurrently on CPU; default: twice the cores.
+    /// Sub-batches each micro-batch is split into and computed concurrently; default: twice
+    /// the cores on the CPU, the whole batch (1) on a GPU.
     #[serde(default)]
     pub compute_threads: Option<usize>,
     /// `f32`, or `bf16`: matmuls in bf16 (as `torch.autocast`), everything else in f32,

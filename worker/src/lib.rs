@@ -18,4 +18,5 @@ pub mod schedule;
 pub mod session;
 pub mod shutdown;
 pub mod trainer;
+pub mod user_mask;
 pub mod weights_source;

@@ -5,12 +5,14 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand};
+use simmim_proto::mask::MaskStrategy;
 use simmim_proto::{Permanent, EXIT_DO_NOT_RETRY};
 use simmim_worker::commands::inspect::{self, ExportFormat};
 use simmim_worker::commands::probe::{probe_cli, ProbeArgs};
-use simmim_worker::commands::{join, launch};
+use simmim_worker::commands::{join, launch, mask_stats};
 use simmim_worker::data;
 use simmim_worker::device::Device;
+use simmim_worker::user_mask::MaskBox;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -86,6 +88,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// How hard a run's masks are: AvgDist (mean distance of masked pixels to the nearest
+    /// visible one) and the true masked share; --sweep prints the paper's table over
+    /// strategies, mask patches 4-64 and ratios 0.1-0.9, and draws it.
+    MaskStats {
+        #[arg(long)]
+        config: PathBuf,
+        /// Masks drawn per point.
+        #[arg(long, default_value_t = 64)]
+        samples: usize,
+        #[arg(long)]
+        sweep: bool,
+        /// Where --sweep draws its plot.
+        #[arg(long, default_value = "mask-avgdist.png")]
+        plot: PathBuf,
+    },
     /// Pack an ImageFolder tree into tar shards plus `index.json` (use the index as `data.train`).
     PackShards {
         #[arg(long)]
@@ -95,7 +112,8 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         per_shard: usize,
     },
-    /// Picture of what a checkpoint reconstructs for one image (original | masked | prediction).
+    /// Picture of what a checkpoint reconstructs for one image (original | masked | prediction
+    /// pasted into the visible part | raw prediction of every pixel).
     Reconstruct {
         /// A run directory or URL (its newest checkpoint), or a model.safetensors file.
         #[arg(long)]
@@ -107,12 +125,35 @@ enum Command {
         /// Seed of the random mask.
         #[arg(long, default_value_t = 0)]
         mask_seed: u64,
+        /// A drawn mask instead of a random one: a PNG, white = masked, any size (resized to
+        /// the model's input and snapped to mask units: a unit is masked when half of it is).
+        #[arg(long)]
+        mask: Option<PathBuf>,
+        /// A masked box `x,y,w,h` in the model's input pixels, snapped to mask units; repeat
+        /// for more (added to --mask).
+        #[arg(long = "mask-box")]
+        mask_box: Vec<MaskBox>,
+        /// Override the checkpoint's mask strategy for the random mask.
+        #[arg(long, value_parser = parse_strategy)]
+        strategy: Option<MaskStrategy>,
+        /// Override the mask patch (pixels; a multiple of the model's patch dividing its input).
+        #[arg(long)]
+        mask_patch: Option<usize>,
+        /// Override the mask ratio (0 to 1].
+        #[arg(long)]
+        ratio: Option<f64>,
         /// Also write the exact input, mask, loss and reconstruction as safetensors (the
         /// parity cases' names, the model config as metadata): the same batch and weights for
         /// checking another implementation, e.g. PyTorch on `worker export`'s .pth.
         #[arg(long)]
         dump: Option<PathBuf>,
     },
+}
+
+/// `random`, `square` or `block`, named in the error otherwise.
+fn parse_strategy(text: &str) -> Result<MaskStrategy, String> {
+    serde_yaml::from_str(text)
+        .map_err(|_| format!("`{text}`: expected one of random, square, block"))
 }
 
 fn main() {
@@ -149,6 +190,17 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Some(Command::MaskStats {
+            config,
+            samples,
+            sweep,
+            plot,
+        }) => mask_stats::mask_stats(&mask_stats::MaskStatsArgs {
+            config,
+            samples: samples.max(1),
+            sweep,
+            plot,
+        }),
         Some(Command::Export {
             checkpoint,
             step,
@@ -160,12 +212,24 @@ fn run(cli: Cli) -> Result<()> {
             image,
             out,
             mask_seed,
+            mask,
+            mask_box,
+            strategy,
+            mask_patch,
+            ratio,
             dump,
         }) => inspect::reconstruct(&inspect::ReconstructArgs {
             checkpoint: &checkpoint,
             image: &image,
             out: &out,
             mask_seed,
+            mask: inspect::MaskOverrides {
+                png: mask.as_deref(),
+                boxes: &mask_box,
+                strategy,
+                patch: mask_patch,
+                ratio,
+            },
             dump: dump.as_deref(),
         }),
         Some(Command::Finetune {

@@ -1,5 +1,7 @@
-//! Reconstruction pictures: one row per image, three columns: the original, the masked input
-//! the encoder saw (masked patches grey), and the prediction pasted into the visible image.
+//! Reconstruction pictures: one row per image, four columns as the SimMIM paper draws them:
+//! the original, the masked input the encoder saw (masked patches grey), the prediction of the
+//! masked part pasted into the visible image, and the raw prediction of every pixel (the
+//! paper's "reconstruct all": what the head makes of the visible part too).
 //! Tiny images are enlarged (nearest neighbour) so each tile is at least 128 px.
 
 use image::{imageops, ImageEncoder, Rgb, RgbImage};
@@ -20,7 +22,7 @@ pub fn grid_png(
     let tile = side as u32 * zoom;
     let gap = 4u32;
     let mut canvas = RgbImage::from_pixel(
-        3 * tile + 4 * gap,
+        4 * tile + 5 * gap,
         n as u32 * (tile + gap) + gap,
         Rgb([255, 255, 255]),
     );
@@ -45,7 +47,10 @@ pub fn grid_png(
             }
         });
         let top = gap + i as u32 * (tile + gap);
-        for (col, tile_image) in [original, masked_input, pasted].iter().enumerate() {
+        for (col, tile_image) in [original, masked_input, pasted, prediction]
+            .iter()
+            .enumerate()
+        {
             let big = imageops::resize(tile_image, tile, tile, imageops::FilterType::Nearest);
             imageops::replace(
                 &mut canvas,
@@ -102,5 +107,12 @@ mod tests {
             image.get_pixel(at(0, tile - 2, tile - 2).0, at(0, tile - 2, tile - 2).1),
             "visible part is the original"
         );
+        let (x, y) = at(3, tile - 2, tile - 2);
+        assert_eq!(
+            image.get_pixel(x, y).0,
+            [255, 255, 255],
+            "the raw prediction covers the visible part too"
+        );
+        assert_eq!(image.width(), 4 * tile + 5 * 4, "four columns");
     }
 }

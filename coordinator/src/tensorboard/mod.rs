@@ -78,8 +78,16 @@ impl TensorBoard {
         } else {
             &["train/loss"]
         };
-        let hparams =
-            events::hparams_start(&serde_json::to_value(config).unwrap_or_default(), metrics);
+        let mut flat_config = serde_json::to_value(config).unwrap_or_default();
+        if let (Some(stats), Some(object)) = (mask_stats(config), flat_config.as_object_mut()) {
+            // How hard the masks are, beside the settings that make them (the paper's
+            // AvgDist), so runs that differ in their mask can be compared by it.
+            object.insert(
+                "mask_stats".into(),
+                serde_json::json!({ "avg_dist": stats.avg_dist, "masked_ratio": stats.ratio }),
+            );
+        }
+        let hparams = events::hparams_start(&flat_config, metrics);
         let images = config.output.recon_every_steps > 0;
         tokio::spawn(async move {
             let writer = Writer::new(store, images);
@@ -413,4 +421,22 @@ fn recon_step(key: &str) -> Option<u64> {
         .strip_suffix(".png")?
         .parse()
         .ok()
+}
+
+/// The pretraining mask's AvgDist and true masked share over 64 masks of the run's seed,
+/// logged once; `None` for a fine-tuning run (it draws no masks) or an invalid model config.
+fn mask_stats(config: &simmim_proto::RunConfig) -> Option<simmim_proto::mask::MaskStats> {
+    if config.finetune.is_some() {
+        return None;
+    }
+    let geometry = config.model_config().ok()?.mask_geometry().ok()?;
+    let stats = simmim_proto::mask::MaskStats::measure(&geometry, config.run.seed, 64);
+    tracing::info!(
+        "mask: {} strategy, mask patch {} px, {:.3} of the pixels masked, AvgDist {:.2} px",
+        geometry.strategy().name(),
+        geometry.mask_patch(),
+        stats.ratio,
+        stats.avg_dist
+    );
+    Some(stats)
 }

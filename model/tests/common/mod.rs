@@ -96,6 +96,8 @@ impl Case {
             encoder,
             mask_patch_size: self.mask_patch_size,
             mask_ratio: self.mask_ratio,
+            mask: Default::default(),
+            loss: Default::default(),
         };
         if config.encoder.encoder_stride() != self.encoder_stride {
             bail!(

@@ -15,6 +15,8 @@ use simmim_proto::store::{location_url, RunStore};
 
 use crate::data::augment::Augment;
 use crate::recon;
+use crate::user_mask::{self, MaskBox};
+use simmim_proto::mask::{MaskGeometry, MaskStrategy};
 
 /// What `worker export` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -61,9 +63,50 @@ pub struct ReconstructArgs<'a> {
     pub image: &'a Path,
     pub out: &'a Path,
     pub mask_seed: u64,
+    /// The mask to draw instead of the checkpoint's configured one.
+    pub mask: MaskOverrides<'a>,
     /// Also write the exact input, mask, loss and reconstruction (with the model config) as
     /// safetensors, so another implementation can be checked on the same batch and weights.
     pub dump: Option<&'a Path>,
+}
+
+/// `worker reconstruct`'s mask options: a drawn mask (a PNG and boxes, snapped to mask units),
+/// or the configured strategy, mask patch and ratio overridden.
+#[derive(Clone, Copy, Default)]
+pub struct MaskOverrides<'a> {
+    pub png: Option<&'a Path>,
+    pub boxes: &'a [MaskBox],
+    pub strategy: Option<MaskStrategy>,
+    pub patch: Option<usize>,
+    pub ratio: Option<f64>,
+}
+
+impl MaskOverrides<'_> {
+    fn drawn(&self) -> bool {
+        self.png.is_some() || !self.boxes.is_empty()
+    }
+
+    /// The checkpoint's mask geometry with the overrides applied.
+    fn geometry(&self, config: &simmim_model::SimMimConfig) -> Result<MaskGeometry> {
+        Ok(MaskGeometry::with_strategy(
+            config.encoder.img_size(),
+            self.patch.unwrap_or(config.mask_patch()),
+            config.encoder.patch_size(),
+            self.ratio.unwrap_or(config.mask_ratio()),
+            self.strategy.unwrap_or(config.mask.strategy),
+        )?)
+    }
+
+    /// The token mask drawn from the PNG and boxes.
+    fn tokens(&self, geometry: &MaskGeometry, side: usize) -> Result<Vec<u8>> {
+        let mut pixels = match self.png {
+            Some(path) => user_mask::pixels_from_png(path, side)?,
+            None => vec![0u8; side * side],
+        };
+        user_mask::add_boxes(&mut pixels, side, self.boxes);
+        let units = user_mask::snap_to_units(&pixels, side, geometry.mask_patch())?;
+        Ok(geometry.tokens_from_units(&units))
+    }
 }
 
 pub fn reconstruct(args: &ReconstructArgs) -> Result<()> {
@@ -72,6 +115,7 @@ pub fn reconstruct(args: &ReconstructArgs) -> Result<()> {
         image,
         out,
         mask_seed,
+        mask,
         dump,
     } = *args;
     let weights_bytes = if checkpoint_location.ends_with(".safetensors") {
@@ -91,10 +135,13 @@ pub fn reconstruct(args: &ReconstructArgs) -> Result<()> {
         &state_dict_from_safetensors(&weights_bytes)?,
     )?;
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
-    let geometry = config.mask_geometry()?;
+    let geometry = mask.geometry(&config)?;
     let side = config.encoder.img_size();
-    let prepared =
+    let mut prepared =
         Augment::new(side, geometry).center(&bytes, &image.display().to_string(), mask_seed)?;
+    if mask.drawn() {
+        prepared.mask = mask.tokens(&geometry, side)?;
+    }
     let grid = geometry.token_grid();
     let output = model.forward(
         Tensor::<Flex, 4>::from_data(

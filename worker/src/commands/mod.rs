@@ -3,4 +3,5 @@
 pub mod inspect;
 pub mod join;
 pub mod launch;
+pub mod mask_stats;
 pub mod probe;

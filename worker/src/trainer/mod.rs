@@ -58,6 +58,7 @@ where
         &run,
         state.cursor(),
         remaining,
+        B::InnerBackend::computes_on_host(),
     )?;
     let mut hooks = task.hooks()?;
     let mut policy = CheckpointPolicy::new(generation, store.clone(), end_step);

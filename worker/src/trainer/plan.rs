@@ -106,8 +106,28 @@ pub fn usable_len(config: &RunConfig, dataset: &Dataset) -> usize {
         .map_or(dataset.len(), |l| l.min(dataset.len()))
 }
 
+/// Sub-batches each micro-batch is split into and computed concurrently:
+/// `train.compute_threads` where set; otherwise twice the cores when the kernels run on the
+/// host (a sub-batch waiting in a narrow kernel leaves its cores to the others), and the whole
+/// batch on a GPU, where splitting it only shrinks every kernel and multiplies the launches.
+pub fn sub_batches(configured: Option<usize>, computes_on_host: bool, cores: usize) -> usize {
+    match (configured, computes_on_host) {
+        (Some(n), false) if n > 1 => {
+            tracing::warn!(
+                "train.compute_threads: {n} sub-batches on a GPU run one after another as \
+                 {n} smaller streams of kernels, each too small to fill the device, with {n} \
+                 times the launches; leave it unset to compute the batch whole"
+            );
+            n
+        }
+        (Some(n), _) => n,
+        (None, true) => 2 * cores,
+        (None, false) => 1,
+    }
+}
+
 /// Starts the prefetching loader on this rank's share of `steps` optimizer steps from `first`;
-/// returns it with the number of sub-batches to compute concurrently (`train.compute_threads`).
+/// returns it with the number of sub-batches to compute concurrently ([`sub_batches`]).
 pub fn start_loader(
     generation: &Generation,
     dataset: Dataset,
@@ -115,6 +135,7 @@ pub fn start_loader(
     run: &RunPlan,
     first: Cursor,
     steps: u64,
+    computes_on_host: bool,
 ) -> Result<(Loader, usize)> {
     let config = &generation.config;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -130,5 +151,28 @@ pub fn start_loader(
             prefetch: config.data.prefetch,
         },
     )?;
-    Ok((loader, config.train.compute_threads.unwrap_or(2 * cores)))
+    let sub_batches = sub_batches(config.train.compute_threads, computes_on_host, cores);
+    Ok((loader, sub_batches))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sub_batches;
+
+    #[test]
+    fn a_gpu_computes_the_batch_whole_unless_asked() {
+        assert_eq!(sub_batches(None, true, 16), 32, "CPU: twice the cores");
+        assert_eq!(
+            sub_batches(None, false, 16),
+            1,
+            "GPU: one batch, whatever the host"
+        );
+        assert_eq!(sub_batches(Some(3), true, 16), 3);
+        assert_eq!(
+            sub_batches(Some(4), false, 16),
+            4,
+            "asked for: kept, with a warning"
+        );
+        assert_eq!(sub_batches(Some(1), false, 16), 1);
+    }
 }
