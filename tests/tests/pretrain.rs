@@ -88,8 +88,8 @@ fn short_run_writes_metrics_pictures_checkpoints_and_skips_the_corrupt_file() {
     let png = image::open(run.join("recon/step_00000004.png"))
         .expect("png")
         .to_rgb8();
-    // 4 rows of 16 px tiles enlarged to 128 px, 3 columns.
-    assert_eq!((png.width(), png.height()), (3 * 128 + 16, 4 * 132 + 4));
+    // 4 rows of 16 px tiles enlarged to 128 px, 4 columns (original, masked, pasted, all).
+    assert_eq!((png.width(), png.height()), (4 * 128 + 20, 4 * 132 + 4));
 
     // `coordinator status` on the finished run.
     let status = coordinator(
@@ -117,7 +117,61 @@ fn short_run_writes_metrics_pictures_checkpoints_and_skips_the_corrupt_file() {
         .output()
         .expect("worker reconstruct");
     assert!(recon.status.success(), "{}", stderr(&recon));
-    assert_eq!(image::open(&picture).expect("png").width(), 3 * 128 + 16);
+    assert_eq!(image::open(&picture).expect("png").width(), 4 * 128 + 20);
+
+    // A drawn mask, as the paper's figures mask an object: the left half of the 16 px input
+    // (two of the four 4 px mask units per row) is grey in the masked column, the right half
+    // is the original.
+    let drawn = dir.path().join("drawn.png");
+    let reconstruct = |extra: &[&str], out: &Path| {
+        std::process::Command::new(binary("worker"))
+            .args(["reconstruct", "--checkpoint"])
+            .arg(&run)
+            .arg("--image")
+            .arg(&image)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .expect("worker reconstruct")
+    };
+    let recon = reconstruct(&["--mask-box", "0,0,8,16"], &drawn);
+    assert!(recon.status.success(), "{}", stderr(&recon));
+    let png = image::open(&drawn).expect("png").to_rgb8();
+    let (tile, gap) = (128u32, 4u32);
+    let masked_column = gap + tile + gap;
+    for y in [gap + 5, gap + 120] {
+        assert_eq!(png.get_pixel(masked_column + 5, y).0, [128, 128, 128], "masked left half");
+        assert_eq!(
+            png.get_pixel(masked_column + 100, y),
+            png.get_pixel(gap + 100, y),
+            "visible right half is the original"
+        );
+    }
+    // A mask PNG of another size, white on the right half, with a strategy override for the
+    // random part that it replaces: the right half is grey now.
+    let mask_png = dir.path().join("mask.png");
+    image::GrayImage::from_fn(40, 40, |x, _| image::Luma([if x >= 20 { 255 } else { 0 }]))
+        .save(&mask_png)
+        .expect("mask png");
+    let recon = reconstruct(
+        &["--mask", mask_png.to_str().expect("utf8"), "--strategy", "square"],
+        &drawn,
+    );
+    assert!(recon.status.success(), "{}", stderr(&recon));
+    let png = image::open(&drawn).expect("png").to_rgb8();
+    assert_eq!(png.get_pixel(masked_column + 100, gap + 5).0, [128, 128, 128]);
+    // Bad mask options are named.
+    for (args, named) in [
+        (vec!["--mask-box", "1,2,3"], "--mask-box `1,2,3`"),
+        (vec!["--strategy", "diagonal"], "`diagonal`"),
+        (vec!["--mask-box", "0,0,1,1"], "covers no mask unit"),
+        (vec!["--mask-patch", "6"], "mask_patch_size"),
+    ] {
+        let recon = reconstruct(&args, &drawn);
+        assert!(!recon.status.success(), "{args:?} must fail");
+        assert!(stderr(&recon).contains(named), "{args:?}: {}", stderr(&recon));
+    }
 }
 
 #[test]
@@ -410,4 +464,44 @@ fn landed_background_checkpoints_keep_a_long_run_in_one_generation() {
     let log = std::fs::read_to_string(run.join("logs/worker-0.log")).expect("worker log");
     let landed = log.matches("checkpoint committed").count();
     assert!(landed > 100, "periodic checkpoints are collected: {landed}");
+}
+
+#[test]
+fn a_square_mask_and_smooth_l1_on_all_pixels_train_and_mask_stats_reports_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synthetic_image_folder(dir.path(), 2, 20);
+    let path = dir.path().join("square.yaml");
+    let text = tiny_config(&dir.path().join("runs"), "square", &data, 1, 5).replace(
+        "    mask_ratio: 0.6\n",
+        "    mask_ratio: 0.6\n    mask: {strategy: square, ratio: 0.5}\n    \
+         loss: {kind: smooth_l1, beta: 0.5, area: all}\n",
+    );
+    std::fs::write(&path, &text).expect("config");
+    let config = path.to_str().expect("utf8");
+    let out = coordinator(&["start", "--config", config], dir.path(), DEADLINE);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let metrics = metrics(&dir.path().join("runs/square"));
+    assert_eq!(metrics.len(), 5);
+    assert!(metrics.iter().all(|m| m["loss"].as_f64().is_some_and(f64::is_finite)));
+
+    // 16 px, 4 px units: 4x4 units, ratio 0.5 -> 8 units -> a 3x3 square (9 of 16: 0.5625).
+    let stats = std::process::Command::new(binary("worker"))
+        .args(["mask-stats", "--config", config, "--samples", "8"])
+        .output()
+        .expect("worker mask-stats");
+    let text_out = String::from_utf8_lossy(&stats.stdout);
+    assert!(stats.status.success(), "{}", stderr(&stats));
+    assert!(
+        text_out.contains("square strategy, mask patch 4 px, ratio 0.5 asked, 0.562 masked"),
+        "{text_out}"
+    );
+
+    // A block mask needs 5x5 units; the error names the field.
+    std::fs::write(&path, text.replace("strategy: square", "strategy: block")).expect("config");
+    let stats = std::process::Command::new(binary("worker"))
+        .args(["mask-stats", "--config", config])
+        .output()
+        .expect("worker mask-stats");
+    assert!(!stats.status.success());
+    assert!(stderr(&stats).contains("mask.strategy"), "{}", stderr(&stats));
 }
