@@ -116,7 +116,11 @@ stage "cargo build --bins (reuses the test build)" \
   cargo build --release --workspace --bins "${timings[@]}"
 run_tests() {
   if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --release --workspace --no-fail-fast
+    cargo nextest run --release --workspace --no-fail-fast 2>&1 | tee runs/nextest.log
+    # The ten slowest, so a test that grows is seen in its own submission.
+    echo "ten slowest tests (seconds):"
+    sed -nE 's/^ *PASS \[ *([0-9.]+)s\] \([ 0-9/]+\) (.*)$/\1 \2/p' runs/nextest.log \
+      | sort -rn | head -10 | sed 's/^/  /'
     # nextest does not run doc tests.
     cargo test --release --workspace --doc
   else
