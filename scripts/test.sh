@@ -27,15 +27,19 @@ stage_names=()
 stage_seconds=()
 run_start=$SECONDS
 # stage NAME COMMAND...: runs one stage and records its wall time.
+current_stage=""
 stage() {
   local name=$1 start=$SECONDS
   shift
   echo "== $name"
+  current_stage=$name
+  current_start=$start
   "$@"
+  current_stage=""
   stage_names+=("$name")
   stage_seconds+=($((SECONDS - start)))
 }
-# The table, also when a stage fails (the failing stage is the one missing from it).
+# The table, also when a stage fails (then the failing stage is its last row).
 report() {
   local rc=$? total=$((SECONDS - run_start)) i
   echo
@@ -44,6 +48,10 @@ report() {
   for i in "${!stage_names[@]}"; do
     printf '| %s | %d:%02d |\n' "${stage_names[$i]}" $((stage_seconds[i] / 60)) $((stage_seconds[i] % 60))
   done
+  if [[ $rc != 0 && -n $current_stage ]]; then
+    printf '| %s | FAILED after %d:%02d |\n' "$current_stage" \
+      $(((SECONDS - current_start) / 60)) $(((SECONDS - current_start) % 60))
+  fi
   printf '| total (%s tier%s) | %d:%02d |\n' "$tier" "$([[ $rc != 0 ]] && echo ", FAILED")" \
     $((total / 60)) $((total % 60))
   if ((total > warn_minutes * 60)); then

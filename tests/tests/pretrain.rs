@@ -141,7 +141,11 @@ fn short_run_writes_metrics_pictures_checkpoints_and_skips_the_corrupt_file() {
     let (tile, gap) = (128u32, 4u32);
     let masked_column = gap + tile + gap;
     for y in [gap + 5, gap + 120] {
-        assert_eq!(png.get_pixel(masked_column + 5, y).0, [128, 128, 128], "masked left half");
+        assert_eq!(
+            png.get_pixel(masked_column + 5, y).0,
+            [128, 128, 128],
+            "masked left half"
+        );
         assert_eq!(
             png.get_pixel(masked_column + 100, y),
             png.get_pixel(gap + 100, y),
@@ -155,12 +159,20 @@ fn short_run_writes_metrics_pictures_checkpoints_and_skips_the_corrupt_file() {
         .save(&mask_png)
         .expect("mask png");
     let recon = reconstruct(
-        &["--mask", mask_png.to_str().expect("utf8"), "--strategy", "square"],
+        &[
+            "--mask",
+            mask_png.to_str().expect("utf8"),
+            "--strategy",
+            "square",
+        ],
         &drawn,
     );
     assert!(recon.status.success(), "{}", stderr(&recon));
     let png = image::open(&drawn).expect("png").to_rgb8();
-    assert_eq!(png.get_pixel(masked_column + 100, gap + 5).0, [128, 128, 128]);
+    assert_eq!(
+        png.get_pixel(masked_column + 100, gap + 5).0,
+        [128, 128, 128]
+    );
     // Bad mask options are named.
     for (args, named) in [
         (vec!["--mask-box", "1,2,3"], "--mask-box `1,2,3`"),
@@ -170,7 +182,11 @@ fn short_run_writes_metrics_pictures_checkpoints_and_skips_the_corrupt_file() {
     ] {
         let recon = reconstruct(&args, &drawn);
         assert!(!recon.status.success(), "{args:?} must fail");
-        assert!(stderr(&recon).contains(named), "{args:?}: {}", stderr(&recon));
+        assert!(
+            stderr(&recon).contains(named),
+            "{args:?}: {}",
+            stderr(&recon)
+        );
     }
 }
 
@@ -482,7 +498,9 @@ fn a_square_mask_and_smooth_l1_on_all_pixels_train_and_mask_stats_reports_them()
     assert!(out.status.success(), "{}", stderr(&out));
     let metrics = metrics(&dir.path().join("runs/square"));
     assert_eq!(metrics.len(), 5);
-    assert!(metrics.iter().all(|m| m["loss"].as_f64().is_some_and(f64::is_finite)));
+    assert!(metrics
+        .iter()
+        .all(|m| m["loss"].as_f64().is_some_and(f64::is_finite)));
 
     // 16 px, 4 px units: 4x4 units, ratio 0.5 -> 8 units -> a 3x3 square (9 of 16: 0.5625).
     let stats = std::process::Command::new(binary("worker"))
@@ -503,5 +521,9 @@ fn a_square_mask_and_smooth_l1_on_all_pixels_train_and_mask_stats_reports_them()
         .output()
         .expect("worker mask-stats");
     assert!(!stats.status.success());
-    assert!(stderr(&stats).contains("mask.strategy"), "{}", stderr(&stats));
+    assert!(
+        stderr(&stats).contains("mask.strategy"),
+        "{}",
+        stderr(&stats)
+    );
 }
