@@ -101,16 +101,17 @@ fi
 # build keep the cores busy; the tests wait for them.
 scripts/setup.sh
 mkdir -p runs
-setup > runs/test-setup.log 2>&1 &
-setup_pid=$!
+rm -f runs/test-setup.seconds
 setup_start=$SECONDS
+(setup > runs/test-setup.log 2>&1 && echo $((SECONDS - setup_start)) > runs/test-setup.seconds) &
+setup_pid=$!
 wait_for_setup() {
   if ! wait "$setup_pid"; then
     tail -30 runs/test-setup.log
     echo "setup of the test tools failed (log: runs/test-setup.log)" >&2
     return 1
   fi
-  echo "(the tools were ready $((SECONDS - setup_start)) s after the start; log: runs/test-setup.log)"
+  echo "(the tools took $(cat runs/test-setup.seconds) s in the background; log: runs/test-setup.log)"
 }
 stage "cargo fmt --check" cargo fmt --all -- --check
 stage "cargo clippy (release profile)" \
@@ -147,8 +148,15 @@ smoke() {
     return 1
   fi
   grep '^|' runs/cifar10-smoke.log | head -4
+  rm -rf runs/ablations-smoke
+  if ! SMOKE=1 SIMMIM_BIN=target/release experiments/ablations/run.sh > runs/ablations-smoke.log 2>&1; then
+    tail -40 runs/ablations-smoke.log
+    echo "ablation smoke run failed (log: runs/ablations-smoke.log)" >&2
+    return 1
+  fi
+  grep '^|' runs/ablations-smoke.log
 }
-stage "CIFAR-10 smoke run (SMOKE=1 experiments/cifar10/run.sh)" smoke
+stage "experiment smoke runs (SMOKE=1 experiments/{cifar10,ablations}/run.sh)" smoke
 # The CUDA build's lints: only the crates whose features change are checked again.
 stage "cargo clippy --features cuda" \
   cargo clippy --release -p simmim-model -p simmim-worker --all-targets --features cuda \

@@ -32,8 +32,9 @@ where
     let batch = images.dims()[0];
     in_sub_batches(model, batch, sub_batches, |replica, start, len| {
         let mask = mask.clone().narrow(0, start, len);
-        // Each sub-batch's loss is a mean over its masked pixels: weight by their count.
-        let masked: f64 = mask.clone().sum().into_scalar().elem();
+        // Each sub-batch's loss is a mean over its masked pixels: weight by their count (read
+        // only where there are several sub-batches).
+        let masked = mask.clone().sum();
         let output = replica.forward(images.clone().narrow(0, start, len), mask);
         (output.loss, masked)
     })
@@ -51,16 +52,22 @@ where
     B::InnerBackend: SimMimBackend,
 {
     let batch = images.dims()[0];
+    let device = images.device();
     in_sub_batches(model, batch, sub_batches, |replica, start, len| {
         let logits = replica.forward(images.clone().narrow(0, start, len));
         let loss = soft_cross_entropy(logits, targets.clone().narrow(0, start, len));
-        (loss, len as f64)
+        (loss, Tensor::from_floats([len as f32], &device))
     })
 }
 
 /// Runs `forward(replica, start, len)` (a loss and its weight) for `sub_batches` slices of a batch
 /// of `batch`, each on its own thread with its own autodiff graph, and combines the losses
 /// and gradients weighted by those weights: the full batch's loss and gradient.
+///
+/// The loss is read back to the host after the backward pass is queued, not between the
+/// passes: on a GPU the read waits for the device, and the backward's launches then overlap
+/// the forward's kernels instead of starting after an idle device. The one-batch path reads
+/// nothing else (the weight is only read when there are several parts to combine).
 fn in_sub_batches<B, M, F>(
     model: &M,
     batch: usize,
@@ -71,16 +78,14 @@ where
     B: AutodiffBackend,
     B::InnerBackend: SimMimBackend,
     M: AutodiffModule<B> + Send,
-    F: Fn(&M, usize, usize) -> (Tensor<B, 1>, f64) + Sync,
+    F: Fn(&M, usize, usize) -> (Tensor<B, 1>, Tensor<B, 1>) + Sync,
 {
     let sub_batches = sub_batches.clamp(1, batch.max(1));
     if sub_batches == 1 {
         let (loss_tensor, _) = forward(model, 0, batch);
-        let loss: f64 = loss_tensor.clone().into_scalar().elem();
-        return (
-            loss,
-            GradientsParams::from_grads(loss_tensor.backward(), model),
-        );
+        let grads = loss_tensor.backward();
+        let loss: f64 = loss_tensor.into_scalar().elem();
+        return (loss, GradientsParams::from_grads(grads, model));
     }
     let forward = &forward;
     // Sub-batch threads compute as their caller does (see `precision`).
@@ -98,9 +103,10 @@ where
                     let run = move || {
                         let (loss_tensor, weight) =
                             crate::precision::autocast(precision, || forward(&replica, start, len));
-                        let loss: f64 = loss_tensor.clone().into_scalar().elem();
-                        let grads = GradientsParams::from_grads(loss_tensor.backward(), &replica);
-                        (loss, weight, grads)
+                        let grads = loss_tensor.backward();
+                        let loss: f64 = loss_tensor.into_scalar().elem();
+                        let weight: f64 = weight.into_scalar().elem();
+                        (loss, weight, GradientsParams::from_grads(grads, &replica))
                     };
                     match pool {
                         Some(pool) => pool.install(run),
