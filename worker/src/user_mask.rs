@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::str::FromStr;
 
+use simmim_proto::mask::masked_in;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -84,14 +85,7 @@ pub fn snap_to_units(pixels: &[u8], side: usize, patch: usize) -> Result<Vec<u8>
     let mut units = vec![0u8; per_side * per_side];
     for (index, unit) in units.iter_mut().enumerate() {
         let (top, left) = ((index / per_side) * patch, (index % per_side) * patch);
-        let masked: usize = (top..top + patch)
-            .map(|r| {
-                pixels[r * side + left..r * side + left + patch]
-                    .iter()
-                    .map(|&p| usize::from(p))
-                    .sum::<usize>()
-            })
-            .sum();
+        let masked = masked_in(pixels, side, (top, left), (patch, patch));
         *unit = u8::from(2 * masked >= patch * patch);
     }
     match units.iter().filter(|&&u| u == 1).count() {

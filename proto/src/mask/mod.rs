@@ -168,6 +168,24 @@ impl MaskGeometry {
     }
 }
 
+/// Masked cells (1s) in the `(h, w)` rectangle at `(top, left)` of a row-major grid `side`
+/// cells wide: what a block brings that is new, or how much of a unit a drawn mask covers.
+pub fn masked_in(
+    cells: &[u8],
+    side: usize,
+    (top, left): (usize, usize),
+    (h, w): (usize, usize),
+) -> usize {
+    (top..top + h)
+        .map(|r| {
+            cells[r * side + left..r * side + left + w]
+                .iter()
+                .map(|&c| usize::from(c))
+                .sum::<usize>()
+        })
+        .sum()
+}
+
 /// Each cell of a `side x side` grid repeated as a `factor x factor` block.
 fn upsample(cells: &[u8], side: usize, factor: usize) -> Vec<u8> {
     let grid = side * factor;

@@ -114,15 +114,7 @@ fn block<R: Rng + ?Sized>(rng: &mut R, units: &mut [u8], side: usize, count: usi
             }
             let top = rng.random_range(0..=side - h);
             let left = rng.random_range(0..=side - w);
-            let already: usize = (top..top + h)
-                .map(|r| {
-                    units[r * side + left..r * side + left + w]
-                        .iter()
-                        .map(|&u| usize::from(u))
-                        .sum::<usize>()
-                })
-                .sum();
-            let new = h * w - already;
+            let new = h * w - super::masked_in(units, side, (top, left), (h, w));
             if new > 0 && new <= room {
                 added += fill(units, side, (top, left), (h, w));
             }
