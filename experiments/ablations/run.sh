@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The SimMIM paper's ablations at CIFAR-10 scale: every variant in variants/ (a few lines
-# under model.config: mask strategy, mask patch, ratio, loss kind, loss area) is pretrained for
+# under model.config: mask strategy, mask patch, ratio, head, loss kind, area, target
+# resolution, target normalisation) is pretrained for
 # the same budget from base.yaml, then scored by a linear probe on its frozen features and a
 # short fine-tune with 10% of the labels. One table at the end:
 #   variant | AvgDist | s/step | final loss | probe top-1 | fine-tune top-1
@@ -29,7 +30,7 @@ if [[ -n "${SMOKE:-}" ]]; then
   ft_steps=4
   probe_train=200
   probe_test=100
-  [[ ${#variants[@]} == 0 ]] && variants=(base block smooth_l1)
+  [[ ${#variants[@]} == 0 ]] && variants=(base block mlp_head)
 fi
 if [[ ${#variants[@]} == 0 ]]; then
   for file in "$here"/variants/*.yaml; do

@@ -15,7 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use simmim_model::precision::{autocast, Precision};
+use simmim_model::backend::precision::{autocast, Precision};
 use simmim_model::{
     loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMimBackend, SimMimConfig,
 };

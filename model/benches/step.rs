@@ -3,11 +3,12 @@
 //! `../shared/bench/torch_simmim_step.py` with the same arguments to compare.
 //!
 //!     cargo bench -p simmim-model --bench step -- --model swin_micro --batch 64
+//!     cargo bench -p simmim-model --bench step -- --model swin_micro --batch 64 --head mlp
 //!     cargo bench -p simmim-model --bench step --features ndarray -- --backend ndarray
 //!     cargo bench -p simmim-model --bench step --features cuda -- --backend cuda --dtype bf16
 //!
 //! `--dtype bf16` is mixed precision as `torch.autocast`: f32 weights and AdamW state, matmuls
-//! in bf16 (`simmim_model::precision`); `--dtype bf16-pure` puts every tensor in bf16 (cuda).
+//! in bf16 (`simmim_model::backend::precision`); `--dtype bf16-pure` puts every tensor in bf16 (cuda).
 
 use std::time::Instant;
 
@@ -59,6 +60,16 @@ struct Args {
     /// Sub-batches computed on parallel threads (default: two per core, the fastest measured).
     #[arg(long)]
     sub_batches: Option<usize>,
+    /// The prediction head: linear (SimMIM's) or mlp (the paper's 2-layer head, to time its
+    /// cost against linear on the same model).
+    #[arg(long, default_value = "linear")]
+    head: String,
+    /// The mlp head's hidden width (default: the encoder's feature width).
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Predict the target at this side (the paper's target-resolution ablation).
+    #[arg(long)]
+    target_resolution: Option<usize>,
     /// Print one JSON line instead of the table.
     #[arg(long)]
     json: bool,
@@ -117,8 +128,8 @@ where
 {
     let started = Instant::now();
     let precision = match args.dtype.as_str() {
-        "bf16" => simmim_model::precision::Precision::Bf16,
-        _ => simmim_model::precision::Precision::F32,
+        "bf16" => simmim_model::backend::precision::Precision::Bf16,
+        _ => simmim_model::backend::precision::Precision::F32,
     };
     let model = config.init::<B>(0, device)?;
     let img = config.encoder.img_size();
@@ -148,7 +159,7 @@ where
     let sub_batches = sub_batches(args);
     for step in 0..args.warmup + args.steps {
         let (t0, c0) = (Instant::now(), process_cpu_seconds());
-        let (loss, grads) = simmim_model::precision::autocast(precision, || {
+        let (loss, grads) = simmim_model::backend::precision::autocast(precision, || {
             loss_and_grads(&model, images.clone(), mask.clone(), sub_batches)
         });
         if !loss.is_finite() {
@@ -201,6 +212,13 @@ fn main() -> Result<()> {
     if let (Some(window), EncoderConfig::Swin(c)) = (args.window, &mut config.encoder) {
         c.window_size = window;
     }
+    config.head.kind = match args.head.as_str() {
+        "linear" => simmim_model::config::HeadKind::Linear,
+        "mlp" => simmim_model::config::HeadKind::Mlp,
+        other => bail!("--head {other}: expected linear or mlp"),
+    };
+    config.head.hidden = args.hidden;
+    config.loss.target_resolution = args.target_resolution;
     config.validate()?;
     let batch = args.batch.unwrap_or(match args.model.as_str() {
         "swin_micro" => 64,

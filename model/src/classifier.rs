@@ -10,12 +10,12 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::backend::SimMimBackend;
 use crate::config::{EncoderConfig, SimMimConfig};
+use crate::encoders::layers::linear;
+use crate::encoders::swin::Swin;
+use crate::encoders::vit::Vit;
+use crate::encoders::Encoder;
 use crate::error::ModelError;
-use crate::init::WeightInit;
-use crate::layers::linear;
-use crate::simmim::Encoder;
-use crate::swin::Swin;
-use crate::vit::Vit;
+use crate::weights::init::WeightInit;
 
 #[derive(Module, Debug)]
 pub struct Classifier<B: Backend> {
@@ -63,7 +63,7 @@ impl InitClassifier for SimMimConfig {
 impl<B: SimMimBackend> Classifier<B> {
     /// Class logits `[B, classes]` for normalised images `[B, C, H, W]`.
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        crate::layers::linear_rows(&self.head, self.features(images, None))
+        crate::encoders::layers::linear_rows(&self.head, self.features(images, None))
     }
 
     /// Average-pooled features `[B, C]`: of the final (normed) tokens, or, for a Swin, of the

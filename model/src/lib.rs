@@ -32,37 +32,26 @@
 //! # }
 //! ```
 
-pub mod attention;
-mod attention_kernel;
 pub mod backend;
-pub mod buckets;
 pub mod classifier;
 pub mod config;
+pub mod encoders;
 pub mod error;
 pub mod grads;
-pub mod init;
-#[cfg(feature = "cuda")]
-pub mod kernel_cache;
-pub mod layer_decay;
-pub mod layers;
+pub mod heads;
+pub mod losses;
 pub mod mask;
-pub mod naming;
 pub mod optim;
-mod optim_kernel;
-pub mod precision;
-pub mod rel_pos;
 pub mod simmim;
-pub mod snapshot;
 pub mod step;
-pub mod swin;
-pub mod vit;
 pub mod weights;
 
 pub use backend::SimMimBackend;
 pub use classifier::{Classifier, InitClassifier};
 pub use config::{EncoderConfig, SimMimConfig, SwinConfig, VitConfig};
+pub use encoders::Encoder;
 pub use error::ModelError;
 pub use mask::MaskGeometry;
 pub use optim::{AdamW, AdamWConfig};
-pub use simmim::{mask_tensor, Encoder, InitModel, SimMim, SimMimOutput};
+pub use simmim::{mask_tensor, InitModel, SimMim, SimMimOutput};
 pub use step::loss_and_grads;

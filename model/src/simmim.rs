@@ -1,65 +1,23 @@
 //! The SimMIM wrapper: encoder with a mask token, a one-layer linear head (1x1 conv + pixel
 //! shuffle) and the masked L1 loss, as `SimMIM` in the official `simmim.py`.
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::backend::SimMimBackend;
-use crate::config::{EncoderConfig, LossArea, LossKind, LossSpec, SimMimConfig};
+use crate::config::{EncoderConfig, LossSpec, SimMimConfig};
+use crate::encoders::swin::Swin;
+use crate::encoders::vit::Vit;
+use crate::encoders::Encoder;
 use crate::error::ModelError;
-use crate::init::WeightInit;
-use crate::precision::matmul;
-use crate::swin::Swin;
-use crate::vit::Vit;
-
-// One model holds one encoder for its whole life; boxing would only add an indirection.
-#[allow(clippy::large_enum_variant)]
-#[derive(Module, Debug)]
-pub enum Encoder<B: Backend> {
-    Swin(Swin<B>),
-    Vit(Vit<B>),
-}
-
-impl<B: SimMimBackend> Encoder<B> {
-    pub fn forward(&self, images: Tensor<B, 4>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
-        match self {
-            Self::Swin(swin) => swin.forward(images, mask),
-            Self::Vit(vit) => vit.forward(images, mask),
-        }
-    }
-}
-
-/// `Conv2d(num_features, stride^2 * 3, 1)` + `PixelShuffle(stride)`, applied straight to the
-/// token sequence (a 1x1 conv is a per-token linear map), weight in PyTorch's conv layout.
-#[derive(Module, Debug)]
-pub struct PixelShuffleHead<B: Backend> {
-    pub weight: Param<Tensor<B, 4>>,
-    pub bias: Param<Tensor<B, 1>>,
-    stride: usize,
-    out_chans: usize,
-}
-
-impl<B: SimMimBackend> PixelShuffleHead<B> {
-    /// Tokens `[B, h*w, C]` on a square grid to an image `[B, out_chans, h*stride, w*stride]`.
-    pub fn forward(&self, tokens: Tensor<B, 3>) -> Tensor<B, 4> {
-        let [batch, count, dim] = tokens.dims();
-        let side = (count as f64).sqrt().round() as usize;
-        let [channels, ..] = self.weight.dims();
-        let (r, c) = (self.stride, self.out_chans);
-        let kernel = self.weight.val().reshape([channels, dim]).transpose();
-        let pixels =
-            matmul(tokens.reshape([batch * count, dim]), kernel) + self.bias.val().unsqueeze_dim(0);
-        pixels
-            .reshape([batch, side, side, c, r, r])
-            .permute([0, 3, 1, 4, 2, 5])
-            .reshape([batch, c, side * r, side * r])
-    }
-}
+use crate::heads::Head;
+use crate::losses::reconstruction_loss;
+use crate::weights::init::WeightInit;
 
 #[derive(Module, Debug)]
 pub struct SimMim<B: Backend> {
     pub encoder: Encoder<B>,
-    pub decoder: PixelShuffleHead<B>,
+    pub decoder: Head<B>,
     patch_size: usize,
     in_chans: usize,
     #[module(skip)]
@@ -97,18 +55,12 @@ impl InitModel for SimMimConfig {
             EncoderConfig::Swin(c) => Encoder::Swin(Swin::new(c, &mut init, device)),
             EncoderConfig::Vit(c) => Encoder::Vit(Vit::new(c, &mut init, device)),
         };
-        let stride = self.encoder.encoder_stride();
+        let (_, stride) = self.target_geometry()?;
         let in_chans = self.encoder.in_chans();
         let features = self.encoder.num_features();
-        let out = stride * stride * in_chans;
         Ok(SimMim {
             encoder,
-            decoder: PixelShuffleHead {
-                weight: init.fan_in_uniform([out, features, 1, 1], features, device),
-                bias: init.fan_in_uniform([out], features, device),
-                stride,
-                out_chans: in_chans,
-            },
+            decoder: Head::new(&self.head, features, stride, in_chans, &mut init, device),
             patch_size: self.encoder.patch_size(),
             in_chans,
             loss: self.loss,
@@ -125,50 +77,33 @@ impl<B: SimMimBackend> SimMim<B> {
             Some(mask.clone().reshape([batch, rows * cols])),
         );
         let reconstruction = self.decoder.forward(features);
-        let loss = self.reconstruction_loss(images, reconstruction.clone(), mask);
+        let loss = reconstruction_loss(
+            &self.loss,
+            self.patch_size,
+            self.in_chans,
+            images,
+            reconstruction.clone(),
+            mask,
+        );
         SimMimOutput {
             loss,
             reconstruction,
         }
     }
 
-    /// `sum(loss(x, x_rec) * pixel_mask) / (sum(pixel_mask) + 1e-5) / in_chans`, with the token
-    /// mask upsampled to pixels and broadcast over channels, as the official loss (`l1` on the
-    /// masked pixels); `area: all` weighs every pixel instead, through the same formula.
-    fn reconstruction_loss(
-        &self,
-        images: Tensor<B, 4>,
-        reconstruction: Tensor<B, 4>,
-        mask: Tensor<B, 3>,
-    ) -> Tensor<B, 1> {
-        let [batch, rows, cols] = mask.dims();
-        let p = self.patch_size;
-        let pixel_mask = match self.loss.area {
-            LossArea::Masked => mask
-                .reshape([batch, rows, 1, cols, 1])
-                .repeat_dim(2, p)
-                .repeat_dim(4, p)
-                .reshape([batch, 1, rows * p, cols * p]),
-            LossArea::All => Tensor::ones([batch, 1, rows * p, cols * p], &mask.device()),
-        };
-        let denominator = pixel_mask.clone().sum().add_scalar(1e-5);
-        let difference = images - reconstruction;
-        let per_pixel = match self.loss.kind {
-            LossKind::L1 => difference.abs(),
-            LossKind::L2 => difference.clone() * difference,
-            LossKind::SmoothL1 => {
-                // PyTorch's: 0.5 d^2 / beta below beta, |d| - 0.5 beta from it on.
-                let beta = self.loss.beta;
-                let magnitude = difference.abs();
-                let quadratic = (magnitude.clone() * magnitude.clone()).mul_scalar(0.5 / beta);
-                let linear = magnitude.clone().sub_scalar(0.5 * beta);
-                quadratic.mask_where(magnitude.greater_equal_elem(beta), linear)
-            }
-        };
-        (per_pixel * pixel_mask)
-            .sum()
-            .div(denominator)
-            .div_scalar(self.in_chans as f64)
+    /// The reconstruction at the input's size, for pictures: a coarser target (see
+    /// `loss.target_resolution`) has each predicted pixel repeated over the block it averages.
+    pub fn at_input_size(&self, reconstruction: Tensor<B, 4>, side: usize) -> Tensor<B, 4> {
+        let [batch, channels, height, width] = reconstruction.dims();
+        if height == side || height == 0 || !side.is_multiple_of(height) {
+            return reconstruction;
+        }
+        let factor = side / height;
+        reconstruction
+            .reshape([batch, channels, height, 1, width, 1])
+            .repeat_dim(3, factor)
+            .repeat_dim(5, factor)
+            .reshape([batch, channels, height * factor, width * factor])
     }
 
     pub fn patch_size(&self) -> usize {
@@ -190,7 +125,7 @@ pub fn mask_tensor<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::EncoderConfig;
+    use crate::config::{EncoderConfig, LossArea, LossKind};
     use burn::backend::Autodiff;
     use burn_flex::Flex;
 
@@ -278,7 +213,12 @@ mod tests {
         for kind in [LossKind::L1, LossKind::SmoothL1, LossKind::L2] {
             for area in [LossArea::Masked, LossArea::All] {
                 for beta in [1.0, 0.25] {
-                    let spec = LossSpec { kind, beta, area };
+                    let spec = LossSpec {
+                        kind,
+                        beta,
+                        area,
+                        ..Default::default()
+                    };
                     let (ours, host) = loss_and_host_loss(spec);
                     assert!(
                         (ours - host).abs() <= 1e-5 * host.abs().max(1.0),

@@ -89,7 +89,7 @@ where
     }
     let forward = &forward;
     // Sub-batch threads compute as their caller does (see `precision`).
-    let precision = crate::precision::current();
+    let precision = crate::backend::precision::current();
     let pools = part_pools(sub_batches);
     let results: Vec<(f64, f64, GradientsParams)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..sub_batches)
@@ -102,7 +102,9 @@ where
                 scope.spawn(move || {
                     let run = move || {
                         let (loss_tensor, weight) =
-                            crate::precision::autocast(precision, || forward(&replica, start, len));
+                            crate::backend::precision::autocast(precision, || {
+                                forward(&replica, start, len)
+                            });
                         let grads = loss_tensor.backward();
                         let loss: f64 = loss_tensor.into_scalar().elem();
                         let weight: f64 = weight.into_scalar().elem();
@@ -158,7 +160,7 @@ fn part_pools(parts: usize) -> Option<Vec<rayon::ThreadPool>> {
     if let Some(pools) = cached.filter(|pools| pools.len() == parts) {
         return Some(pools);
     }
-    let cores = crate::backend::cores();
+    let cores = crate::backend::kernels::rows::cores();
     (0..parts)
         .map(|part| {
             // The cores left over by the division go one each to the first pools.

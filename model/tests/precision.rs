@@ -9,7 +9,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::Flex;
-use simmim_model::precision::{autocast, Precision};
+use simmim_model::backend::precision::{autocast, Precision};
 use simmim_model::{loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel};
 
 type B = Autodiff<Flex>;

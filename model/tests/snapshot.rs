@@ -4,7 +4,7 @@
 
 use burn::backend::Autodiff;
 use burn_flex::Flex;
-use simmim_model::snapshot::Snapshot;
+use simmim_model::weights::snapshot::Snapshot;
 use simmim_model::weights::{config_from_safetensors, state_dict, state_dict_from_safetensors};
 use simmim_model::{AdamW, AdamWConfig, InitModel};
 

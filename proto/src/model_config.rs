@@ -82,6 +82,51 @@ pub struct SimMimConfig {
     /// The reconstruction loss (the paper's ablation of losses and of where they apply).
     #[serde(default, skip_serializing_if = "LossSpec::is_default")]
     pub loss: LossSpec,
+    /// The prediction head (the paper's ablation of heads).
+    #[serde(default, skip_serializing_if = "HeadSpec::is_default")]
+    pub head: HeadSpec,
+}
+
+/// `model.config.head`: how encoder features become pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSpec {
+    #[serde(default)]
+    pub kind: HeadKind,
+    /// The `mlp` head's hidden width; the encoder's feature width when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<usize>,
+}
+
+/// `linear`: one 1x1 conv and a pixel shuffle (SimMIM's). `mlp`: 1x1 conv, GELU, 1x1 conv,
+/// pixel shuffle (the paper's 2-layer MLP head), `decoder.0` and `decoder.2` as an
+/// `nn.Sequential` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    #[default]
+    Linear,
+    Mlp,
+}
+
+impl HeadSpec {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// `model.config.loss.norm_target`: each target pixel normalised by the mean and variance of
+/// its `window` x `window` neighbourhood, as `norm_targets` in microsoft/Swin-Transformer's
+/// SimMIM (`NORM_TARGET.PATCH_SIZE`, 47 for SwinV2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormTarget {
+    #[serde(default = "default_norm_window")]
+    pub window: usize,
+}
+
+fn default_norm_window() -> usize {
+    47
 }
 
 /// `model.config.loss`: what the reconstruction is scored with, and on which pixels.
@@ -95,6 +140,12 @@ pub struct LossSpec {
     pub beta: f64,
     #[serde(default)]
     pub area: LossArea,
+    /// Predict the target down-sampled to this side (area average of image and mask), the
+    /// paper's 6^2 ... 192^2 ablation; full resolution when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_resolution: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_target: Option<NormTarget>,
 }
 
 /// The per-pixel loss, as PyTorch's `l1_loss`, `smooth_l1_loss` and `mse_loss`.
@@ -126,6 +177,8 @@ impl Default for LossSpec {
             kind: LossKind::L1,
             beta: default_smooth_l1_beta(),
             area: LossArea::Masked,
+            target_resolution: None,
+            norm_target: None,
         }
     }
 }
@@ -144,7 +197,46 @@ impl LossSpec {
                 format!("{} must be a positive number", self.beta),
             ));
         }
+        if let Some(norm) = self.norm_target {
+            if norm.window < 3 || norm.window % 2 == 0 {
+                return Err(config_error(
+                    "loss.norm_target.window",
+                    format!(
+                        "{} must be an odd size of at least 3 (the window is centred on its pixel, \
+                         and a variance needs two pixels)",
+                        norm.window
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The side of the predicted target for an image of `img_size` whose features lie on a
+    /// `grid` x `grid` grid, and the head's pixel-shuffle factor: `(side, side / grid)`.
+    pub fn target_geometry(
+        &self,
+        img_size: usize,
+        grid: usize,
+    ) -> Result<(usize, usize), ConfigError> {
+        let side = self.target_resolution.unwrap_or(img_size);
+        let field = "loss.target_resolution";
+        if side == 0 || side > img_size || !img_size.is_multiple_of(side) {
+            return Err(config_error(
+                field,
+                format!("{side} must divide the image size {img_size} (the target is the image area-averaged down to it)"),
+            ));
+        }
+        if grid == 0 || !side.is_multiple_of(grid) {
+            return Err(config_error(
+                field,
+                format!(
+                    "{side} is not a multiple of the encoder's {grid}x{grid} feature grid: the head \
+                     predicts a whole number of target pixels per feature (try a multiple of {grid})"
+                ),
+            ));
+        }
+        Ok((side, side / grid))
     }
 }
 
@@ -370,7 +462,19 @@ impl SimMimConfig {
         }
         self.mask_geometry()?;
         self.loss.validate()?;
+        self.target_geometry()?;
+        if self.head.hidden == Some(0) {
+            return Err(config_error("head.hidden", "0 must be a positive width"));
+        }
         Ok(())
+    }
+
+    /// The predicted target's side and the head's pixel-shuffle factor (see
+    /// [`LossSpec::target_geometry`]); `(img_size, encoder_stride)` by default.
+    pub fn target_geometry(&self) -> Result<(usize, usize), ConfigError> {
+        let img = self.encoder.img_size();
+        let stride = self.encoder.encoder_stride();
+        self.loss.target_geometry(img, img / stride.max(1))
     }
 
     /// The mask patch in effect (`mask.patch`, else `mask_patch_size`).
@@ -402,6 +506,7 @@ impl SimMimConfig {
             mask_ratio: 0.6,
             mask: Default::default(),
             loss: Default::default(),
+            head: Default::default(),
         };
         Some(match name {
             "swin_tiny" => swin(SwinConfig::official(96, [2, 2, 6, 2], [3, 6, 12, 24], 6)),
@@ -424,6 +529,7 @@ impl SimMimConfig {
                 mask_ratio: 0.6,
                 mask: Default::default(),
                 loss: Default::default(),
+                head: Default::default(),
             },
             "vit_base" => Self {
                 encoder: EncoderConfig::Vit(VitConfig {
@@ -445,6 +551,7 @@ impl SimMimConfig {
                 mask_ratio: 0.6,
                 mask: Default::default(),
                 loss: Default::default(),
+                head: Default::default(),
             },
             _ => return None,
         })
@@ -517,5 +624,66 @@ mod tests {
         }
         let err = cfg.validate().expect_err("must fail").to_string();
         assert!(err.contains("encoder.num_heads"), "{err}");
+    }
+
+    /// The paper's target resolutions at swin_tiny (192 px, stride 32: a 6x6 feature grid):
+    /// 6 ... 192 give a pixel-shuffle factor of side / 6; the rest are named errors.
+    #[test]
+    fn target_resolution_geometry_and_errors() {
+        let mut cfg = SimMimConfig::preset("swin_tiny").expect("preset");
+        assert_eq!(cfg.target_geometry().expect("default"), (192, 32));
+        for (side, stride) in [(6, 1), (12, 2), (48, 8), (96, 16), (192, 32)] {
+            cfg.loss.target_resolution = Some(side);
+            cfg.validate().unwrap_or_else(|e| panic!("{side}: {e}"));
+            assert_eq!(cfg.target_geometry().expect("valid"), (side, stride));
+        }
+        for side in [0, 7, 9, 100, 384] {
+            cfg.loss.target_resolution = Some(side);
+            let err = cfg.validate().expect_err("must fail").to_string();
+            assert!(err.contains("loss.target_resolution"), "{side}: {err}");
+        }
+    }
+
+    #[test]
+    fn norm_target_window_and_head_width_are_checked() {
+        let mut cfg = SimMimConfig::preset("swin_tiny").expect("preset");
+        for window in [1, 4, 48] {
+            cfg.loss.norm_target = Some(NormTarget { window });
+            let err = cfg.validate().expect_err("must fail").to_string();
+            assert!(err.contains("loss.norm_target.window"), "{window}: {err}");
+        }
+        cfg.loss.norm_target = Some(NormTarget { window: 47 });
+        cfg.validate().expect("47 is SwinV2's");
+        cfg.head.hidden = Some(0);
+        let err = cfg.validate().expect_err("must fail").to_string();
+        assert!(err.contains("head.hidden"), "{err}");
+    }
+
+    /// The YAML a user writes: defaults filled in, an unknown head named, and the defaults
+    /// left out of a written config (so older configs keep their hashes).
+    #[test]
+    fn head_and_target_settings_parse_from_yaml() {
+        let yaml = "encoder: {type: vit, img_size: 32, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}\n\
+                    head: {kind: mlp, hidden: 64}\n\
+                    loss: {kind: l2, target_resolution: 16, norm_target: {}}\n";
+        let cfg: SimMimConfig = serde_yaml::from_str(yaml).expect("parses");
+        assert_eq!(
+            cfg.head,
+            HeadSpec {
+                kind: HeadKind::Mlp,
+                hidden: Some(64)
+            }
+        );
+        assert_eq!(cfg.loss.norm_target, Some(NormTarget { window: 47 }));
+        assert_eq!(cfg.target_geometry().expect("valid"), (16, 2));
+        let bad = yaml.replace("kind: mlp", "kind: inverse_swim");
+        let err = serde_yaml::from_str::<SimMimConfig>(&bad).expect_err("unknown head");
+        assert!(err.to_string().contains("inverse_swim"), "{err}");
+        let plain = SimMimConfig::preset("swin_tiny").expect("preset");
+        let written = serde_json::to_string(&plain).expect("serialises");
+        assert!(
+            !written.contains("\"head\"") && !written.contains("\"loss\""),
+            "{written}"
+        );
     }
 }

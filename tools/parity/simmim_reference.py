@@ -326,20 +326,67 @@ class VitForSimMIM(nn.Module):
         return x.permute(0, 2, 1).reshape(B, -1, H, W)
 
 
+def norm_targets(targets, patch_size):
+    """microsoft/Swin-Transformer's SimMIM `norm_targets`, as written there."""
+    assert patch_size % 2 == 1
+    targets_count = torch.ones_like(targets)
+    targets_square = targets ** 2.
+    pad = patch_size // 2
+    targets_mean = F.avg_pool2d(targets, kernel_size=patch_size, stride=1, padding=pad,
+                                count_include_pad=False)
+    targets_square_mean = F.avg_pool2d(targets_square, kernel_size=patch_size, stride=1,
+                                       padding=pad, count_include_pad=False)
+    targets_count = F.avg_pool2d(targets_count, kernel_size=patch_size, stride=1, padding=pad,
+                                 count_include_pad=True) * (patch_size ** 2)
+    targets_var = (targets_square_mean - targets_mean ** 2.) * (targets_count / (targets_count - 1))
+    targets_var = torch.clamp(targets_var, min=0.)
+    return (targets - targets_mean) / (targets_var + 1.e-6) ** 0.5
+
+
 class SimMIM(nn.Module):
+    """The official SimMIM wrapper, with the paper's ablations as case fields:
+    `head` {kind: linear|mlp, hidden}, `loss` {kind: l1|smooth_l1|l2, beta, area: masked|all,
+    target_resolution, norm_target: {window}}. Absent fields are the official defaults."""
+
     def __init__(self, c):
         super().__init__()
         self.encoder = SwinForSimMIM(c) if c["type"] == "swin" else VitForSimMIM(c)
-        stride = c["encoder_stride"]
         feats = self.encoder.num_features if c["type"] == "swin" else c["embed_dim"]
-        self.decoder = nn.Sequential(nn.Conv2d(feats, stride ** 2 * 3, 1), nn.PixelShuffle(stride))
+        self.loss_spec = dict(c.get("loss") or {})
+        head = dict(c.get("head") or {})
+        grid = c["img_size"] // c["encoder_stride"]
+        side = self.loss_spec.get("target_resolution") or c["img_size"]
+        stride = side // grid
+        if head.get("kind", "linear") == "linear":
+            self.decoder = nn.Sequential(nn.Conv2d(feats, stride ** 2 * 3, 1), nn.PixelShuffle(stride))
+        else:
+            hidden = head.get("hidden") or feats
+            self.decoder = nn.Sequential(nn.Conv2d(feats, hidden, 1), nn.GELU(),
+                                         nn.Conv2d(hidden, stride ** 2 * 3, 1), nn.PixelShuffle(stride))
         self.patch_size = c["patch_size"]
 
     def forward(self, x, mask):
         x_rec = self.decoder(self.encoder(x, mask))
-        m = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
-        m = m.unsqueeze(1).contiguous()
-        loss = (F.l1_loss(x, x_rec, reduction="none") * m).sum() / (m.sum() + 1e-5) / 3
+        spec = self.loss_spec
+        if spec.get("area", "masked") == "masked":
+            m = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
+            m = m.unsqueeze(1).contiguous().type_as(x)
+        else:
+            m = torch.ones_like(x[:, :1])
+        if x_rec.shape[-1] != x.shape[-1]:
+            f = x.shape[-1] // x_rec.shape[-1]
+            x = F.avg_pool2d(x, f, f)
+            m = F.avg_pool2d(m, f, f)
+        if spec.get("norm_target"):
+            x = norm_targets(x, spec["norm_target"].get("window", 47))
+        kind = spec.get("kind", "l1")
+        if kind == "l1":
+            per = F.l1_loss(x, x_rec, reduction="none")
+        elif kind == "l2":
+            per = F.mse_loss(x, x_rec, reduction="none")
+        else:
+            per = F.smooth_l1_loss(x, x_rec, reduction="none", beta=spec.get("beta", 1.0))
+        loss = (per * m).sum() / (m.sum() + 1e-5) / 3
         return loss, x_rec
 
 

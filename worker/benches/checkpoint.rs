@@ -15,7 +15,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{Distribution, Tensor};
 use burn_flex::Flex;
 use bytes::Bytes;
-use simmim_model::snapshot::Snapshot;
+use simmim_model::weights::snapshot::Snapshot;
 use simmim_model::weights::{state_dict, to_safetensors};
 use simmim_model::{
     loss_and_grads, mask_tensor, AdamW, AdamWConfig, InitModel, SimMim, SimMimConfig,

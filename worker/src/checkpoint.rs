@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use simmim_model::snapshot::Snapshot;
+use simmim_model::weights::snapshot::Snapshot;
 use simmim_model::ModelError;
 use simmim_proto::checkpoint::{CheckpointBytes, TrainerState};
 use simmim_proto::store::RunStore;

@@ -1,5 +1,5 @@
 //! A GPU worker's kernel cache and its compile progress, set up once per process before the
-//! first CUDA tensor (see `simmim_model::kernel_cache` for why both matter).
+//! first CUDA tensor (see `simmim_model::backend::kernel_cache` for why both matter).
 
 use std::path::Path;
 
@@ -11,14 +11,14 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Keeps the compile-progress reports going while it lives.
 #[cfg(feature = "cuda")]
-pub type Compiling = simmim_model::kernel_cache::Watch;
+pub type Compiling = simmim_model::backend::kernel_cache::Watch;
 #[cfg(not(feature = "cuda"))]
 pub type Compiling = ();
 
 /// Points cubecl's caches at `dir` and starts logging compile progress.
 #[cfg(feature = "cuda")]
 pub fn prepare(dir: &Path) -> Result<Option<Compiling>> {
-    use simmim_model::kernel_cache;
+    use simmim_model::backend::kernel_cache;
     let cache = match kernel_cache::configure(dir) {
         Ok(cache) => cache,
         Err(e) => {

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use simmim_model::kernel_cache::{self, Watch};
+use simmim_model::backend::kernel_cache::{self, Watch};
 
 /// Points cubecl's caches at `dir` (before the first CUDA tensor) and reports compiles every
 /// 10 s while the returned watch lives; `None` keeps cubecl's own caches.

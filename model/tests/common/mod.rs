@@ -4,6 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
+use simmim_model::config::{HeadSpec, LossSpec};
 use simmim_model::weights::StateDict;
 use simmim_model::{EncoderConfig, SimMimConfig, SwinConfig, VitConfig};
 
@@ -31,6 +32,12 @@ pub struct Case {
     pub use_rpb: Option<bool>,
     pub use_shared_rpb: Option<bool>,
     pub train: Train,
+    /// The paper's ablations (`tools/parity/simmim_reference.py`): absent in the official
+    /// cases, which are the defaults.
+    #[serde(default)]
+    pub loss: LossSpec,
+    #[serde(default)]
+    pub head: HeadSpec,
 }
 
 #[derive(Deserialize)]
@@ -97,7 +104,8 @@ impl Case {
             mask_patch_size: self.mask_patch_size,
             mask_ratio: self.mask_ratio,
             mask: Default::default(),
-            loss: Default::default(),
+            loss: self.loss,
+            head: self.head,
         };
         if config.encoder.encoder_stride() != self.encoder_stride {
             bail!(

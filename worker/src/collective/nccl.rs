@@ -16,7 +16,7 @@
 //! `ncclCommInitRank` cannot be interrupted at all).
 //!
 //! The train loop hands this transport device buffers (its gradient buckets, see
-//! `simmim_model::buckets` and `trainer::reduce`), reduced in place on the GPU; host buffers (the replica check, the
+//! `simmim_model::grads::buckets` and `trainer::reduce`), reduced in place on the GPU; host buffers (the replica check, the
 //! rendezvous of a CPU fallback) are staged through the device in 25 MB pieces.
 
 use std::mem::MaybeUninit;

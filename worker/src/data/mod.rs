@@ -4,6 +4,7 @@
 
 pub mod augment;
 pub mod dataset;
+pub mod image_folder;
 pub mod loader;
 pub mod mix;
 pub mod rand_augment;

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::dataset::ImageFolder;
+use super::image_folder::ImageFolder;
 use super::DataError;
 
 pub const INDEX_FORMAT: &str = "simmim-shards/1";

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use simmim_model::precision::autocast;
+use simmim_model::backend::precision::autocast;
 use simmim_model::weights::{load_state_dict, state_dict_from_safetensors};
 use simmim_model::{AdamW, SimMimBackend};
 use simmim_proto::checkpoint::{CheckpointBytes, TrainerState};

@@ -236,10 +236,10 @@ where
             at.device,
         );
         let output = model.forward(images, mask_tensor::<B>(&masks, n, grid, at.device));
-        let predicted =
-            simmim_model::grads::host_values(output.reconstruction.into_data(), || {
-                "the reconstruction".into()
-            })?;
+        let predicted = model.at_input_size(output.reconstruction, side);
+        let predicted = simmim_model::grads::host_values(predicted.into_data(), || {
+            "the reconstruction".into()
+        })?;
         let png = recon::grid_png(&pixels, &predicted, &masks, side, grid);
         let key = format!("recon/step_{:08}.png", at.step);
         // In the background, one at a time, and never fatal: a picture is not worth a stalled

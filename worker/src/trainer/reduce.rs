@@ -8,7 +8,7 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
-use simmim_model::buckets::{flatten_buckets, unflatten_buckets};
+use simmim_model::grads::buckets::{flatten_buckets, unflatten_buckets};
 use simmim_model::grads::{host_values, weights_digest};
 use simmim_model::SimMimBackend;
 

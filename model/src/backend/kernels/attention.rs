@@ -1,4 +1,4 @@
-//! The CPU kernel behind [`crate::attention`] on burn-flex: per group and head, strided
+//! The CPU kernel behind [`crate::encoders::attention`] on burn-flex: per group and head, strided
 //! small matmuls (the `gemm` crate burn-flex itself uses) that read q, k and v where the
 //! fused projection wrote them and write the output with its heads already merged; bias add
 //! and softmax run on the `N x N` logits while they are in cache. Groups are spread over
@@ -7,7 +7,7 @@
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::backend::exp_nonpositive;
+use super::math::exp_nonpositive;
 
 /// The shape of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -221,8 +221,8 @@ pub fn backward(
     let bias_len = bias_groups * shape.probs_group();
     let mut d_qkv = vec![0f32; groups * shape.qkv_group()];
     // Each task sums its own bias gradient; a few tasks per core keep the partials few (split
-    // by the machine's cores: see `backend::cores`).
-    let tasks = crate::backend::cores() * 2;
+    // by the machine's cores: see `kernels::rows::cores`).
+    let tasks = super::rows::cores() * 2;
     let groups_per_task = groups.div_ceil(tasks).max(1);
     let partials: Vec<Vec<f32>> = d_qkv
         .par_chunks_mut(groups_per_task * shape.qkv_group())

@@ -5,16 +5,16 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use crate::attention;
+use crate::backend::precision::matmul;
 use crate::backend::SimMimBackend;
 use crate::config::SwinConfig;
-use crate::init::WeightInit;
-use crate::layers::{
+use crate::encoders::attention;
+use crate::encoders::layers::{
     drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
     relative_bias, softmax_last, LayerNorm, Mlp, PatchEmbed,
 };
-use crate::precision::matmul;
-use crate::rel_pos::{swin_relative_position_index, swin_shift_mask, swin_table_rows};
+use crate::encoders::rel_pos::{swin_relative_position_index, swin_shift_mask, swin_table_rows};
+use crate::weights::init::WeightInit;
 
 #[derive(Module, Debug)]
 pub struct WindowAttention<B: Backend> {

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::optim::AdamWUpdate;
+use crate::backend::AdamWUpdate;
 
 /// Values per parallel task: large enough that scheduling costs nothing next to the work.
 const CHUNK: usize = 1 << 15;
@@ -103,7 +103,7 @@ pub fn weighted_sum(parts: &[&[f32]], weights: &[f64]) -> Option<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::adamw_update_decomposed;
+    use crate::backend::decomposed::adamw_update_decomposed;
     use burn::tensor::{Distribution, Tensor};
     use burn_flex::Flex;
 
@@ -190,7 +190,8 @@ mod tests {
     /// bits, and the sum is the weighted sum (checked against f64 on a few values).
     #[test]
     fn weighted_sum_matches_the_decomposition() {
-        use crate::backend::{weighted_sum_decomposed, SimMimBackend};
+        use crate::backend::decomposed::weighted_sum_decomposed;
+        use crate::backend::SimMimBackend;
         let device = Default::default();
         let shape = [3, CHUNK - 7];
         let weights = [0.125, 0.3, 0.2, 0.375];

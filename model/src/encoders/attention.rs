@@ -10,11 +10,11 @@
 //! buffer. The functions here are the same math in Burn ops: the trait's default for other
 //! backends and the reference the kernel is tested against.
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{activation, Tensor, TensorPrimitive};
+use burn::tensor::{Tensor, TensorPrimitive};
 
+use crate::backend::decomposed::attention_forward;
+use crate::backend::precision::{self, Precision};
 use crate::backend::SimMimBackend;
-use crate::precision::{self, Precision};
 
 /// Attention over `qkv`: `[G, N, 3C]`, the fused projection's output for `G` groups (windows
 /// or images) of `N` tokens, q, k and v as consecutive blocks of `C` channels, each split
@@ -37,7 +37,7 @@ pub fn attention<B: SimMimBackend>(
         );
         return Tensor::from_primitive(TensorPrimitive::Float(out));
     }
-    forward_decomposed(qkv, bias, heads, scale).0
+    attention_forward(qkv, bias, heads, scale).0
 }
 
 /// Whether the model should hand attention to [`attention`] with one fused qkv projection.
@@ -47,86 +47,10 @@ pub fn use_fused<B: SimMimBackend>() -> bool {
     B::has_attention_kernel() && precision::current() == Precision::F32
 }
 
-/// q, k or v (`part` 0, 1, 2) of `qkv` `[G, N, 3C]` as `[G, heads, N, C / heads]`.
-fn split_part<B: Backend>(qkv: &Tensor<B, 3>, part: usize, heads: usize) -> Tensor<B, 4> {
-    let [groups, tokens, width] = qkv.dims();
-    let dim = width / 3;
-    qkv.clone()
-        .narrow(2, part * dim, dim)
-        .reshape([groups, tokens, heads, dim / heads])
-        .swap_dims(1, 2)
-}
-
-/// `[G, heads, N, head_dim]` back to `[G, N, C]`.
-fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
-    let [groups, heads, tokens, head_dim] = x.dims();
-    x.swap_dims(1, 2)
-        .reshape([groups, tokens, heads * head_dim])
-}
-
-/// The forward in Burn ops: `(output [G, N, C], probabilities [G, heads, N, N])`. Matmuls run
-/// in the current precision.
-pub fn forward_decomposed<B: Backend>(
-    qkv: Tensor<B, 3>,
-    bias: Tensor<B, 4>,
-    heads: usize,
-    scale: f64,
-) -> (Tensor<B, 3>, Tensor<B, 4>) {
-    let [groups, tokens, _] = qkv.dims();
-    let bias_groups = bias.dims()[0];
-    let q = split_part(&qkv, 0, heads).mul_scalar(scale);
-    let (k, v) = (split_part(&qkv, 1, heads), split_part(&qkv, 2, heads));
-    let logits = precision::matmul(q, k.swap_dims(2, 3)).reshape([
-        groups / bias_groups,
-        bias_groups,
-        heads,
-        tokens,
-        tokens,
-    ]) + bias.unsqueeze_dim(0);
-    let probs = activation::softmax(logits.reshape([groups, heads, tokens, tokens]), 3);
-    let out = merge_heads(precision::matmul(probs.clone(), v));
-    (out, probs)
-}
-
-/// The backward in Burn ops, from the forward's probabilities: `(d_qkv [G, N, 3C],
-/// d_bias [P, heads, N, N])`.
-pub fn backward_decomposed<B: Backend>(
-    qkv: Tensor<B, 3>,
-    probs: Tensor<B, 4>,
-    grad: Tensor<B, 3>,
-    bias_groups: usize,
-    scale: f64,
-) -> (Tensor<B, 3>, Tensor<B, 4>) {
-    let [groups, heads, tokens, _] = probs.dims();
-    let (q, k, v) = (
-        split_part(&qkv, 0, heads),
-        split_part(&qkv, 1, heads),
-        split_part(&qkv, 2, heads),
-    );
-    let dim = qkv.dims()[2] / 3;
-    let d_out = grad
-        .reshape([groups, tokens, heads, dim / heads])
-        .swap_dims(1, 2);
-    let d_v = precision::matmul(probs.clone().swap_dims(2, 3), d_out.clone());
-    let d_probs = precision::matmul(d_out, v.swap_dims(2, 3));
-    let row_dot = (d_probs.clone() * probs.clone()).sum_dim(3);
-    let d_logits = probs * (d_probs - row_dot);
-    let d_q = precision::matmul(d_logits.clone(), k).mul_scalar(scale);
-    let d_k = precision::matmul(d_logits.clone().swap_dims(2, 3), q).mul_scalar(scale);
-    let d_bias = d_logits
-        .reshape([groups / bias_groups, bias_groups, heads, tokens, tokens])
-        .sum_dim(0)
-        .reshape([bias_groups, heads, tokens, tokens]);
-    let d_qkv = Tensor::cat(
-        vec![merge_heads(d_q), merge_heads(d_k), merge_heads(d_v)],
-        2,
-    );
-    (d_qkv, d_bias)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::decomposed::attention_backward;
     use burn::backend::Autodiff;
     use burn::tensor::Distribution;
     use burn_flex::Flex;
@@ -162,16 +86,20 @@ mod tests {
             let scale = ((dim / heads) as f64).powf(-0.5);
             // The kernel takes this shape (a refused one would fall back to the very
             // decomposition it is compared with).
-            let lengths = crate::attention_kernel::Lengths {
+            let lengths = crate::backend::kernels::attention::Lengths {
                 qkv: groups * tokens * 3 * dim,
                 bias: Some(bias_groups * heads * tokens * tokens),
                 probs: Some(groups * heads * tokens * tokens),
                 out: Some(groups * tokens * dim),
             };
             let dims = [groups, tokens, 3 * dim];
-            assert!(
-                crate::attention_kernel::Shape::of(&dims, heads, bias_groups, lengths).is_some()
-            );
+            assert!(crate::backend::kernels::attention::Shape::of(
+                &dims,
+                heads,
+                bias_groups,
+                lengths
+            )
+            .is_some());
             let qkv = Tensor::<AD, 3>::random(
                 [groups, tokens, 3 * dim],
                 Distribution::Normal(0.0, 1.5),
@@ -207,7 +135,7 @@ mod tests {
             };
             let (out, d_qkv, d_bias) = run(attention(qkv.clone(), bias.clone(), heads, scale));
             let (out_ref, d_qkv_ref, d_bias_ref) =
-                run(forward_decomposed(qkv.clone(), bias.clone(), heads, scale).0);
+                run(attention_forward(qkv.clone(), bias.clone(), heads, scale).0);
             let shape = (groups, tokens, dim, heads, bias_groups);
             assert!(relative_gap(&out, &out_ref) < 1e-5, "output {shape:?}");
             assert!(relative_gap(&d_qkv, &d_qkv_ref) < 1e-5, "d_qkv {shape:?}");
@@ -220,8 +148,8 @@ mod tests {
 
             // The Burn-ops backward (the default for backends without a kernel) agrees too.
             let (_, probs) =
-                forward_decomposed(qkv.clone().inner(), bias.clone().inner(), heads, scale);
-            let (d_qkv_dec, d_bias_dec) = backward_decomposed(
+                attention_forward(qkv.clone().inner(), bias.clone().inner(), heads, scale);
+            let (d_qkv_dec, d_bias_dec) = attention_backward(
                 qkv.clone().inner(),
                 probs,
                 upstream.clone().inner(),
@@ -240,10 +168,10 @@ mod tests {
     }
 
     /// Under bf16 autocast the model keeps Burn's ops, so attention matmuls round as
-    /// `crate::precision` says; the kernel is f32 only.
+    /// `crate::backend::precision` says; the kernel is f32 only.
     #[test]
     fn autocast_bypasses_the_kernel() {
         assert!(use_fused::<Flex>());
-        crate::precision::autocast(Precision::Bf16, || assert!(!use_fused::<Flex>()));
+        crate::backend::precision::autocast(Precision::Bf16, || assert!(!use_fused::<Flex>()));
     }
 }

@@ -5,18 +5,19 @@
 //! differ from PyTorch's, so the update is written out here over Burn's gradient map. The
 //! moments are kept flat per parameter on the device, keyed by parameter id.
 
+pub mod layer_decay;
+
 use std::collections::HashMap;
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{float, SimMimBackend};
+use crate::backend::{float, AdamWUpdate, SimMimBackend};
 use crate::error::ModelError;
-use crate::naming::{parameters, takes_weight_decay, PathTracker};
+use crate::weights::naming::{parameters, takes_weight_decay, PathTracker};
 use crate::weights::{HostTensor, StateDict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -356,60 +357,6 @@ where
         let updated = Tensor::<AB, D>::from_inner(value.reshape(shape)).require_grad();
         Param::from_mapped_value(id, updated, mapper)
     }
-}
-
-/// The numbers of one AdamW update of one parameter, as `torch.optim.AdamW` applies them:
-/// `g = grad * grad_scale`, `m = beta1 m + (1 - beta1) g`, `v = beta2 v + (1 - beta2) g²`,
-/// `value = value * decay_factor - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWUpdate {
-    /// The global-norm clipping factor (1 without clipping).
-    pub grad_scale: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    /// `1 - lr * weight_decay` for the decay group, else 1.
-    pub decay_factor: f64,
-    /// `lr / (1 - beta1^t)`.
-    pub step_size: f64,
-    /// `sqrt(1 - beta2^t)`.
-    pub bias_correction2_sqrt: f64,
-    pub eps: f64,
-}
-
-/// [`AdamWUpdate`] in Burn ops on flat tensors: `[value, first, second]` (moments start at
-/// zero when `moments` is `None`). The default for backends without their own kernel.
-pub fn adamw_update_decomposed<B: Backend>(
-    value: FloatTensor<B>,
-    grad: FloatTensor<B>,
-    moments: Option<(FloatTensor<B>, FloatTensor<B>)>,
-    u: &AdamWUpdate,
-) -> [FloatTensor<B>; 3] {
-    let flat = float::<B, 1>;
-    let mut grad = flat(grad);
-    if u.grad_scale != 1.0 {
-        grad = grad.mul_scalar(u.grad_scale);
-    }
-    let (first, second) = match moments {
-        Some((first, second)) => (
-            flat(first).mul_scalar(u.beta1) + grad.clone().mul_scalar(1.0 - u.beta1),
-            flat(second).mul_scalar(u.beta2) + grad.square().mul_scalar(1.0 - u.beta2),
-        ),
-        None => (
-            grad.clone().mul_scalar(1.0 - u.beta1),
-            grad.square().mul_scalar(1.0 - u.beta2),
-        ),
-    };
-    let mut value = flat(value);
-    if u.decay_factor != 1.0 {
-        value = value.mul_scalar(u.decay_factor);
-    }
-    let denominator = second
-        .clone()
-        .sqrt()
-        .div_scalar(u.bias_correction2_sqrt)
-        .add_scalar(u.eps);
-    value = value - (first.clone() / denominator).mul_scalar(u.step_size);
-    [value, first, second].map(|t| t.into_primitive().tensor())
 }
 
 use burn::tensor::ElementConversion;

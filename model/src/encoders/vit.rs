@@ -6,16 +6,16 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Int, Tensor};
 
-use crate::attention;
+use crate::backend::precision::matmul;
 use crate::backend::SimMimBackend;
 use crate::config::VitConfig;
-use crate::init::{constant, WeightInit};
-use crate::layers::{
+use crate::encoders::attention;
+use crate::encoders::layers::{
     drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
     relative_bias, softmax_last, LayerNorm, Mlp, PatchEmbed,
 };
-use crate::precision::matmul;
-use crate::rel_pos::{vit_relative_position_index, vit_table_rows};
+use crate::encoders::rel_pos::{vit_relative_position_index, vit_table_rows};
+use crate::weights::init::{constant, WeightInit};
 
 const VIT_LN_EPS: f64 = 1e-6;
 

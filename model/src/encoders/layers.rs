@@ -6,8 +6,8 @@ use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData, Tens
 
 use crate::backend::SimMimBackend;
 
-use crate::init::{constant, WeightInit};
-use crate::precision::matmul;
+use crate::backend::precision::matmul;
+use crate::weights::init::{constant, WeightInit};
 
 /// `nn.Linear` initialised as the official code does (trunc-normal 0.02, zero bias).
 pub fn linear<B: Backend>(
@@ -158,7 +158,7 @@ pub fn linear_tokens<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B
 }
 
 /// `nn.Linear` over rows `[N, in]`, its matmul in the current precision
-/// ([`crate::precision`]).
+/// ([`crate::backend::precision`]).
 pub fn linear_rows<B: Backend>(layer: &Linear<B>, rows: Tensor<B, 2>) -> Tensor<B, 2> {
     let out = matmul(rows, layer.weight.val());
     match &layer.bias {

@@ -2,6 +2,8 @@
 //! be read off the device is an error, never zeros: zeros would train silently wrong weights
 //! on every rank. (A step's gradients travel as `buckets`.)
 
+pub mod buckets;
+
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};

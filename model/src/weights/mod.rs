@@ -1,7 +1,15 @@
 //! Import and export of weights under the official SimMIM names: safetensors both ways, and
 //! PyTorch `.pth` checkpoints (state under `model`, or a plain state dict) in.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+pub mod init;
+pub mod naming;
+pub mod safetensors_writer;
+pub mod snapshot;
+
+mod host;
+pub use host::{HostTensor, StateDict, CONFIG_METADATA_KEY};
+
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
@@ -11,42 +19,13 @@ use safetensors::SafeTensors;
 
 use crate::classifier::Classifier;
 use crate::config::{EncoderConfig, SimMimConfig};
-use crate::error::ModelError;
-use crate::naming::parameters;
-use crate::naming::PathTracker;
-use crate::rel_pos::{
+use crate::encoders::rel_pos::{
     resize_swin_table, swin_relative_position_index, swin_shift_mask, vit_relative_position_index,
 };
-use crate::snapshot::{push_host, start_file, Entry};
-
-/// A tensor read from a file, on the host.
-#[derive(Debug, Clone, PartialEq)]
-pub enum HostTensor {
-    F32 { shape: Vec<usize>, values: Vec<f32> },
-    I64 { shape: Vec<usize>, values: Vec<i64> },
-}
-
-impl HostTensor {
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            Self::F32 { shape, .. } | Self::I64 { shape, .. } => shape,
-        }
-    }
-
-    fn as_f32(&self) -> Option<&[f32]> {
-        match self {
-            Self::F32 { values, .. } => Some(values),
-            Self::I64 { .. } => None,
-        }
-    }
-}
-
-/// Named tensors as a checkpoint holds them.
-pub type StateDict = BTreeMap<String, HostTensor>;
-
-/// Metadata key under which exported safetensors carry the model config (JSON), so a file
-/// is enough to rebuild its model.
-pub const CONFIG_METADATA_KEY: &str = "simmim_config";
+use crate::error::ModelError;
+use crate::weights::naming::parameters;
+use crate::weights::naming::PathTracker;
+use crate::weights::safetensors_writer::{push_host, start_file, Entry};
 
 /// Reads a state dict from `.safetensors`, or from a PyTorch `.pth`/`.pt`/`.bin` checkpoint
 /// (taking the `model` entry when there is one, as official SimMIM checkpoints have).

@@ -52,8 +52,20 @@ impl PathTracker {
                 _ => {}
             }
         }
+        // The head is an `nn.Sequential` officially: the linear head's conv is `decoder.0`;
+        // the MLP head's convs are `decoder.0` and `decoder.2` (a GELU sits at index 1).
         if parts.first() == Some(&"decoder") {
-            parts.insert(1, "0");
+            match parts.get(1).copied() {
+                Some(name) if name.starts_with("hidden_") => {
+                    parts[1] = "0";
+                    parts.insert(2, &name["hidden_".len()..]);
+                }
+                Some(name) if name.starts_with("output_") => {
+                    parts[1] = "2";
+                    parts.insert(2, &name["output_".len()..]);
+                }
+                _ => parts.insert(1, "0"),
+            }
         }
         OfficialName {
             name: parts.join("."),
@@ -186,5 +198,34 @@ mod tests {
         assert!(names
             .iter()
             .all(|n| !n.contains("gamma") && !n.contains("beta")));
+    }
+
+    /// The MLP head and a coarser target: `decoder.0` and `decoder.2` as the official
+    /// `nn.Sequential` (a GELU at index 1), the output conv sized for the target's
+    /// pixel-shuffle factor.
+    #[test]
+    fn mlp_head_names_follow_the_sequential() {
+        let mut config = SimMimConfig::preset("swin_micro").expect("preset");
+        config.head = crate::config::HeadSpec {
+            kind: crate::config::HeadKind::Mlp,
+            hidden: Some(64),
+        };
+        config.loss.target_resolution = Some(16);
+        let model = config.init::<Flex>(0, &Default::default()).expect("init");
+        let decoder: Vec<(String, Vec<usize>)> = parameters::<Flex, _>(&model)
+            .into_iter()
+            .filter(|p| p.name.starts_with("decoder."))
+            .map(|p| (p.name, p.shape))
+            .collect();
+        // swin_micro: 64 px, stride 16 (a 4x4 grid), 384 features; target 16 px: factor 4.
+        assert_eq!(
+            decoder,
+            vec![
+                ("decoder.0.weight".to_string(), vec![64, 384, 1, 1]),
+                ("decoder.0.bias".to_string(), vec![64]),
+                ("decoder.2.weight".to_string(), vec![48, 64, 1, 1]),
+                ("decoder.2.bias".to_string(), vec![48]),
+            ]
+        );
     }
 }
