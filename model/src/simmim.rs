@@ -57,10 +57,9 @@ impl InitModel for SimMimConfig {
         };
         let (_, stride) = self.target_geometry()?;
         let in_chans = self.encoder.in_chans();
-        let features = self.encoder.num_features();
         Ok(SimMim {
             encoder,
-            decoder: Head::new(&self.head, features, stride, in_chans, &mut init, device),
+            decoder: Head::new(self, stride, &mut init, device)?,
             patch_size: self.encoder.patch_size(),
             in_chans,
             loss: self.loss,

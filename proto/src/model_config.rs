@@ -88,7 +88,7 @@ pub struct SimMimConfig {
 }
 
 /// `model.config.head`: how encoder features become pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeadSpec {
     #[serde(default)]
@@ -96,17 +96,24 @@ pub struct HeadSpec {
     /// The `mlp` head's hidden width; the encoder's feature width when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden: Option<usize>,
+    /// The `inverse_swin` head's Swin blocks per decoder stage, deepest first (one stage per
+    /// patch merging of the encoder); the encoder's depths of those stages when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depths: Option<Vec<usize>>,
 }
 
 /// `linear`: one 1x1 conv and a pixel shuffle (SimMIM's). `mlp`: 1x1 conv, GELU, 1x1 conv,
 /// pixel shuffle (the paper's 2-layer MLP head), `decoder.0` and `decoder.2` as an
-/// `nn.Sequential` names them.
+/// `nn.Sequential` names them. `inverse_swin`: a decoder symmetric to a Swin encoder, a
+/// patch expanding (Swin-Unet's) where the encoder merges and Swin blocks at each stage, then
+/// a LayerNorm and the linear head at the patch grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HeadKind {
     #[default]
     Linear,
     Mlp,
+    InverseSwin,
 }
 
 impl HeadSpec {
@@ -466,14 +473,46 @@ impl SimMimConfig {
         if self.head.hidden == Some(0) {
             return Err(config_error("head.hidden", "0 must be a positive width"));
         }
+        if self.head.kind == HeadKind::InverseSwin {
+            self.inverse_swin_depths()?;
+        }
         Ok(())
+    }
+
+    /// The `inverse_swin` head's blocks per decoder stage, deepest first: `head.depths`, else
+    /// the encoder's depths of the stages the decoder expands into.
+    pub fn inverse_swin_depths(&self) -> Result<Vec<usize>, ConfigError> {
+        let EncoderConfig::Swin(c) = &self.encoder else {
+            return Err(config_error(
+                "head.kind",
+                "inverse_swin mirrors a Swin encoder's stages; this encoder is a ViT",
+            ));
+        };
+        let stages = c.depths.len().saturating_sub(1);
+        let mirrored: Vec<usize> = c.depths[..stages].iter().rev().copied().collect();
+        let depths = self.head.depths.clone().unwrap_or(mirrored);
+        if depths.len() != stages {
+            return Err(config_error(
+                "head.depths",
+                format!(
+                    "{depths:?} has {} stages; the encoder merges patches {stages} times, so the \
+                     decoder expands {stages} times",
+                    depths.len()
+                ),
+            ));
+        }
+        Ok(depths)
     }
 
     /// The predicted target's side and the head's pixel-shuffle factor (see
     /// [`LossSpec::target_geometry`]); `(img_size, encoder_stride)` by default.
     pub fn target_geometry(&self) -> Result<(usize, usize), ConfigError> {
         let img = self.encoder.img_size();
-        let stride = self.encoder.encoder_stride();
+        // The inverse Swin decoder ends at the patch grid, the other heads at the encoder's.
+        let stride = match self.head.kind {
+            HeadKind::InverseSwin => self.encoder.patch_size(),
+            HeadKind::Linear | HeadKind::Mlp => self.encoder.encoder_stride(),
+        };
         self.loss.target_geometry(img, img / stride.max(1))
     }
 
@@ -671,7 +710,8 @@ mod tests {
             cfg.head,
             HeadSpec {
                 kind: HeadKind::Mlp,
-                hidden: Some(64)
+                hidden: Some(64),
+                depths: None
             }
         );
         assert_eq!(cfg.loss.norm_target, Some(NormTarget { window: 47 }));
@@ -685,5 +725,24 @@ mod tests {
             !written.contains("\"head\"") && !written.contains("\"loss\""),
             "{written}"
         );
+    }
+
+    /// The inverse Swin head mirrors the encoder: swin_tiny merges three times, so three
+    /// decoder stages of 6, 2, 2 blocks by default; it ends at the 48x48 patch grid, and a
+    /// ViT or a wrong stage count is a named error.
+    #[test]
+    fn inverse_swin_depths_mirror_the_encoder() {
+        let mut cfg = SimMimConfig::preset("swin_tiny").expect("preset");
+        cfg.head.kind = HeadKind::InverseSwin;
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.inverse_swin_depths().expect("depths"), vec![6, 2, 2]);
+        assert_eq!(cfg.target_geometry().expect("geometry"), (192, 4));
+        cfg.head.depths = Some(vec![1, 1]);
+        let err = cfg.validate().expect_err("two stages").to_string();
+        assert!(err.contains("head.depths"), "{err}");
+        let mut vit = SimMimConfig::preset("vit_base").expect("preset");
+        vit.head.kind = HeadKind::InverseSwin;
+        let err = vit.validate().expect_err("vit").to_string();
+        assert!(err.contains("head.kind"), "{err}");
     }
 }

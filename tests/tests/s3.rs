@@ -4,7 +4,7 @@
 //! pauses checkpoints, not training.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use simmim_tests::*;
 
@@ -254,8 +254,14 @@ fn a_storage_outage_pauses_checkpoints_not_training() {
     };
     let before = live_step().expect("live status");
     server.pause(true);
-    std::thread::sleep(Duration::from_secs(6));
-    let during = live_step().expect("live status during the outage");
+    // Out for as long as 50 steps take (ten checkpoint attempts at one every 5 steps), at
+    // most 30 s: a stalled run fails the assertion below at the bound.
+    let outage_end = Instant::now() + Duration::from_secs(30);
+    let mut during = before;
+    while during < before + 50 && Instant::now() < outage_end {
+        std::thread::sleep(Duration::from_millis(200));
+        during = live_step().expect("live status during the outage");
+    }
     server.pause(false);
     assert!(
         during >= before + 50,

@@ -185,6 +185,65 @@ class SwinForSimMIM(nn.Module):
         return x.reshape(B, -1, H, W)
 
 
+class PatchExpand(nn.Module):
+    """Swin-Unet's patch expanding: Linear(dim, 2 dim, bias=False), each token to a 2x2 block
+    of dim/2 channels ('b h w (p1 p2 c) -> b (h p1) (w p2) c'), then LayerNorm(dim/2)."""
+
+    def __init__(self, res, dim):
+        super().__init__()
+        self.res = res
+        self.expand = nn.Linear(dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(dim // 2)
+
+    def forward(self, x):
+        H = W = self.res
+        B, L, C = x.shape
+        x = self.expand(x).view(B, H, W, 2, 2, C // 2)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, 4 * H * W, C // 2)
+        return self.norm(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, res, dim, depth, heads, ws, mlp_ratio, qkv_bias):
+        super().__init__()
+        self.upsample = PatchExpand(res // 2, dim * 2)
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, res, heads, ws, 0 if i % 2 == 0 else ws // 2, mlp_ratio, qkv_bias)
+            for i in range(depth)])
+
+    def forward(self, x):
+        x = self.upsample(x)
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class InverseSwin(nn.Module):
+    """The paper's inverse Swin head: the encoder's stages in reverse, a patch expanding where
+    the encoder merges, then LayerNorm and a 1x1 conv + pixel shuffle at the patch grid."""
+
+    def __init__(self, c, depths, stride):
+        super().__init__()
+        dim, stages = c["embed_dim"], len(c["depths"])
+        self.res = c["img_size"] // c["patch_size"]
+        self.layers = nn.ModuleList([
+            DecoderLayer(self.res // 2 ** s, dim * 2 ** s, depths[i], c["num_heads"][s],
+                         c["window_size"], c["mlp_ratio"], c["qkv_bias"])
+            for i, s in enumerate(reversed(range(stages - 1)))])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Conv2d(dim, stride ** 2 * 3, 1)
+        self.shuffle = nn.PixelShuffle(stride)
+        self.apply(_init_weights)
+
+    def forward(self, z):
+        B = z.shape[0]
+        x = z.flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x).transpose(1, 2).reshape(B, -1, self.res, self.res)
+        return self.shuffle(self.head(x))
+
+
 def _init_weights(m):
     if isinstance(m, nn.Linear):
         trunc_normal_(m.weight)
@@ -354,10 +413,15 @@ class SimMIM(nn.Module):
         feats = self.encoder.num_features if c["type"] == "swin" else c["embed_dim"]
         self.loss_spec = dict(c.get("loss") or {})
         head = dict(c.get("head") or {})
-        grid = c["img_size"] // c["encoder_stride"]
+        kind = head.get("kind", "linear")
+        grid = c["img_size"] // (c["patch_size"] if kind == "inverse_swin" else c["encoder_stride"])
         side = self.loss_spec.get("target_resolution") or c["img_size"]
         stride = side // grid
-        if head.get("kind", "linear") == "linear":
+        if kind == "inverse_swin":
+            stages = len(c["depths"])
+            depths = head.get("depths") or list(reversed(c["depths"][:stages - 1]))
+            self.decoder = InverseSwin(c, depths, stride)
+        elif kind == "linear":
             self.decoder = nn.Sequential(nn.Conv2d(feats, stride ** 2 * 3, 1), nn.PixelShuffle(stride))
         else:
             hidden = head.get("hidden") or feats

@@ -125,7 +125,7 @@ pub struct SwinBlock<B: Backend> {
 }
 
 impl<B: SimMimBackend> SwinBlock<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub(crate) fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, dim] = x.dims();
         let win = self.window;
         let windows = self.resolution / win;
@@ -145,6 +145,59 @@ impl<B: SimMimBackend> SwinBlock<B> {
         let branch = self.mlp.forward(self.norm2.forward(x.clone()));
         x + drop_path(branch, self.drop_path)
     }
+}
+
+/// The Swin blocks of stage `stage`'s geometry (width, grid, window, heads): every other block
+/// shifted, as the official `BasicLayer`. The encoder builds its stages from it, and the
+/// inverse Swin head its decoder stages, so both hold the same block.
+pub(crate) fn stage_blocks<B: SimMimBackend>(
+    init: &mut WeightInit,
+    c: &SwinConfig,
+    stage: usize,
+    depth: usize,
+    rates: &mut impl Iterator<Item = f64>,
+    device: &B::Device,
+) -> Vec<SwinBlock<B>> {
+    let dim = c.stage_dim(stage);
+    let res = c.stage_resolution(stage);
+    let (window, shift_size) = c.stage_window(stage);
+    (0..depth)
+        .map(|index| {
+            let shift = if index % 2 == 1 { shift_size } else { 0 };
+            let attn_mask = (shift > 0).then(|| {
+                let n = window * window;
+                let per_side = res / window;
+                Tensor::from_data(
+                    TensorData::new(
+                        swin_shift_mask(res, window, shift),
+                        [per_side * per_side, n, n],
+                    ),
+                    device,
+                )
+            });
+            let order = window_order(res, window, shift);
+            let inverse = inverse_permutation(&order);
+            SwinBlock {
+                norm1: layer_norm(dim, 1e-5, device),
+                attn: WindowAttention::new(
+                    init,
+                    dim,
+                    c.num_heads[stage],
+                    window,
+                    c.qkv_bias,
+                    device,
+                ),
+                norm2: layer_norm(dim, 1e-5, device),
+                mlp: Mlp::new(init, dim, c.mlp_ratio, device),
+                attn_mask,
+                window_order: int_tensor(order, device),
+                token_order: int_tensor(inverse, device),
+                resolution: res,
+                window,
+                drop_path: rates.next().unwrap_or(0.0),
+            }
+        })
+        .collect()
 }
 
 /// Row indices of a `[batch * tokens, C]` matrix that apply the per-image permutation
@@ -249,44 +302,7 @@ impl<B: SimMimBackend> Swin<B> {
             .map(|stage| {
                 let dim = c.stage_dim(stage);
                 let res = c.stage_resolution(stage);
-                let (window, shift_size) = c.stage_window(stage);
-                let blocks = (0..c.depths[stage])
-                    .map(|index| {
-                        let shift = if index % 2 == 1 { shift_size } else { 0 };
-                        let attn_mask = (shift > 0).then(|| {
-                            let n = window * window;
-                            let per_side = res / window;
-                            Tensor::from_data(
-                                TensorData::new(
-                                    swin_shift_mask(res, window, shift),
-                                    [per_side * per_side, n, n],
-                                ),
-                                device,
-                            )
-                        });
-                        let order = window_order(res, window, shift);
-                        let inverse = inverse_permutation(&order);
-                        SwinBlock {
-                            norm1: layer_norm(dim, 1e-5, device),
-                            attn: WindowAttention::new(
-                                init,
-                                dim,
-                                c.num_heads[stage],
-                                window,
-                                c.qkv_bias,
-                                device,
-                            ),
-                            norm2: layer_norm(dim, 1e-5, device),
-                            mlp: Mlp::new(init, dim, c.mlp_ratio, device),
-                            attn_mask,
-                            window_order: int_tensor(order, device),
-                            token_order: int_tensor(inverse, device),
-                            resolution: res,
-                            window,
-                            drop_path: rates.next().unwrap_or(0.0),
-                        }
-                    })
-                    .collect();
+                let blocks = stage_blocks(init, c, stage, c.depths[stage], &mut rates, device);
                 let downsample = (stage + 1 < stages).then(|| PatchMerging {
                     norm: layer_norm(4 * dim, 1e-5, device),
                     reduction: linear(init, 4 * dim, 2 * dim, false, device),

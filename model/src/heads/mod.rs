@@ -2,6 +2,7 @@
 //! `[B, 3, grid * stride, grid * stride]`. The paper compares them at one encoder: the
 //! linear head (its default) against heavier ones that cost step time and do not help.
 
+mod inverse_swin;
 mod linear;
 mod mlp;
 
@@ -9,8 +10,10 @@ use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::backend::SimMimBackend;
-use crate::config::{HeadKind, HeadSpec};
+use crate::config::{EncoderConfig, HeadKind, SimMimConfig};
+use crate::error::ModelError;
 use crate::weights::init::WeightInit;
+pub use inverse_swin::InverseSwinHead;
 pub use linear::PixelShuffleHead;
 pub use mlp::MlpHead;
 
@@ -20,20 +23,22 @@ pub use mlp::MlpHead;
 pub enum Head<B: Backend> {
     Linear(PixelShuffleHead<B>),
     Mlp(MlpHead<B>),
+    InverseSwin(InverseSwinHead<B>),
 }
 
 impl<B: SimMimBackend> Head<B> {
-    /// The head `spec` asks for over `features` channels, predicting `stride` x `stride`
-    /// pixels of `out_chans` channels per token, with PyTorch's default conv initialisation.
+    /// The head `config.head` asks for, predicting `stride` x `stride` pixels of the input's
+    /// channels per token of its last grid, with PyTorch's default initialisation.
     pub fn new(
-        spec: &HeadSpec,
-        features: usize,
+        config: &SimMimConfig,
         stride: usize,
-        out_chans: usize,
         init: &mut WeightInit,
         device: &B::Device,
-    ) -> Self {
-        match spec.kind {
+    ) -> Result<Self, ModelError> {
+        let spec = &config.head;
+        let features = config.encoder.num_features();
+        let out_chans = config.encoder.in_chans();
+        Ok(match spec.kind {
             HeadKind::Linear => Self::Linear(PixelShuffleHead::new(
                 features, stride, out_chans, init, device,
             )),
@@ -45,7 +50,17 @@ impl<B: SimMimBackend> Head<B> {
                 init,
                 device,
             )),
-        }
+            HeadKind::InverseSwin => {
+                let depths = config.inverse_swin_depths()?;
+                let EncoderConfig::Swin(swin) = &config.encoder else {
+                    return Err(ModelError::Config {
+                        field: "head.kind".into(),
+                        reason: "inverse_swin needs a Swin encoder".into(),
+                    });
+                };
+                Self::InverseSwin(InverseSwinHead::new(swin, &depths, stride, init, device))
+            }
+        })
     }
 
     /// Tokens `[B, h*w, C]` on a square grid to an image `[B, out_chans, h*stride, w*stride]`.
@@ -53,6 +68,7 @@ impl<B: SimMimBackend> Head<B> {
         match self {
             Self::Linear(head) => head.forward(tokens),
             Self::Mlp(head) => head.forward(tokens),
+            Self::InverseSwin(head) => head.forward(tokens),
         }
     }
 }

@@ -18,7 +18,7 @@ use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use crate::classifier::Classifier;
-use crate::config::{EncoderConfig, SimMimConfig};
+use crate::config::{EncoderConfig, HeadKind, SimMimConfig, SwinConfig};
 use crate::encoders::rel_pos::{
     resize_swin_table, swin_relative_position_index, swin_shift_mask, vit_relative_position_index,
 };
@@ -129,33 +129,61 @@ pub fn state_dict_from_safetensors(bytes: &[u8]) -> Result<StateDict, ModelError
 /// The buffers the official modules register (`relative_position_index`, `attn_mask`),
 /// derived from the config: what a strict `load_state_dict` in PyTorch expects besides the
 /// parameters.
+/// The buffers of `depth` Swin blocks of stage `stage`'s geometry under `prefix.blocks.N`:
+/// every block's relative position index, and the shifted blocks' attention masks.
+fn swin_block_buffers(
+    buffers: &mut StateDict,
+    prefix: &str,
+    c: &SwinConfig,
+    stage: usize,
+    depth: usize,
+) {
+    let (window, shift) = c.stage_window(stage);
+    let n = window * window;
+    let res = c.stage_resolution(stage);
+    for block in 0..depth {
+        let prefix = format!("{prefix}.blocks.{block}");
+        buffers.insert(
+            format!("{prefix}.attn.relative_position_index"),
+            HostTensor::I64 {
+                shape: vec![n, n],
+                values: swin_relative_position_index(window),
+            },
+        );
+        if block % 2 == 1 && shift > 0 {
+            let windows = (res / window) * (res / window);
+            buffers.insert(
+                format!("{prefix}.attn_mask"),
+                HostTensor::F32 {
+                    shape: vec![windows, n, n],
+                    values: swin_shift_mask(res, window, shift),
+                },
+            );
+        }
+    }
+}
+
 pub fn official_buffers(config: &SimMimConfig) -> StateDict {
     let mut buffers = StateDict::new();
     match &config.encoder {
         EncoderConfig::Swin(c) => {
             for (stage, &depth) in c.depths.iter().enumerate() {
-                let (window, shift) = c.stage_window(stage);
-                let n = window * window;
-                let res = c.stage_resolution(stage);
-                for block in 0..depth {
-                    let prefix = format!("encoder.layers.{stage}.blocks.{block}");
-                    buffers.insert(
-                        format!("{prefix}.attn.relative_position_index"),
-                        HostTensor::I64 {
-                            shape: vec![n, n],
-                            values: swin_relative_position_index(window),
-                        },
-                    );
-                    if block % 2 == 1 && shift > 0 {
-                        let windows = (res / window) * (res / window);
-                        buffers.insert(
-                            format!("{prefix}.attn_mask"),
-                            HostTensor::F32 {
-                                shape: vec![windows, n, n],
-                                values: swin_shift_mask(res, window, shift),
-                            },
-                        );
-                    }
+                swin_block_buffers(
+                    &mut buffers,
+                    &format!("encoder.layers.{stage}"),
+                    c,
+                    stage,
+                    depth,
+                );
+            }
+            // The inverse Swin head's decoder stages, deepest first.
+            if let (HeadKind::InverseSwin, Ok(depths)) =
+                (config.head.kind, config.inverse_swin_depths())
+            {
+                let stages = (0..c.depths.len().saturating_sub(1)).rev();
+                for (layer, (stage, depth)) in stages.zip(depths).enumerate() {
+                    let prefix = format!("decoder.layers.{layer}");
+                    swin_block_buffers(&mut buffers, &prefix, c, stage, depth);
                 }
             }
         }

@@ -54,6 +54,7 @@ impl PathTracker {
         }
         // The head is an `nn.Sequential` officially: the linear head's conv is `decoder.0`;
         // the MLP head's convs are `decoder.0` and `decoder.2` (a GELU sits at index 1).
+        // The inverse Swin head is a module tree, named as it is (`decoder.layers.0...`).
         if parts.first() == Some(&"decoder") {
             match parts.get(1).copied() {
                 Some(name) if name.starts_with("hidden_") => {
@@ -64,7 +65,9 @@ impl PathTracker {
                     parts[1] = "2";
                     parts.insert(2, &name["output_".len()..]);
                 }
-                _ => parts.insert(1, "0"),
+                Some("weight" | "bias") => parts.insert(1, "0"),
+                // The inverse Swin head's modules carry their own names.
+                _ => {}
             }
         }
         OfficialName {
@@ -209,6 +212,7 @@ mod tests {
         config.head = crate::config::HeadSpec {
             kind: crate::config::HeadKind::Mlp,
             hidden: Some(64),
+            depths: None,
         };
         config.loss.target_resolution = Some(16);
         let model = config.init::<Flex>(0, &Default::default()).expect("init");
@@ -227,5 +231,47 @@ mod tests {
                 ("decoder.2.bias".to_string(), vec![48]),
             ]
         );
+    }
+
+    /// The inverse Swin head's parameters carry their module names (`decoder.layers.0...`,
+    /// `decoder.norm`, `decoder.head`), the Linear weights transposed like the encoder's.
+    #[test]
+    fn inverse_swin_head_names_are_its_module_tree() {
+        let mut config = SimMimConfig::preset("swin_micro").expect("preset");
+        config.head.kind = crate::config::HeadKind::InverseSwin;
+        config.head.depths = Some(vec![1, 1, 2]);
+        let model = config.init::<Flex>(0, &Default::default()).expect("init");
+        let params = parameters::<Flex, _>(&model);
+        let shape = |name: &str| {
+            params
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| (p.shape.clone(), p.transposed))
+                .unwrap_or_else(|| panic!("no parameter {name}"))
+        };
+        // swin_micro: embed 48, four stages (48, 96, 192, 384 wide), patch 2 on 64 px.
+        assert_eq!(
+            shape("decoder.layers.0.upsample.expand.weight"),
+            (vec![768, 384], true)
+        );
+        assert_eq!(shape("decoder.layers.0.upsample.norm.weight").0, vec![192]);
+        assert_eq!(
+            shape("decoder.layers.2.blocks.1.attn.qkv.weight"),
+            (vec![144, 48], true)
+        );
+        assert_eq!(shape("decoder.norm.bias").0, vec![48]);
+        assert_eq!(shape("decoder.head.weight").0, vec![12, 48, 1, 1]);
+        assert!(params.iter().all(|p| !p.name.starts_with("decoder.0")));
+        let blocks = |layer: usize| {
+            params
+                .iter()
+                .filter(|p| {
+                    p.name
+                        .starts_with(&format!("decoder.layers.{layer}.blocks."))
+                        && p.name.ends_with("norm1.weight")
+                })
+                .count()
+        };
+        assert_eq!((blocks(0), blocks(1), blocks(2)), (1, 1, 2));
     }
 }

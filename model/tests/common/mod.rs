@@ -105,7 +105,7 @@ impl Case {
             mask_ratio: self.mask_ratio,
             mask: Default::default(),
             loss: self.loss,
-            head: self.head,
+            head: self.head.clone(),
         };
         if config.encoder.encoder_stride() != self.encoder_stride {
             bail!(
