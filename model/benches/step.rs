@@ -60,8 +60,8 @@ struct Args {
     /// Sub-batches computed on parallel threads (default: two per core, the fastest measured).
     #[arg(long)]
     sub_batches: Option<usize>,
-    /// The prediction head: linear (SimMIM's) or mlp (the paper's 2-layer head, to time its
-    /// cost against linear on the same model).
+    /// The prediction head: linear (SimMIM's), mlp or inverse_swin (the paper's heavier heads,
+    /// to time their cost against linear on the same model).
     #[arg(long, default_value = "linear")]
     head: String,
     /// The mlp head's hidden width (default: the encoder's feature width).
@@ -215,7 +215,8 @@ fn main() -> Result<()> {
     config.head.kind = match args.head.as_str() {
         "linear" => simmim_model::config::HeadKind::Linear,
         "mlp" => simmim_model::config::HeadKind::Mlp,
-        other => bail!("--head {other}: expected linear or mlp"),
+        "inverse_swin" => simmim_model::config::HeadKind::InverseSwin,
+        other => bail!("--head {other}: expected linear, mlp or inverse_swin"),
     };
     config.head.hidden = args.hidden;
     config.loss.target_resolution = args.target_resolution;
