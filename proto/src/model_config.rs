@@ -474,14 +474,15 @@ impl SimMimConfig {
             return Err(config_error("head.hidden", "0 must be a positive width"));
         }
         if self.head.kind == HeadKind::InverseSwin {
-            self.inverse_swin_depths()?;
+            self.inverse_swin_decoder()?;
         }
         Ok(())
     }
 
-    /// The `inverse_swin` head's blocks per decoder stage, deepest first: `head.depths`, else
-    /// the encoder's depths of the stages the decoder expands into.
-    pub fn inverse_swin_depths(&self) -> Result<Vec<usize>, ConfigError> {
+    /// The Swin encoder the `inverse_swin` head mirrors, and the head's blocks per decoder
+    /// stage, deepest first: `head.depths`, else the encoder's depths of the stages the
+    /// decoder expands into.
+    pub fn inverse_swin_decoder(&self) -> Result<(&SwinConfig, Vec<usize>), ConfigError> {
         let EncoderConfig::Swin(c) = &self.encoder else {
             return Err(config_error(
                 "head.kind",
@@ -501,7 +502,7 @@ impl SimMimConfig {
                 ),
             ));
         }
-        Ok(depths)
+        Ok((c, depths))
     }
 
     /// The predicted target's side and the head's pixel-shuffle factor (see
@@ -735,7 +736,7 @@ mod tests {
         let mut cfg = SimMimConfig::preset("swin_tiny").expect("preset");
         cfg.head.kind = HeadKind::InverseSwin;
         cfg.validate().expect("valid");
-        assert_eq!(cfg.inverse_swin_depths().expect("depths"), vec![6, 2, 2]);
+        assert_eq!(cfg.inverse_swin_decoder().expect("depths").1, vec![6, 2, 2]);
         assert_eq!(cfg.target_geometry().expect("geometry"), (192, 4));
         cfg.head.depths = Some(vec![1, 1]);
         let err = cfg.validate().expect_err("two stages").to_string();

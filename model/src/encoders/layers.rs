@@ -140,10 +140,7 @@ impl<B: SimMimBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, dim] = x.dims();
         let hidden = linear_rows(&self.fc1, x.reshape([batch * tokens, dim]));
-        let hidden = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::gelu_exact(
-            hidden.into_primitive().tensor(),
-        )));
-        linear_rows(&self.fc2, hidden).reshape([batch, tokens, dim])
+        linear_rows(&self.fc2, gelu(hidden)).reshape([batch, tokens, dim])
     }
 }
 
@@ -195,6 +192,13 @@ pub fn qkv_part<B: Backend>(
     projected
         .reshape([batch, tokens, heads, dim / heads])
         .swap_dims(1, 2)
+}
+
+/// Exact (erf) GELU, as `torch.nn.GELU()`, through the backend's kernel and backward.
+pub fn gelu<B: SimMimBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::gelu_exact(
+        x.into_primitive().tensor(),
+    )))
 }
 
 /// Softmax over the last dimension through the backend's fused op and backward.

@@ -50,7 +50,7 @@ pub struct InverseSwinHead<B: Backend> {
 }
 
 impl<B: SimMimBackend> InverseSwinHead<B> {
-    /// `depths`: blocks per decoder stage, deepest first (`SimMimConfig::inverse_swin_depths`).
+    /// `depths`: blocks per decoder stage, deepest first (`SimMimConfig::inverse_swin_decoder`).
     pub fn new(
         c: &SwinConfig,
         depths: &[usize],

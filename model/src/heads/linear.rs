@@ -1,4 +1,4 @@
-//! The paper's default head: one linear layer and a pixel shuffle.
+//! The paper's default head: one linear layer (a 1x1 conv) and a pixel shuffle.
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
@@ -26,10 +26,11 @@ impl<B: SimMimBackend> PixelShuffleHead<B> {
         init: &mut WeightInit,
         device: &B::Device,
     ) -> Self {
-        let out = stride * stride * out_chans;
+        let Pointwise { weight, bias } =
+            Pointwise::new(features, stride * stride * out_chans, init, device);
         Self {
-            weight: init.fan_in_uniform([out, features, 1, 1], features, device),
-            bias: init.fan_in_uniform([out], features, device),
+            weight,
+            bias,
             stride,
             out_chans,
         }
@@ -38,18 +39,38 @@ impl<B: SimMimBackend> PixelShuffleHead<B> {
     /// Tokens `[B, h*w, C]` on a square grid to an image `[B, out_chans, h*stride, w*stride]`.
     pub fn forward(&self, tokens: Tensor<B, 3>) -> Tensor<B, 4> {
         let [batch, count, dim] = tokens.dims();
-        let side = (count as f64).sqrt().round() as usize;
-        let pixels = pointwise(
+        let pixels = conv1x1(
             &self.weight,
             &self.bias,
             tokens.reshape([batch * count, dim]),
         );
-        pixel_shuffle(pixels, batch, side, self.stride, self.out_chans)
+        pixel_shuffle(pixels, batch, self.stride, self.out_chans)
+    }
+}
+
+/// `Conv2d(inputs, outputs, 1)` over token rows, with PyTorch's default initialisation.
+#[derive(Module, Debug)]
+pub struct Pointwise<B: Backend> {
+    pub weight: Param<Tensor<B, 4>>,
+    pub bias: Param<Tensor<B, 1>>,
+}
+
+impl<B: SimMimBackend> Pointwise<B> {
+    pub fn new(inputs: usize, outputs: usize, init: &mut WeightInit, device: &B::Device) -> Self {
+        Self {
+            weight: init.fan_in_uniform([outputs, inputs, 1, 1], inputs, device),
+            bias: init.fan_in_uniform([outputs], inputs, device),
+        }
+    }
+
+    /// Rows `[N, inputs]` to `[N, outputs]`.
+    pub fn forward(&self, rows: Tensor<B, 2>) -> Tensor<B, 2> {
+        conv1x1(&self.weight, &self.bias, rows)
     }
 }
 
 /// A 1x1 conv over rows `[N, in]`: `rows @ weight[out, in]^T + bias`, in the current precision.
-pub(crate) fn pointwise<B: SimMimBackend>(
+fn conv1x1<B: SimMimBackend>(
     weight: &Param<Tensor<B, 4>>,
     bias: &Param<Tensor<B, 1>>,
     rows: Tensor<B, 2>,

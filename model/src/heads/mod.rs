@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::backend::SimMimBackend;
-use crate::config::{EncoderConfig, HeadKind, SimMimConfig};
+use crate::config::{HeadKind, SimMimConfig};
 use crate::error::ModelError;
 use crate::weights::init::WeightInit;
 pub use inverse_swin::InverseSwinHead;
@@ -51,13 +51,7 @@ impl<B: SimMimBackend> Head<B> {
                 device,
             )),
             HeadKind::InverseSwin => {
-                let depths = config.inverse_swin_depths()?;
-                let EncoderConfig::Swin(swin) = &config.encoder else {
-                    return Err(ModelError::Config {
-                        field: "head.kind".into(),
-                        reason: "inverse_swin needs a Swin encoder".into(),
-                    });
-                };
+                let (swin, depths) = config.inverse_swin_decoder()?;
                 Self::InverseSwin(InverseSwinHead::new(swin, &depths, stride, init, device))
             }
         })
@@ -73,15 +67,17 @@ impl<B: SimMimBackend> Head<B> {
     }
 }
 
-/// `[B*h*w, stride^2 * c]` per-token pixels to the image `[B, c, h*stride, w*stride]`, as
-/// `nn.PixelShuffle(stride)` orders them (channel-major, then the row and column offsets).
+/// `[B*h*w, stride^2 * c]` per-token pixels on a square `h = w` grid to the image
+/// `[B, c, h*stride, w*stride]`, as `nn.PixelShuffle(stride)` orders them (channel-major, then
+/// the row and column offsets).
 pub(crate) fn pixel_shuffle<B: Backend>(
     pixels: Tensor<B, 2>,
     batch: usize,
-    side: usize,
     stride: usize,
     channels: usize,
 ) -> Tensor<B, 4> {
+    let tokens = pixels.dims()[0] / batch.max(1);
+    let side = (tokens as f64).sqrt().round() as usize;
     let r = stride;
     pixels
         .reshape([batch, side, side, channels, r, r])

@@ -177,8 +177,8 @@ pub fn official_buffers(config: &SimMimConfig) -> StateDict {
                 );
             }
             // The inverse Swin head's decoder stages, deepest first.
-            if let (HeadKind::InverseSwin, Ok(depths)) =
-                (config.head.kind, config.inverse_swin_depths())
+            if let (HeadKind::InverseSwin, Ok((_, depths))) =
+                (config.head.kind, config.inverse_swin_decoder())
             {
                 let stages = (0..c.depths.len().saturating_sub(1)).rev();
                 for (layer, (stage, depth)) in stages.zip(depths).enumerate() {

@@ -57,15 +57,9 @@ impl PathTracker {
         // The inverse Swin head is a module tree, named as it is (`decoder.layers.0...`).
         if parts.first() == Some(&"decoder") {
             match parts.get(1).copied() {
-                Some(name) if name.starts_with("hidden_") => {
-                    parts[1] = "0";
-                    parts.insert(2, &name["hidden_".len()..]);
-                }
-                Some(name) if name.starts_with("output_") => {
-                    parts[1] = "2";
-                    parts.insert(2, &name["output_".len()..]);
-                }
                 Some("weight" | "bias") => parts.insert(1, "0"),
+                Some("hidden") => parts[1] = "0",
+                Some("output") => parts[1] = "2",
                 // The inverse Swin head's modules carry their own names.
                 _ => {}
             }

@@ -151,24 +151,17 @@ pub fn reconstruct(args: &ReconstructArgs) -> Result<()> {
         mask_tensor::<Flex>(&prepared.mask, 1, grid, &device),
     );
     let loss = simmim_model::grads::host_values(output.loss.into_data(), || "the loss".into())?;
-    let output_dims = output.reconstruction.dims();
-    let predicted = simmim_model::grads::host_values(output.reconstruction.into_data(), || {
-        "the reconstruction".into()
-    })?;
     // Pictures are drawn at the input's size (a coarser target is shown as blocks); the dump
     // keeps the model's own output.
     let picture = simmim_model::grads::host_values(
         model
-            .at_input_size(
-                Tensor::<Flex, 4>::from_data(
-                    TensorData::new(predicted.clone(), output_dims),
-                    &device,
-                ),
-                side,
-            )
+            .at_input_size(output.reconstruction.clone(), side)
             .into_data(),
         || "the reconstruction".into(),
     )?;
+    let predicted = simmim_model::grads::host_values(output.reconstruction.into_data(), || {
+        "the reconstruction".into()
+    })?;
     if let Some(dump) = dump {
         let batch = SingleBatch {
             pixels: &prepared.pixels,
