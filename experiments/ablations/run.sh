@@ -15,6 +15,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
+source experiments/lib/test-subset.sh
 here=experiments/ablations
 bin="${SIMMIM_BIN:-target/release}"
 steps="${STEPS:-300}"
@@ -46,16 +47,7 @@ mkdir -p "$out"
 if [[ -n "${SMOKE:-}" ]]; then
   # Ten test images per class (links), so the smoke run's evaluations take seconds.
   test_set="$out/test-subset"
-  if [[ ! -f "$test_set/.complete" ]]; then
-    rm -rf "$test_set"
-    for class_dir in data/cifar10/test/*/; do
-      class=$(basename "$class_dir")
-      mkdir -p "$test_set/$class"
-      mapfile -t files < <(find "$class_dir" -maxdepth 1 -type f | sort)
-      for f in "${files[@]:0:10}"; do ln -s "$root/$f" "$test_set/$class/"; done
-    done
-    touch "$test_set/.complete"
-  fi
+  test_subset "$test_set" 10
 fi
 
 # The variant's lines, indented under model.config.

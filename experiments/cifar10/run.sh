@@ -18,10 +18,12 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
+source experiments/lib/test-subset.sh
 stage="${1:-all}"
 bin="${SIMMIM_BIN:-target/release}"
 seeds="${SEEDS:-0 1}"
 out=runs/cifar10-ft
+test_set=./data/cifar10/test
 pre_run=./runs/cifar10-pretrain
 steps10=600
 steps1=300
@@ -32,12 +34,15 @@ if [[ -n "${SMOKE:-}" ]]; then
   steps10=8
   steps1=4
   summary_args=(--require 10)
+  # Twenty test images per class: the smoke run proves every arm is evaluated, not its score.
+  test_set=./runs/cifar10-smoke/test-subset
 fi
 
 if [[ -z "${SIMMIM_BIN:-}" ]]; then
   scripts/setup.sh
   cargo build --release --workspace --bins
 fi
+if [[ -n "${SMOKE:-}" ]]; then test_subset "$test_set" 20; fi
 
 pretrain() {
   if [[ -n "${SMOKE:-}" ]]; then
@@ -79,7 +84,7 @@ model:
     mask_ratio: 0.6
 data:
   train: ./data/cifar10/train
-  test: ./data/cifar10/test
+  test: $test_set
   labels_per_class: $per_class
   subset_seed: 0
 train:

@@ -6,9 +6,7 @@ use burn_flex::Flex;
 use simmim_model::weights::{load_state_dict, state_dict, HostTensor};
 use simmim_model::{AdamW, AdamWConfig, InitModel, ModelError};
 
-mod common;
-
-use common::{fixed_step, small_swin_config};
+use crate::common::{fixed_step, small_swin_config};
 
 type B = Autodiff<Flex>;
 

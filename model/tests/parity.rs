@@ -3,17 +3,15 @@
 //! its weights, and must reproduce the reference loss, reconstruction, every gradient and the
 //! losses of three AdamW steps within the tolerances of the fixtures' README.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::common::{weights_of, Case};
 use anyhow::{anyhow, bail, Result};
 use burn::backend::Autodiff;
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
-use common::{weights_of, Case};
 use simmim_model::weights::{
     gradient_state_dict, load_state_dict, state_dict_from_safetensors, HostTensor, StateDict,
 };

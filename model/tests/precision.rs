@@ -1,8 +1,6 @@
 //! Mixed precision (`precision::autocast` with bf16) against f32 on the same model, data and
 //! optimizer: the losses track, and weights, gradients and AdamW state stay f32.
 
-mod common;
-
 use burn::backend::Autodiff;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -32,7 +30,7 @@ fn dtypes<M: Module<B>>(module: &M, grads: &GradientsParams) -> Vec<DType> {
 
 /// Losses of `steps` AdamW steps from the same initialisation, images and masks.
 fn losses(precision: Precision, steps: usize) -> Vec<f64> {
-    let config = common::small_swin_config();
+    let config = crate::common::small_swin_config();
     let device = Default::default();
     let mut model = config.init::<B>(7, &device).expect("model");
     let mut optimizer = AdamW::<Flex>::new(AdamWConfig::default());

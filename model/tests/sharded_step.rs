@@ -6,9 +6,7 @@ use burn_flex::Flex;
 use simmim_model::weights::{gradient_state_dict, HostTensor};
 use simmim_model::{loss_and_grads, mask_tensor, InitModel};
 
-mod common;
-
-use common::small_swin_config;
+use crate::common::small_swin_config;
 
 type B = Autodiff<Flex>;
 

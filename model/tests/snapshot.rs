@@ -8,9 +8,7 @@ use simmim_model::weights::snapshot::Snapshot;
 use simmim_model::weights::{config_from_safetensors, state_dict, state_dict_from_safetensors};
 use simmim_model::{AdamW, AdamWConfig, InitModel};
 
-mod common;
-
-use common::{fixed_step, small_swin_config};
+use crate::common::{fixed_step, small_swin_config};
 
 type B = Autodiff<Flex>;
 

@@ -1,11 +1,9 @@
 //! Weights under the official names: PyTorch `.pth` import, strict key checking with every
 //! offending key listed, buffer checks, and a lossless safetensors round trip.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{weights_of, Case};
+use crate::common::{weights_of, Case};
 
 use burn::backend::Autodiff;
 use burn::tensor::{Tensor, TensorData};
