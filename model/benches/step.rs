@@ -205,11 +205,11 @@ fn main() -> Result<()> {
     })?;
     if let Some(img) = args.img {
         match &mut config.encoder {
-            EncoderConfig::Swin(c) => c.img_size = img,
+            EncoderConfig::Swin(c) | EncoderConfig::Swinv2(c) => c.img_size = img,
             EncoderConfig::Vit(c) => c.img_size = img,
         }
     }
-    if let (Some(window), EncoderConfig::Swin(c)) = (args.window, &mut config.encoder) {
+    if let (Some(window), Some(c)) = (args.window, config.encoder.swin_mut()) {
         c.window_size = window;
     }
     config.head.kind = match args.head.as_str() {

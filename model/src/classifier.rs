@@ -11,7 +11,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::backend::SimMimBackend;
 use crate::config::{EncoderConfig, SimMimConfig};
 use crate::encoders::layers::linear;
-use crate::encoders::swin::Swin;
+use crate::encoders::swin::{Swin, SwinVersion};
 use crate::encoders::vit::Vit;
 use crate::encoders::Encoder;
 use crate::error::ModelError;
@@ -49,7 +49,12 @@ impl InitClassifier for SimMimConfig {
         }
         let mut init = WeightInit::new(seed);
         let encoder = match &self.encoder {
-            EncoderConfig::Swin(c) => Encoder::Swin(Swin::new(c, &mut init, device)),
+            EncoderConfig::Swin(c) => {
+                Encoder::Swin(Swin::new(c, SwinVersion::V1, &mut init, device))
+            }
+            EncoderConfig::Swinv2(c) => {
+                Encoder::Swin(Swin::new(c, SwinVersion::V2, &mut init, device))
+            }
             EncoderConfig::Vit(c) => Encoder::Vit(Vit::new(c, &mut init, device)),
         };
         let features = self.encoder.num_features();

@@ -42,6 +42,7 @@ pub mod heads;
 pub mod losses;
 pub mod mask;
 pub mod optim;
+pub mod recompute;
 pub mod simmim;
 pub mod step;
 pub mod weights;

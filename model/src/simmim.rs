@@ -6,7 +6,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::backend::SimMimBackend;
 use crate::config::{EncoderConfig, LossSpec, SimMimConfig};
-use crate::encoders::swin::Swin;
+use crate::encoders::swin::{Swin, SwinVersion};
 use crate::encoders::vit::Vit;
 use crate::encoders::Encoder;
 use crate::error::ModelError;
@@ -52,7 +52,12 @@ impl InitModel for SimMimConfig {
         self.validate()?;
         let mut init = WeightInit::new(seed);
         let encoder = match &self.encoder {
-            EncoderConfig::Swin(c) => Encoder::Swin(Swin::new(c, &mut init, device)),
+            EncoderConfig::Swin(c) => {
+                Encoder::Swin(Swin::new(c, SwinVersion::V1, &mut init, device))
+            }
+            EncoderConfig::Swinv2(c) => {
+                Encoder::Swin(Swin::new(c, SwinVersion::V2, &mut init, device))
+            }
             EncoderConfig::Vit(c) => Encoder::Vit(Vit::new(c, &mut init, device)),
         };
         let (_, stride) = self.target_geometry()?;
@@ -76,18 +81,42 @@ impl<B: SimMimBackend> SimMim<B> {
             Some(mask.clone().reshape([batch, rows * cols])),
         );
         let reconstruction = self.decoder.forward(features);
-        let loss = reconstruction_loss(
-            &self.loss,
-            self.patch_size,
-            self.in_chans,
-            images,
-            reconstruction.clone(),
-            mask,
-        );
+        let loss = self.loss_of(images, reconstruction.clone(), mask);
         SimMimOutput {
             loss,
             reconstruction,
         }
+    }
+
+    /// From the last encoder block's output on: the final norm, the head and the loss
+    /// (the part of the pass activation checkpointing does not split).
+    pub(crate) fn tail(
+        &self,
+        blocks_out: Tensor<B, 3>,
+        images: Tensor<B, 4>,
+        mask: Tensor<B, 3>,
+    ) -> (Tensor<B, 1>, Tensor<B, 4>) {
+        let reconstruction = self.decoder.forward(self.encoder.finish(blocks_out));
+        (
+            self.loss_of(images, reconstruction.clone(), mask),
+            reconstruction,
+        )
+    }
+
+    fn loss_of(
+        &self,
+        images: Tensor<B, 4>,
+        reconstruction: Tensor<B, 4>,
+        mask: Tensor<B, 3>,
+    ) -> Tensor<B, 1> {
+        reconstruction_loss(
+            &self.loss,
+            self.patch_size,
+            self.in_chans,
+            images,
+            reconstruction,
+            mask,
+        )
     }
 
     /// The reconstruction at the input's size, for pictures: a coarser target (see

@@ -16,7 +16,9 @@ use burn::tensor::{ElementConversion, Tensor};
 
 use crate::backend::SimMimBackend;
 use crate::classifier::{soft_cross_entropy, Classifier};
+use crate::recompute::recomputed_loss_and_grads;
 use crate::simmim::SimMim;
+use simmim_proto::run_config::ActivationCheckpointing;
 
 /// Loss (as a number) and gradients for `images` `[B, C, H, W]` and `mask` `[B, h, w]`,
 /// computed as `sub_batches` slices concurrently (clamped to `1..=B`).
@@ -29,14 +31,45 @@ pub fn loss_and_grads<B: AutodiffBackend + SimMimBackend>(
 where
     B::InnerBackend: SimMimBackend,
 {
+    loss_and_grads_with(
+        model,
+        images,
+        mask,
+        sub_batches,
+        ActivationCheckpointing::None,
+    )
+}
+
+/// [`loss_and_grads`], with each block's activations kept or computed again in the backward
+/// pass ([`crate::recompute`]).
+pub fn loss_and_grads_with<B: AutodiffBackend + SimMimBackend>(
+    model: &SimMim<B>,
+    images: Tensor<B, 4>,
+    mask: Tensor<B, 3>,
+    sub_batches: usize,
+    checkpointing: ActivationCheckpointing,
+) -> (f64, GradientsParams)
+where
+    B::InnerBackend: SimMimBackend,
+{
     let batch = images.dims()[0];
     in_sub_batches(model, batch, sub_batches, |replica, start, len| {
         let mask = mask.clone().narrow(0, start, len);
         // Each sub-batch's loss is a mean over its masked pixels: weight by their count (read
         // only where there are several sub-batches).
         let masked = mask.clone().sum();
-        let output = replica.forward(images.clone().narrow(0, start, len), mask);
-        (output.loss, masked)
+        let images = images.clone().narrow(0, start, len);
+        match checkpointing {
+            ActivationCheckpointing::None => {
+                let loss = replica.forward(images, mask).loss;
+                let grads = loss.backward();
+                (loss, masked, GradientsParams::from_grads(grads, replica))
+            }
+            ActivationCheckpointing::Blocks => {
+                let (loss, grads) = recomputed_loss_and_grads(replica, images, mask);
+                (loss, masked, grads)
+            }
+        }
     })
 }
 
@@ -56,13 +89,16 @@ where
     in_sub_batches(model, batch, sub_batches, |replica, start, len| {
         let logits = replica.forward(images.clone().narrow(0, start, len));
         let loss = soft_cross_entropy(logits, targets.clone().narrow(0, start, len));
-        (loss, Tensor::from_floats([len as f32], &device))
+        let grads = loss.backward();
+        let grads = GradientsParams::from_grads(grads, replica);
+        (loss, Tensor::from_floats([len as f32], &device), grads)
     })
 }
 
-/// Runs `forward(replica, start, len)` (a loss and its weight) for `sub_batches` slices of a batch
-/// of `batch`, each on its own thread with its own autodiff graph, and combines the losses
-/// and gradients weighted by those weights: the full batch's loss and gradient.
+/// Runs `pass(replica, start, len)` (a loss after its backward pass, its weight, the
+/// gradients) for `sub_batches` slices of a batch of `batch`, each on its own thread with its
+/// own autodiff graph, and combines the losses and gradients weighted by those weights: the
+/// full batch's loss and gradient.
 ///
 /// The loss is read back to the host after the backward pass is queued, not between the
 /// passes: on a GPU the read waits for the device, and the backward's launches then overlap
@@ -78,14 +114,13 @@ where
     B: AutodiffBackend,
     B::InnerBackend: SimMimBackend,
     M: AutodiffModule<B> + Send,
-    F: Fn(&M, usize, usize) -> (Tensor<B, 1>, Tensor<B, 1>) + Sync,
+    F: Fn(&M, usize, usize) -> (Tensor<B, 1>, Tensor<B, 1>, GradientsParams) + Sync,
 {
     let sub_batches = sub_batches.clamp(1, batch.max(1));
     if sub_batches == 1 {
-        let (loss_tensor, _) = forward(model, 0, batch);
-        let grads = loss_tensor.backward();
+        let (loss_tensor, _, grads) = forward(model, 0, batch);
         let loss: f64 = loss_tensor.into_scalar().elem();
-        return (loss, GradientsParams::from_grads(grads, model));
+        return (loss, grads);
     }
     let forward = &forward;
     // Sub-batch threads compute as their caller does (see `precision`).
@@ -101,14 +136,13 @@ where
                 let pool = pools.as_deref().map(|pools| &pools[part]);
                 scope.spawn(move || {
                     let run = move || {
-                        let (loss_tensor, weight) =
+                        let (loss_tensor, weight, grads) =
                             crate::backend::precision::autocast(precision, || {
                                 forward(&replica, start, len)
                             });
-                        let grads = loss_tensor.backward();
                         let loss: f64 = loss_tensor.into_scalar().elem();
                         let weight: f64 = weight.into_scalar().elem();
-                        (loss, weight, GradientsParams::from_grads(grads, &replica))
+                        (loss, weight, grads)
                     };
                     match pool {
                         Some(pool) => pool.install(run),

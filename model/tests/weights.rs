@@ -96,6 +96,29 @@ fn plain_pytorch_state_dict_loads_with_its_buffers() {
     assert!(pth.contains_key("encoder.layers.1.blocks.1.attn_mask"));
 }
 
+/// An official SwinV2 checkpoint, saved by microsoft/Swin-Transformer's own module
+/// (`tools/parity/check_official.py --pth`): every key, buffers included, loads.
+#[test]
+fn official_swinv2_checkpoint_loads_with_its_buffers() {
+    let pth = assert_pth_matches_case(
+        "swinv2_pretrained_window_ape_nonorm.safetensors",
+        "swinv2_pretrained_window_ape_nonorm.official.pth",
+    );
+    for key in [
+        "encoder.layers.0.blocks.0.attn.relative_coords_table",
+        "encoder.layers.0.blocks.1.attn.cpb_mlp.0.weight",
+        "encoder.layers.0.blocks.1.attn.cpb_mlp.2.weight",
+        "encoder.layers.1.blocks.0.attn.logit_scale",
+        "encoder.layers.1.blocks.0.attn.q_bias",
+        "encoder.layers.0.downsample.norm.weight",
+    ] {
+        assert!(
+            pth.contains_key(key),
+            "{key} missing from the official checkpoint"
+        );
+    }
+}
+
 #[test]
 fn mismatched_weights_list_every_offending_key() {
     let case = cases().join("vit_shared_and_block_rpb.safetensors");

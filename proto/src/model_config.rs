@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{config_error, ConfigError};
 
-/// Swin Transformer v1 encoder settings (official names: `MODEL.SWIN.*`).
+/// Swin Transformer encoder settings, v1 (`type: swin`, official names `MODEL.SWIN.*`) and v2
+/// (`type: swinv2`, `MODEL.SWINV2.*`): the two share every field but v2's
+/// `pretrained_window_sizes`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwinConfig {
@@ -27,6 +29,11 @@ pub struct SwinConfig {
     pub patch_norm: bool,
     #[serde(default)]
     pub drop_path_rate: f64,
+    /// SwinV2 only: per stage, the window the model was pretrained at (0: this stage's own
+    /// window). The continuous position bias normalises its coordinates by it, so a model
+    /// pretrained at window 12 fine-tunes at another window without resizing any table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrained_window_sizes: Option<Vec<usize>>,
 }
 
 /// BEiT-style ViT encoder as SimMIM uses it (official names: `MODEL.VIT.*`).
@@ -63,6 +70,8 @@ pub struct VitConfig {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum EncoderConfig {
     Swin(SwinConfig),
+    /// Swin Transformer V2: scaled cosine attention, a continuous position bias, res-post-norm.
+    Swinv2(SwinConfig),
     Vit(VitConfig),
 }
 
@@ -278,6 +287,7 @@ impl SwinConfig {
             ape: false,
             patch_norm: true,
             drop_path_rate: 0.0,
+            pretrained_window_sizes: None,
         }
     }
 
@@ -384,6 +394,54 @@ impl SwinConfig {
     }
 }
 
+impl SwinConfig {
+    /// Stage `stage`'s pretrained window (SwinV2): `pretrained_window_sizes[stage]`, 0 when
+    /// absent, meaning the stage's own (clipped) window.
+    pub fn pretrained_window(&self, stage: usize) -> usize {
+        self.pretrained_window_sizes
+            .as_ref()
+            .and_then(|sizes| sizes.get(stage).copied())
+            .unwrap_or(0)
+    }
+
+    /// What only SwinV2 adds: one pretrained window per stage, and no stage whose
+    /// position-bias coordinates would be divided by zero (a window of 1, normalised by
+    /// `window - 1`, is NaN in the official code too).
+    fn validate_v2(&self) -> Result<(), ConfigError> {
+        if let Some(sizes) = &self.pretrained_window_sizes {
+            if sizes.len() != self.depths.len() {
+                return Err(config_error(
+                    "encoder.pretrained_window_sizes",
+                    format!(
+                        "{sizes:?} has {} entries but `depths` has {} stages",
+                        sizes.len(),
+                        self.depths.len()
+                    ),
+                ));
+            }
+            if let Some(stage) = sizes.iter().position(|&s| s == 1) {
+                return Err(config_error(
+                    "encoder.pretrained_window_sizes",
+                    format!("stage {stage}: 1 would divide the bias coordinates by zero"),
+                ));
+            }
+        }
+        for stage in 0..self.depths.len() {
+            if self.stage_window(stage).0 == 1 && self.pretrained_window(stage) == 0 {
+                return Err(config_error(
+                    "encoder.window_size",
+                    format!(
+                        "stage {stage}'s window clips to its 1x1 grid, and the continuous \
+                         position bias divides by window - 1; give the stage a \
+                         pretrained_window_sizes entry or use fewer stages"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl VitConfig {
     pub fn patches_resolution(&self) -> usize {
         self.img_size / self.patch_size
@@ -425,21 +483,21 @@ impl VitConfig {
 impl EncoderConfig {
     pub fn img_size(&self) -> usize {
         match self {
-            Self::Swin(c) => c.img_size,
+            Self::Swin(c) | Self::Swinv2(c) => c.img_size,
             Self::Vit(c) => c.img_size,
         }
     }
 
     pub fn patch_size(&self) -> usize {
         match self {
-            Self::Swin(c) => c.patch_size,
+            Self::Swin(c) | Self::Swinv2(c) => c.patch_size,
             Self::Vit(c) => c.patch_size,
         }
     }
 
     pub fn in_chans(&self) -> usize {
         match self {
-            Self::Swin(c) => c.in_chans,
+            Self::Swin(c) | Self::Swinv2(c) => c.in_chans,
             Self::Vit(c) => c.in_chans,
         }
     }
@@ -447,15 +505,31 @@ impl EncoderConfig {
     /// Downsampling from pixels to the encoder's output grid; the head's pixel-shuffle factor.
     pub fn encoder_stride(&self) -> usize {
         match self {
-            Self::Swin(c) => c.encoder_stride(),
+            Self::Swin(c) | Self::Swinv2(c) => c.encoder_stride(),
             Self::Vit(c) => c.patch_size,
+        }
+    }
+
+    /// The Swin settings of a v1 or v2 encoder; `None` for a ViT.
+    pub fn swin(&self) -> Option<&SwinConfig> {
+        match self {
+            Self::Swin(c) | Self::Swinv2(c) => Some(c),
+            Self::Vit(_) => None,
+        }
+    }
+
+    /// Mutable [`Self::swin`], for tools that resize a preset.
+    pub fn swin_mut(&mut self) -> Option<&mut SwinConfig> {
+        match self {
+            Self::Swin(c) | Self::Swinv2(c) => Some(c),
+            Self::Vit(_) => None,
         }
     }
 
     /// Channels of the encoder's output feature map.
     pub fn num_features(&self) -> usize {
         match self {
-            Self::Swin(c) => c.num_features(),
+            Self::Swin(c) | Self::Swinv2(c) => c.num_features(),
             Self::Vit(c) => c.embed_dim,
         }
     }
@@ -464,7 +538,19 @@ impl EncoderConfig {
 impl SimMimConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         match &self.encoder {
-            EncoderConfig::Swin(c) => c.validate()?,
+            EncoderConfig::Swin(c) => {
+                c.validate()?;
+                if c.pretrained_window_sizes.is_some() {
+                    return Err(config_error(
+                        "encoder.pretrained_window_sizes",
+                        "only a swinv2 encoder has a continuous position bias to rescale",
+                    ));
+                }
+            }
+            EncoderConfig::Swinv2(c) => {
+                c.validate()?;
+                c.validate_v2()?;
+            }
             EncoderConfig::Vit(c) => c.validate()?,
         }
         self.mask_geometry()?;
@@ -483,7 +569,7 @@ impl SimMimConfig {
     /// stage, deepest first: `head.depths`, else the encoder's depths of the stages the
     /// decoder expands into.
     pub fn inverse_swin_decoder(&self) -> Result<(&SwinConfig, Vec<usize>), ConfigError> {
-        let EncoderConfig::Swin(c) = &self.encoder else {
+        let Some(c) = self.encoder.swin() else {
             return Err(config_error(
                 "head.kind",
                 "inverse_swin mirrors a Swin encoder's stages; this encoder is a ViT",
@@ -548,6 +634,19 @@ impl SimMimConfig {
             loss: Default::default(),
             head: Default::default(),
         };
+        // The official SwinV2 SimMIM pretraining also sets drop path 0.1 and normalised
+        // targets over a 47-pixel window.
+        let swinv2 = |c: SwinConfig| Self {
+            encoder: EncoderConfig::Swinv2(SwinConfig {
+                drop_path_rate: 0.1,
+                ..c
+            }),
+            loss: LossSpec {
+                norm_target: Some(NormTarget { window: 47 }),
+                ..Default::default()
+            },
+            ..swin(SwinConfig::official(96, [2, 2, 6, 2], [3, 6, 12, 24], 6))
+        };
         Some(match name {
             "swin_tiny" => swin(SwinConfig::official(96, [2, 2, 6, 2], [3, 6, 12, 24], 6)),
             "swin_small" => swin(SwinConfig::official(96, [2, 2, 18, 2], [3, 6, 12, 24], 6)),
@@ -558,6 +657,41 @@ impl SimMimConfig {
                 [6, 12, 24, 48],
                 12,
             )),
+            // SwinV2 at the SwinV2 paper's sizes, at SimMIM's pretraining geometry (192 px,
+            // window 12: `simmim_pretrain__swinv2_base__img192_window12__800ep.yaml`).
+            "swinv2_tiny" => swinv2(SwinConfig::official(96, [2, 2, 6, 2], [3, 6, 12, 24], 12)),
+            "swinv2_small" => swinv2(SwinConfig::official(96, [2, 2, 18, 2], [3, 6, 12, 24], 12)),
+            "swinv2_base" => swinv2(SwinConfig::official(128, [2, 2, 18, 2], [4, 8, 16, 32], 12)),
+            "swinv2_large" => swinv2(SwinConfig::official(
+                192,
+                [2, 2, 18, 2],
+                [6, 12, 24, 48],
+                12,
+            )),
+            "swinv2_huge" => swinv2(SwinConfig::official(
+                352,
+                [2, 2, 18, 2],
+                [11, 22, 44, 88],
+                12,
+            )),
+            "swinv2_giant" => swinv2(SwinConfig::official(
+                512,
+                [2, 2, 42, 4],
+                [16, 32, 64, 128],
+                12,
+            )),
+            // swin_micro's geometry with SwinV2 blocks: the demo's and the benches' small V2.
+            // Its last stage (a 4x4 grid) keeps window 4: windows of 1 have no position bias.
+            "swinv2_micro" => Self {
+                encoder: EncoderConfig::Swinv2(SwinConfig {
+                    img_size: 64,
+                    patch_size: 2,
+                    window_size: 4,
+                    ..SwinConfig::official(48, [2, 2, 2, 2], [3, 6, 12, 24], 4)
+                }),
+                mask_patch_size: 8,
+                ..swin(SwinConfig::official(48, [2, 2, 2, 2], [3, 6, 12, 24], 4))
+            },
             "swin_micro" => Self {
                 encoder: EncoderConfig::Swin(SwinConfig {
                     img_size: 64,
@@ -603,6 +737,13 @@ impl SimMimConfig {
         "swin_base",
         "swin_large",
         "swin_micro",
+        "swinv2_tiny",
+        "swinv2_small",
+        "swinv2_base",
+        "swinv2_large",
+        "swinv2_huge",
+        "swinv2_giant",
+        "swinv2_micro",
         "vit_base",
     ];
 }
@@ -654,6 +795,72 @@ mod tests {
         };
         assert_eq!(c.stage_window(2), (12, 0));
         assert_eq!(c.stage_window(3), (6, 0));
+    }
+
+    /// The SwinV2 presets at the SwinV2 paper's sizes, with the official SimMIM pretraining
+    /// settings (192 px, window 12 clipped to 6 at the last stage, drop path 0.1, targets
+    /// normalised over 47 pixels).
+    #[test]
+    fn swinv2_presets_follow_the_papers() {
+        for (name, embed, depths, heads) in [
+            ("swinv2_base", 128, vec![2, 2, 18, 2], vec![4, 8, 16, 32]),
+            ("swinv2_huge", 352, vec![2, 2, 18, 2], vec![11, 22, 44, 88]),
+            (
+                "swinv2_giant",
+                512,
+                vec![2, 2, 42, 4],
+                vec![16, 32, 64, 128],
+            ),
+        ] {
+            let cfg = SimMimConfig::preset(name).expect("preset");
+            cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            let EncoderConfig::Swinv2(c) = &cfg.encoder else {
+                panic!("{name} is not swinv2")
+            };
+            assert_eq!(
+                (c.embed_dim, &c.depths, &c.num_heads),
+                (embed, &depths, &heads)
+            );
+            assert_eq!(
+                (c.img_size, c.window_size, c.drop_path_rate),
+                (192, 12, 0.1)
+            );
+            assert_eq!((c.stage_window(2), c.stage_window(3)), ((12, 0), (6, 0)));
+            assert_eq!(cfg.loss.norm_target, Some(NormTarget { window: 47 }));
+            assert_eq!(cfg.encoder.encoder_stride(), 32);
+        }
+        SimMimConfig::preset("swinv2_micro")
+            .expect("preset")
+            .validate()
+            .expect("valid");
+    }
+
+    #[test]
+    fn swinv2_settings_parse_and_bad_ones_name_the_field() {
+        let yaml = "encoder:\n  type: swinv2\n  img_size: 64\n  patch_size: 4\n  \
+                    embed_dim: 32\n  depths: [2, 2]\n  num_heads: [2, 4]\n  window_size: 4\n  \
+                    pretrained_window_sizes: [8, 6]\n";
+        let cfg: SimMimConfig = serde_yaml::from_str(yaml).expect("parses");
+        cfg.validate().expect("valid");
+        let c = cfg.encoder.swin().expect("a swin");
+        assert_eq!((c.pretrained_window(0), c.pretrained_window(1)), (8, 6));
+        let v1: SimMimConfig =
+            serde_yaml::from_str(&yaml.replace("swinv2", "swin")).expect("parses");
+        let err = v1.validate().expect_err("v1 has no cpb").to_string();
+        assert!(err.contains("encoder.pretrained_window_sizes"), "{err}");
+        let short: SimMimConfig =
+            serde_yaml::from_str(&yaml.replace("[8, 6]", "[8]")).expect("parses");
+        let err = short.validate().expect_err("one per stage").to_string();
+        assert!(err.contains("encoder.pretrained_window_sizes"), "{err}");
+        // 16 px in patches of 4: a 4x4 grid, 2x2 at stage 1 and 1x1 at stage 2.
+        let mut tiny = cfg.clone();
+        if let Some(c) = tiny.encoder.swin_mut() {
+            c.img_size = 16;
+            c.pretrained_window_sizes = None;
+            (c.depths, c.num_heads) = (vec![2, 2, 2], vec![2, 4, 8]);
+        }
+        let err = tiny.validate().expect_err("1x1 window").to_string();
+        assert!(err.contains("encoder.window_size"), "{err}");
     }
 
     #[test]

@@ -227,6 +227,23 @@ pub struct TrainSection {
     /// weights, AdamW moments and checkpoints f32. Meant for GPUs; on the CPU bf16 is slower.
     #[serde(default)]
     pub precision: Precision,
+    /// `blocks`: keep only each Transformer block's input in the forward pass and compute the
+    /// block again in the backward pass (`torch.utils.checkpoint` per block, as the official
+    /// `use_checkpoint`): far less activation memory for one more forward pass.
+    #[serde(default)]
+    pub activation_checkpointing: ActivationCheckpointing,
+}
+
+/// What the forward pass keeps for the backward pass (see
+/// [`TrainSection::activation_checkpointing`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationCheckpointing {
+    /// Every activation the backward pass reads.
+    #[default]
+    None,
+    /// Each block's input only; the block runs again in the backward pass.
+    Blocks,
 }
 
 /// The arithmetic of the matmuls (see [`TrainSection::precision`]).

@@ -38,7 +38,9 @@ impl Cluster {
         let head = net.address(0);
         let s3 = S3Server::start_with("runs", &head, 9000, |moto| net.command(0, moto));
         let (cert, key, ca) = make_certificate(dir.path(), &format!("IP:{head}"));
-        let data = synthetic_image_folder(dir.path(), 3, 40); // 120 usable samples
+        // 60 usable samples, 120 epochs: about 900 steps with two workers, enough for every
+        // scenario's disruption and recovery to happen mid-run (more only made it longer).
+        let data = synthetic_image_folder(dir.path(), 3, 20);
         let workers = "  min: 1\n  max: 2\n  last_call_s: 2\n  max_restarts: 10\n";
         let text = tiny_config_with(Path::new("s3://runs/r"), name, &data, 120, 40, 4, workers)
             .replace("heartbeat_timeout_s: 10", "heartbeat_timeout_s: 4")

@@ -83,7 +83,7 @@ def make(out, case, seed):
     case.setdefault("qkv_bias", True)
     case.setdefault("train", TRAIN)
     case.setdefault("no_weight_decay", NO_WD)
-    if case["type"] == "swin":
+    if case["type"] in ("swin", "swinv2"):
         case.setdefault("encoder_stride", case["patch_size"] * 2 ** (len(case["depths"]) - 1))
     else:
         case.setdefault("encoder_stride", case["patch_size"])

@@ -1,6 +1,7 @@
 """SimMIM reference in PyTorch (float64), written after the official microsoft/SimMIM model
-code (models/swin_transformer.py, models/vision_transformer.py, models/simmim.py) with the
-same module tree and state-dict keys. Used to make extra parity cases for configurations the
+code (models/swin_transformer.py, models/vision_transformer.py, models/simmim.py) and, for
+SwinV2, microsoft/Swin-Transformer's models/swin_transformer_v2.py, with the same module trees
+and state-dict keys. Used to make extra parity cases for configurations the
 shared fixtures do not cover; `check_fixture` first proves it reproduces the shared cases."""
 import math
 
@@ -244,6 +245,139 @@ class InverseSwin(nn.Module):
         return self.shuffle(self.head(x))
 
 
+# ---------------------------------------------------------------- SwinV2
+class WindowAttentionV2(nn.Module):
+    """Scaled cosine attention with a continuous position bias (`cpb_mlp` over log-spaced
+    coordinates normalised by the pretrained window), q and v biases, no k bias."""
+
+    def __init__(self, dim, ws, heads, qkv_bias, pretrained_ws):
+        super().__init__()
+        self.ws, self.heads = ws, heads
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((heads, 1, 1))))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                     nn.Linear(512, heads, bias=False))
+        span = torch.arange(-(ws - 1), ws, dtype=torch.float32)
+        table = torch.stack(torch.meshgrid([span, span], indexing="ij")).permute(1, 2, 0)
+        table = table.contiguous().unsqueeze(0)
+        norm = pretrained_ws if pretrained_ws > 0 else ws
+        table[:, :, :, 0] /= norm - 1
+        table[:, :, :, 1] /= norm - 1
+        table *= 8
+        table = torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / math.log2(8)
+        self.register_buffer("relative_coords_table", table.to(torch.get_default_dtype()))
+        coords = torch.stack(torch.meshgrid([torch.arange(ws), torch.arange(ws)], indexing="ij"))
+        cf = torch.flatten(coords, 1)
+        rel = (cf[:, :, None] - cf[:, None, :]).permute(1, 2, 0).contiguous()
+        rel[:, :, 0] += ws - 1
+        rel[:, :, 1] += ws - 1
+        rel[:, :, 0] *= 2 * ws - 1
+        self.register_buffer("relative_position_index", rel.sum(-1))
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False),
+                              self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        qkv = qkv.reshape(B_, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.heads)
+        rpb = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        attn = attn + 16 * torch.sigmoid(rpb.contiguous()).unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B_ // nW, nW, self.heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.heads, N, N)
+        attn = attn.softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B_, N, C))
+
+
+class SwinBlockV2(SwinBlock):
+    """v1's block geometry (clipped window, shift mask) with res-post-norm: the norms after
+    attention and after the MLP, inside the residual."""
+
+    def __init__(self, dim, res, heads, ws, shift, mlp_ratio, qkv_bias, pretrained_ws):
+        super().__init__(dim, res, heads, ws, shift, mlp_ratio, qkv_bias)
+        self.attn = WindowAttentionV2(dim, self.ws, heads, qkv_bias, pretrained_ws)
+
+    def forward(self, x):
+        H = W = self.res
+        B, L, C = x.shape
+        shortcut = x
+        x = x.view(B, H, W, C)
+        if self.shift > 0:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        xw = window_partition(x, self.ws).view(-1, self.ws * self.ws, C)
+        aw = self.attn(xw, mask=self.attn_mask).view(-1, self.ws, self.ws, C)
+        x = window_reverse(aw, self.ws, H, W)
+        if self.shift > 0:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = shortcut + self.norm1(x.reshape(B, H * W, C))
+        return x + self.norm2(self.mlp(x))
+
+
+class PatchMergingV2(PatchMerging):
+    """v2 merges then norms the 2C result."""
+
+    def __init__(self, res, dim):
+        super().__init__(res, dim)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, x):
+        H = W = self.res
+        B, L, C = x.shape
+        x = x.view(B, H, W, C)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.norm(self.reduction(x.view(B, -1, 4 * C)))
+
+
+class BasicLayerV2(nn.Module):
+    def __init__(self, dim, res, depth, heads, ws, mlp_ratio, qkv_bias, downsample, pretrained_ws):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            SwinBlockV2(dim, res, heads, ws, 0 if i % 2 == 0 else ws // 2, mlp_ratio, qkv_bias,
+                        pretrained_ws)
+            for i in range(depth)])
+        self.downsample = PatchMergingV2(res, dim) if downsample else None
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class SwinV2ForSimMIM(SwinForSimMIM):
+    """`SwinTransformerV2ForSimMIM`: v1's embedding, masking and final norm around v2 stages,
+    every block's res-post-norm initialised to zero (`_init_respostnorm`)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        dim, stages = c["embed_dim"], len(c["depths"])
+        res = c["img_size"] // c["patch_size"]
+        pretrained = c.get("pretrained_window_sizes") or [0] * stages
+        self.layers = nn.ModuleList([
+            BasicLayerV2(dim * 2 ** i, res // 2 ** i, c["depths"][i], c["num_heads"][i],
+                         c["window_size"], c["mlp_ratio"], c["qkv_bias"], i < stages - 1,
+                         pretrained[i])
+            for i in range(stages)])
+        self.layers.apply(_init_weights)
+        for layer in self.layers:
+            for blk in layer.blocks:
+                for norm in (blk.norm1, blk.norm2):
+                    nn.init.constant_(norm.weight, 0)
+                    nn.init.constant_(norm.bias, 0)
+
+
 def _init_weights(m):
     if isinstance(m, nn.Linear):
         trunc_normal_(m.weight)
@@ -409,8 +543,9 @@ class SimMIM(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.encoder = SwinForSimMIM(c) if c["type"] == "swin" else VitForSimMIM(c)
-        feats = self.encoder.num_features if c["type"] == "swin" else c["embed_dim"]
+        encoders = {"swin": SwinForSimMIM, "swinv2": SwinV2ForSimMIM, "vit": VitForSimMIM}
+        self.encoder = encoders[c["type"]](c)
+        feats = self.encoder.num_features if c["type"] != "vit" else c["embed_dim"]
         self.loss_spec = dict(c.get("loss") or {})
         head = dict(c.get("head") or {})
         kind = head.get("kind", "linear")
@@ -456,12 +591,17 @@ class SimMIM(nn.Module):
 
 NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed",
                      "cls_token", "mask_token")
+# SwinV2's keywords as the official pretraining optimizer sees them: SimMIM prefixes them
+# with "encoder.", so "encoder.cpb_mlp" and "encoder.logit_scale" match no parameter name
+# and the position-bias MLP's weights and the logit scales take weight decay.
+PRETRAIN_V2_KEYWORDS = ("encoder.cpb_mlp", "encoder.logit_scale")
 
 
 def param_groups(model):
     decay, no_decay = [], []
+    keywords = NO_DECAY_KEYWORDS + PRETRAIN_V2_KEYWORDS
     for name, p in model.named_parameters():
-        if p.ndim == 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_KEYWORDS):
+        if p.ndim == 1 or name.endswith(".bias") or any(k in name for k in keywords):
             no_decay.append(p)
         else:
             decay.append(p)

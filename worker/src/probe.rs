@@ -231,7 +231,10 @@ pub fn probe<B: simmim_model::SimMimBackend>(
 /// Width of the pooled features of `stage` (default: the final ones).
 pub fn feature_dim(encoder: &simmim_model::EncoderConfig, stage: Option<usize>) -> usize {
     match (encoder, stage) {
-        (simmim_model::EncoderConfig::Swin(c), Some(s)) if s + 1 < c.depths.len() => c.stage_dim(s),
+        (encoder, Some(s)) => match encoder.swin() {
+            Some(c) if s + 1 < c.depths.len() => c.stage_dim(s),
+            _ => encoder.num_features(),
+        },
         _ => encoder.num_features(),
     }
 }

@@ -208,20 +208,44 @@ pub fn softmax_last<B: SimMimBackend, const D: usize>(x: Tensor<B, D>) -> Tensor
     )))
 }
 
-/// Stochastic depth on a residual branch `[B, ...]`: active only while gradients are being
-/// tracked (training), like `timm.DropPath` in train mode.
-pub fn drop_path<B: Backend>(branch: Tensor<B, 3>, rate: f64) -> Tensor<B, 3> {
-    if rate <= 0.0 || !B::ad_enabled(&branch.device()) {
-        return branch;
+/// A block's two drop-path draws (attention branch, MLP branch), each `[B, 1, 1]` and already
+/// divided by the keep probability. Drawn once per block and pass, so a block computed again
+/// in the backward pass (activation checkpointing) drops the same samples.
+pub type DropKeep<B> = [Tensor<B, 3>; 2];
+
+/// The drop-path draws of a block at `rate` for `batch` samples; `None` at rate 0.
+pub fn draw_keep<B: Backend>(rate: f64, batch: usize, device: &B::Device) -> Option<DropKeep<B>> {
+    if rate <= 0.0 {
+        return None;
     }
     let keep = 1.0 - rate;
-    let batch = branch.dims()[0];
-    let keep_mask = Tensor::<B, 3>::random(
-        [batch, 1, 1],
-        Distribution::Bernoulli(keep),
-        &branch.device(),
-    );
-    branch * keep_mask.div_scalar(keep)
+    let draw = || {
+        Tensor::<B, 3>::random([batch, 1, 1], Distribution::Bernoulli(keep), device)
+            .div_scalar(keep)
+    };
+    Some([draw(), draw()])
+}
+
+/// A block's draws for a forward pass that trains (gradients tracked, as `timm.DropPath` in
+/// train mode); `None` in inference.
+pub fn training_keep<B: Backend>(
+    rate: f64,
+    batch: usize,
+    device: &B::Device,
+) -> Option<DropKeep<B>> {
+    if B::ad_enabled(device) {
+        draw_keep(rate, batch, device)
+    } else {
+        None
+    }
+}
+
+/// A residual branch scaled by its drop-path draw, if any.
+pub fn kept<B: Backend>(branch: Tensor<B, 3>, keep: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
+    match keep {
+        Some(keep) => branch * keep.clone(),
+        None => branch,
+    }
 }
 
 /// Linearly increasing drop-path rates over `depth` blocks, as `torch.linspace(0, rate, depth)`.

@@ -28,6 +28,32 @@ pub fn vit_relative_position_index(grid: usize) -> Vec<i64> {
     index
 }
 
+/// SwinV2's `relative_coords_table` (`[(2W-1)^2, 2]`, row-major over (dh, dw) in
+/// `-(W-1)..W`): each offset divided by `normaliser - 1` (the pretrained window, or this
+/// window when that is 0), times 8, then `sign(x) * log2(|x| + 1) / log2(8)`. Computed in f32
+/// step by step as the official module does in torch.
+pub fn swinv2_coords_table(window: usize, pretrained_window: usize) -> Vec<f32> {
+    let normaliser = if pretrained_window > 0 {
+        pretrained_window
+    } else {
+        window
+    };
+    let span = (normaliser as f32) - 1.0;
+    let log_spaced = |offset: i64| -> f32 {
+        let x = (offset as f32) / span * 8.0;
+        x.signum() * (x.abs() + 1.0).log2() / 3.0
+    };
+    let w = window as i64;
+    let mut table = Vec::with_capacity(swin_table_rows(window) * 2);
+    for dh in -(w - 1)..w {
+        for dw in -(w - 1)..w {
+            table.push(log_spaced(dh));
+            table.push(log_spaced(dw));
+        }
+    }
+    table
+}
+
 pub fn swin_table_rows(window: usize) -> usize {
     (2 * window - 1) * (2 * window - 1)
 }

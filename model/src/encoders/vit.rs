@@ -11,8 +11,8 @@ use crate::backend::SimMimBackend;
 use crate::config::VitConfig;
 use crate::encoders::attention;
 use crate::encoders::layers::{
-    drop_path, drop_path_schedule, int_tensor, layer_norm, linear, linear_tokens, qkv_part,
-    relative_bias, softmax_last, LayerNorm, Mlp, PatchEmbed,
+    draw_keep, drop_path_schedule, int_tensor, kept, layer_norm, linear, linear_tokens, qkv_part,
+    relative_bias, softmax_last, training_keep, DropKeep, LayerNorm, Mlp, PatchEmbed,
 };
 use crate::encoders::rel_pos::{vit_relative_position_index, vit_table_rows};
 use crate::weights::init::{constant, WeightInit};
@@ -146,7 +146,17 @@ pub struct VitBlock<B: Backend> {
 }
 
 impl<B: SimMimBackend> VitBlock<B> {
-    fn forward(&self, x: Tensor<B, 3>, shared_bias: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
+    /// The block with the drop-path draws given (see [`DropKeep`]).
+    fn forward_with(
+        &self,
+        x: Tensor<B, 3>,
+        shared_bias: Option<&Tensor<B, 3>>,
+        keep: Option<&DropKeep<B>>,
+    ) -> Tensor<B, 3> {
+        let [keep_attn, keep_mlp] = match keep {
+            Some([a, m]) => [Some(a), Some(m)],
+            None => [None, None],
+        };
         let scale = |branch: Tensor<B, 3>, gamma: &Option<Param<Tensor<B, 1>>>| match gamma {
             Some(g) => branch * g.val().unsqueeze_dim::<2>(0).unsqueeze_dim(0),
             None => branch,
@@ -154,9 +164,9 @@ impl<B: SimMimBackend> VitBlock<B> {
         let branch = self
             .attn
             .forward(self.norm1.forward(x.clone()), shared_bias);
-        let x = x + drop_path(scale(branch, &self.gamma_1), self.drop_path);
+        let x = x + kept(scale(branch, &self.gamma_1), keep_attn);
         let branch = self.mlp.forward(self.norm2.forward(x.clone()));
-        x + drop_path(scale(branch, &self.gamma_2), self.drop_path)
+        x + kept(scale(branch, &self.gamma_2), keep_mlp)
     }
 }
 
@@ -233,8 +243,19 @@ impl<B: SimMimBackend> Vit<B> {
 
     /// `images` `[B, C, H, W]`, `mask` `[B, L]` to the patch tokens `[B, L, C]` (cls dropped).
     pub fn forward(&self, images: Tensor<B, 4>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let mut x = self.stem(images, mask);
+        let shared = self.rel_pos_bias.as_ref().map(|b| b.forward());
+        for block in &self.blocks {
+            let keep = training_keep(block.drop_path, x.dims()[0], &x.device());
+            x = block.forward_with(x, shared.as_ref(), keep.as_ref());
+        }
+        self.finish(x)
+    }
+
+    /// Patch embedding, mask token, cls token and position embedding: `[B, 1 + L, C]`.
+    pub(crate) fn stem(&self, images: Tensor<B, 4>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
         let mut x = self.patch_embed.forward(images);
-        let [batch, tokens, dim] = x.dims();
+        let [batch, _, dim] = x.dims();
         if let Some(mask) = mask {
             let w = mask.unsqueeze_dim::<3>(2);
             x = x * (w.clone().neg().add_scalar(1.0)) + self.mask_token.val() * w;
@@ -244,10 +265,33 @@ impl<B: SimMimBackend> Vit<B> {
         if let Some(pos) = &self.pos_embed {
             x = x + pos.val();
         }
+        x
+    }
+
+    /// Block `index` alone, its shared position bias computed from the table (so the block's
+    /// graph reaches the shared table too).
+    pub(crate) fn block(
+        &self,
+        index: usize,
+        x: Tensor<B, 3>,
+        keep: Option<&DropKeep<B>>,
+    ) -> Tensor<B, 3> {
         let shared = self.rel_pos_bias.as_ref().map(|b| b.forward());
-        for block in &self.blocks {
-            x = block.forward(x, shared.as_ref());
-        }
+        self.blocks[index].forward_with(x, shared.as_ref(), keep)
+    }
+
+    pub(crate) fn draw_keep(
+        &self,
+        index: usize,
+        batch: usize,
+        device: &B::Device,
+    ) -> Option<DropKeep<B>> {
+        draw_keep(self.blocks[index].drop_path, batch, device)
+    }
+
+    /// The final norm, without the cls token.
+    pub(crate) fn finish(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let tokens = x.dims()[1] - 1;
         self.norm.forward(x).narrow(1, 1, tokens)
     }
 }

@@ -12,7 +12,7 @@ use super::PixelShuffleHead;
 use crate::backend::SimMimBackend;
 use crate::config::SwinConfig;
 use crate::encoders::layers::{layer_norm, linear, linear_tokens, LayerNorm};
-use crate::encoders::swin::{stage_blocks, SwinBlock};
+use crate::encoders::swin::{stage_blocks, SwinBlock, SwinVersion};
 use crate::weights::init::WeightInit;
 
 /// `Linear(dim, 2 dim, bias=False)`, each token's output read as a 2x2 block of `dim / 2`
@@ -70,7 +70,16 @@ impl<B: SimMimBackend> InverseSwinHead<B> {
                         norm: layer_norm(wide / 2, 1e-5, device),
                         resolution: c.stage_resolution(stage + 1),
                     },
-                    blocks: stage_blocks(init, c, stage, depth, &mut std::iter::empty(), device),
+                    // Swin-Unet's decoder: v1 blocks, whichever Swin the encoder is.
+                    blocks: stage_blocks(
+                        init,
+                        SwinVersion::V1,
+                        c,
+                        stage,
+                        depth,
+                        &mut std::iter::empty(),
+                        device,
+                    ),
                 }
             })
             .collect();

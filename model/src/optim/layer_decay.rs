@@ -11,7 +11,7 @@ use crate::config::EncoderConfig;
 /// final norm).
 pub fn num_layers(encoder: &EncoderConfig) -> usize {
     match encoder {
-        EncoderConfig::Swin(c) => c.depths.iter().sum::<usize>() + 2,
+        EncoderConfig::Swin(c) | EncoderConfig::Swinv2(c) => c.depths.iter().sum::<usize>() + 2,
         EncoderConfig::Vit(c) => c.depth + 2,
     }
 }
@@ -22,7 +22,8 @@ pub fn layer_id(name: &str, encoder: &EncoderConfig) -> usize {
     let name = name.strip_prefix("encoder.").unwrap_or(name);
     let parts: Vec<&str> = name.split('.').collect();
     match encoder {
-        EncoderConfig::Swin(c) => {
+        // SwinV2 fine-tunes with the same `get_swin_layer` (its config's depths).
+        EncoderConfig::Swin(c) | EncoderConfig::Swinv2(c) => {
             if name == "mask_token" || name.starts_with("patch_embed") {
                 return 0;
             }

@@ -20,7 +20,8 @@ use safetensors::SafeTensors;
 use crate::classifier::Classifier;
 use crate::config::{EncoderConfig, HeadKind, SimMimConfig, SwinConfig};
 use crate::encoders::rel_pos::{
-    resize_swin_table, swin_relative_position_index, swin_shift_mask, vit_relative_position_index,
+    resize_swin_table, swin_relative_position_index, swin_shift_mask, swinv2_coords_table,
+    vit_relative_position_index,
 };
 use crate::error::ModelError;
 use crate::weights::naming::parameters;
@@ -163,18 +164,38 @@ fn swin_block_buffers(
     }
 }
 
+/// SwinV2's `relative_coords_table` (`[1, 2W-1, 2W-1, 2]`) of every block of a stage.
+fn swinv2_coords_buffers(
+    buffers: &mut StateDict,
+    prefix: &str,
+    c: &SwinConfig,
+    stage: usize,
+    depth: usize,
+) {
+    let (window, _) = c.stage_window(stage);
+    let side = 2 * window - 1;
+    for block in 0..depth {
+        buffers.insert(
+            format!("{prefix}.blocks.{block}.attn.relative_coords_table"),
+            HostTensor::F32 {
+                shape: vec![1, side, side, 2],
+                values: swinv2_coords_table(window, c.pretrained_window(stage)),
+            },
+        );
+    }
+}
+
 pub fn official_buffers(config: &SimMimConfig) -> StateDict {
     let mut buffers = StateDict::new();
     match &config.encoder {
-        EncoderConfig::Swin(c) => {
+        EncoderConfig::Swin(c) | EncoderConfig::Swinv2(c) => {
+            let v2 = matches!(config.encoder, EncoderConfig::Swinv2(_));
             for (stage, &depth) in c.depths.iter().enumerate() {
-                swin_block_buffers(
-                    &mut buffers,
-                    &format!("encoder.layers.{stage}"),
-                    c,
-                    stage,
-                    depth,
-                );
+                let prefix = format!("encoder.layers.{stage}");
+                swin_block_buffers(&mut buffers, &prefix, c, stage, depth);
+                if v2 {
+                    swinv2_coords_buffers(&mut buffers, &prefix, c, stage, depth);
+                }
             }
             // The inverse Swin head's decoder stages, deepest first.
             if let (HeadKind::InverseSwin, Ok((_, depths))) =
@@ -213,6 +234,30 @@ pub fn official_buffers(config: &SimMimConfig) -> StateDict {
     buffers
 }
 
+/// Whether a checkpoint's buffer is the one the config implies: indices exactly, float
+/// buffers to f32 rounding (SwinV2's log-spaced coordinates go through `log2`, whose last
+/// bit may differ between torch's and Rust's libm).
+fn buffer_agrees(found: &HostTensor, expected: &HostTensor) -> bool {
+    match (found, expected) {
+        (
+            HostTensor::F32 {
+                shape: a,
+                values: x,
+            },
+            HostTensor::F32 {
+                shape: b,
+                values: y,
+            },
+        ) => {
+            a == b
+                && x.iter()
+                    .zip(y)
+                    .all(|(p, q)| (p - q).abs() <= 1e-6 * q.abs().max(1.0))
+        }
+        _ => found == expected,
+    }
+}
+
 /// Replaces every parameter of `model` with the tensor of the same official name.
 /// Buffers are checked against the config; anything missing, left over or of the wrong shape
 /// fails the whole load with every offending key listed.
@@ -224,7 +269,7 @@ pub fn load_state_dict<B: Backend, M: Module<B>>(
     let buffers = official_buffers(config);
     for (name, expected) in &buffers {
         if let Some(found) = state.get(name) {
-            if found != expected {
+            if !buffer_agrees(found, expected) {
                 return Err(ModelError::BufferMismatch {
                     name: name.clone(),
                     reason: format!(
@@ -361,7 +406,11 @@ pub fn load_pretrained<B: Backend>(
         } else {
             format!("encoder.{key}")
         };
-        let buffer = name.ends_with("relative_position_index") || name.ends_with("attn_mask");
+        // Buffers follow from the geometry (and SwinV2's coordinates from the window being
+        // fine-tuned at): recomputed, never carried over.
+        let buffer = name.ends_with("relative_position_index")
+            || name.ends_with("attn_mask")
+            || name.ends_with("relative_coords_table");
         let foreign = !(name.starts_with("encoder.") || name.starts_with("head."));
         let other_head = name.starts_with("head.")
             && expected.get(&name).map(Vec::as_slice) != Some(tensor.shape());

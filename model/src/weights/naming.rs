@@ -52,6 +52,14 @@ impl PathTracker {
                 _ => {}
             }
         }
+        // SwinV2's position-bias MLP is an `nn.Sequential` too (a ReLU at index 1).
+        if let Some(at) = parts.iter().position(|p| *p == "cpb_mlp") {
+            match parts.get(at + 1).copied() {
+                Some("hidden") => parts[at + 1] = "0",
+                Some("output") => parts[at + 1] = "2",
+                _ => {}
+            }
+        }
         // The head is an `nn.Sequential` officially: the linear head's conv is `decoder.0`;
         // the MLP head's convs are `decoder.0` and `decoder.2` (a GELU sits at index 1).
         // The inverse Swin head is a module tree, named as it is (`decoder.layers.0...`).
@@ -118,7 +126,22 @@ pub fn parameters<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
 
 /// The official code's weight-decay rule: no decay for 1-D parameters, biases, position
 /// embeddings, relative position bias tables and the cls/mask tokens.
+///
+/// SwinV2 adds `cpb_mlp` and `logit_scale` to its no-decay keywords, and the official
+/// optimizer matches keywords as substrings of the parameter name. In pretraining the SimMIM
+/// wrapper prefixes its encoder's keywords (`encoder.cpb_mlp`), which no parameter name
+/// contains (`encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight`), so there the MLP's weights
+/// and the `[heads, 1, 1]` logit scale do decay; the fine-tuned encoder's names carry no
+/// prefix, the keywords match, and they do not. Both are followed here: the pretraining
+/// model's names start with `encoder.`, the classifier's do not. (The same prefix would let
+/// v1's bias tables decay in pretraining too; the parity fixtures exempt them, and so does
+/// this rule.)
 pub fn takes_weight_decay(name: &str, shape: &[usize]) -> bool {
+    const FINETUNE_NO_DECAY_KEYWORDS: [&str; 2] = ["cpb_mlp", "logit_scale"];
+    if !name.starts_with("encoder.") && FINETUNE_NO_DECAY_KEYWORDS.iter().any(|k| name.contains(k))
+    {
+        return false;
+    }
     const NO_DECAY_KEYWORDS: [&str; 5] = [
         "relative_position_bias_table",
         "absolute_pos_embed",
@@ -134,6 +157,7 @@ pub fn takes_weight_decay(name: &str, shape: &[usize]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encoders::Encoder;
     use crate::{InitModel, SimMimConfig};
     use burn_flex::Flex;
 
@@ -267,5 +291,66 @@ mod tests {
                 .count()
         };
         assert_eq!((blocks(0), blocks(1), blocks(2)), (1, 1, 2));
+    }
+
+    /// SwinV2's parameters under the official keys (`cpb_mlp.0/2`, `logit_scale`, `q_bias`,
+    /// `v_bias`, a qkv without bias, the merge norm at 2C), its res-post-norms starting at
+    /// zero, and the weight-decay rule that differs between pretraining and fine-tuning.
+    #[test]
+    fn swinv2_names_init_and_weight_decay() {
+        let config = SimMimConfig::preset("swinv2_micro").expect("preset");
+        let model = config.init::<Flex>(0, &Default::default()).expect("init");
+        let params = parameters::<Flex, _>(&model);
+        let shape = |name: &str| {
+            params
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.shape.clone())
+                .unwrap_or_else(|| panic!("no parameter {name}"))
+        };
+        let attn = "encoder.layers.1.blocks.1.attn";
+        assert_eq!(shape(&format!("{attn}.cpb_mlp.0.weight")), vec![512, 2]);
+        assert_eq!(shape(&format!("{attn}.cpb_mlp.0.bias")), vec![512]);
+        assert_eq!(shape(&format!("{attn}.cpb_mlp.2.weight")), vec![6, 512]);
+        assert_eq!(shape(&format!("{attn}.logit_scale")), vec![6, 1, 1]);
+        assert_eq!(shape(&format!("{attn}.q_bias")), vec![96]);
+        assert_eq!(shape(&format!("{attn}.v_bias")), vec![96]);
+        assert_eq!(shape("encoder.layers.0.downsample.norm.weight"), vec![96]);
+        for absent in ["cpb_mlp.2.bias", "qkv.bias", "relative_position_bias_table"] {
+            assert!(
+                !params.iter().any(|p| p.name.ends_with(absent)),
+                "{absent} is not a SwinV2 parameter"
+            );
+        }
+        let Encoder::Swin(swin) = &model.encoder else {
+            panic!("a swin encoder")
+        };
+        let block = &swin.layers[0].blocks[0];
+        for norm in [&block.norm1, &block.norm2] {
+            let gamma = norm.gamma.val().into_data().to_vec::<f32>().expect("f32");
+            assert!(gamma.iter().all(|g| *g == 0.0), "res-post-norm starts at 0");
+        }
+        let scale = block.attn.logit_scale.as_ref().expect("v2").val();
+        let scale = scale.into_data().to_vec::<f32>().expect("f32");
+        assert!(scale.iter().all(|s| (s - 10f32.ln()).abs() < 1e-6));
+
+        let decays = |prefix: &str| {
+            [
+                "cpb_mlp.0.weight",
+                "cpb_mlp.0.bias",
+                "logit_scale",
+                "q_bias",
+                "qkv.weight",
+            ]
+            .map(|n| {
+                let name = format!("layers.1.blocks.1.attn.{n}");
+                let official = shape(&format!("encoder.{name}"));
+                takes_weight_decay(&format!("{prefix}{name}"), &official)
+            })
+        };
+        // Pretraining: the official prefixed keywords match nothing, so shape rules decide.
+        assert_eq!(decays("encoder."), [true, false, true, false, true]);
+        // Fine-tuning: the bare encoder's names contain the keywords.
+        assert_eq!(decays(""), [false, false, false, false, true]);
     }
 }

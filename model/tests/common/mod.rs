@@ -26,6 +26,9 @@ pub struct Case {
     pub window_size: Option<usize>,
     pub ape: Option<bool>,
     pub patch_norm: Option<bool>,
+    /// SwinV2 cases: the window each stage's position bias is normalised by (0: its own).
+    #[serde(default)]
+    pub pretrained_window_sizes: Option<Vec<usize>>,
     pub depth: Option<usize>,
     pub init_values: Option<f64>,
     pub use_ape: Option<bool>,
@@ -68,20 +71,28 @@ impl Case {
 
     pub fn model_config(&self) -> Result<SimMimConfig> {
         let encoder = match self.kind.as_str() {
-            "swin" => EncoderConfig::Swin(SwinConfig {
-                img_size: self.img_size,
-                patch_size: self.patch_size,
-                in_chans: 3,
-                embed_dim: self.embed_dim,
-                depths: need(self.depths.clone(), "depths")?,
-                num_heads: serde_json::from_value(self.num_heads.clone())?,
-                window_size: need(self.window_size, "window_size")?,
-                mlp_ratio: self.mlp_ratio,
-                qkv_bias: self.qkv_bias,
-                ape: need(self.ape, "ape")?,
-                patch_norm: need(self.patch_norm, "patch_norm")?,
-                drop_path_rate: 0.0,
-            }),
+            "swin" | "swinv2" => {
+                let swin = SwinConfig {
+                    img_size: self.img_size,
+                    patch_size: self.patch_size,
+                    in_chans: 3,
+                    embed_dim: self.embed_dim,
+                    depths: need(self.depths.clone(), "depths")?,
+                    num_heads: serde_json::from_value(self.num_heads.clone())?,
+                    window_size: need(self.window_size, "window_size")?,
+                    mlp_ratio: self.mlp_ratio,
+                    qkv_bias: self.qkv_bias,
+                    ape: need(self.ape, "ape")?,
+                    patch_norm: need(self.patch_norm, "patch_norm")?,
+                    drop_path_rate: 0.0,
+                    pretrained_window_sizes: self.pretrained_window_sizes.clone(),
+                };
+                if self.kind == "swin" {
+                    EncoderConfig::Swin(swin)
+                } else {
+                    EncoderConfig::Swinv2(swin)
+                }
+            }
             "vit" => EncoderConfig::Vit(VitConfig {
                 img_size: self.img_size,
                 patch_size: self.patch_size,

@@ -10,7 +10,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use simmim_model::{
-    loss_and_grads, mask_tensor, AdamW, InitModel, SimMim, SimMimBackend, SimMimConfig,
+    mask_tensor, step::loss_and_grads_with, AdamW, InitModel, SimMim, SimMimBackend, SimMimConfig,
 };
 use simmim_proto::pb::StepMetrics;
 use simmim_proto::run_config::ProbeSection;
@@ -99,7 +99,14 @@ where
             device,
         );
         let mask = mask_tensor::<B>(&batch.masks, b, grid, device);
-        Ok(loss_and_grads(model, images, mask, at.sub_batches))
+        let checkpointing = self.generation.config.train.activation_checkpointing;
+        Ok(loss_and_grads_with(
+            model,
+            images,
+            mask,
+            at.sub_batches,
+            checkpointing,
+        ))
     }
 
     fn hooks(&mut self) -> Result<Hooks<B, SimMim<B>>> {
