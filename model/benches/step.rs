@@ -27,8 +27,10 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
 use simmim_model::{
-    loss_and_grads, mask_tensor, AdamW, AdamWConfig, EncoderConfig, InitModel, SimMimConfig,
+    mask_tensor, step::loss_and_grads_with, AdamW, AdamWConfig, EncoderConfig, InitModel,
+    SimMimConfig,
 };
+use simmim_proto::run_config::ActivationCheckpointing;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -70,6 +72,11 @@ struct Args {
     /// Predict the target at this side (the paper's target-resolution ablation).
     #[arg(long)]
     target_resolution: Option<usize>,
+    /// Activation checkpointing: none (keep every activation) or blocks (keep each block's
+    /// input and compute the block again in the backward pass). Run each in its own process:
+    /// the peak memory reported is the process's.
+    #[arg(long, default_value = "none")]
+    checkpointing: String,
     /// Print one JSON line instead of the table.
     #[arg(long)]
     json: bool,
@@ -86,6 +93,23 @@ struct Timing {
     optimizer_cpu: f64,
     /// From the first tensor to the end of the first step (kernel compilation included).
     first_step: f64,
+    /// Resident memory with the model, optimizer and batch built, before the first step.
+    rss_before_mib: f64,
+}
+
+/// `VmRSS` (now) or `VmHWM` (the process's peak) from `/proc/self/status`, in MiB; 0 where
+/// there is no procfs.
+fn memory_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// The process's CPU time so far (user + system, every thread), from `/proc/self/stat` in
@@ -155,12 +179,24 @@ where
         forward_backward_cpu: 0.0,
         optimizer_cpu: 0.0,
         first_step: 0.0,
+        rss_before_mib: memory_mib("VmRSS:"),
     };
     let sub_batches = sub_batches(args);
+    let checkpointing = match args.checkpointing.as_str() {
+        "none" => ActivationCheckpointing::None,
+        "blocks" => ActivationCheckpointing::Blocks,
+        other => bail!("unknown --checkpointing {other}; none or blocks"),
+    };
     for step in 0..args.warmup + args.steps {
         let (t0, c0) = (Instant::now(), process_cpu_seconds());
         let (loss, grads) = simmim_model::backend::precision::autocast(precision, || {
-            loss_and_grads(&model, images.clone(), mask.clone(), sub_batches)
+            loss_and_grads_with(
+                &model,
+                images.clone(),
+                mask.clone(),
+                sub_batches,
+                checkpointing,
+            )
         });
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}");
@@ -265,16 +301,18 @@ fn main() -> Result<()> {
     let busy = |cpu: f64, wall: &[f64]| cpu / wall.iter().sum::<f64>().max(f64::MIN_POSITIVE);
     let fwd_bwd_busy = busy(timing.forward_backward_cpu, &timing.forward_backward);
     let opt_busy = busy(timing.optimizer_cpu, &timing.optimizer);
+    let (before, peak) = (timing.rss_before_mib, memory_mib("VmHWM:"));
+    let ckpt = &args.checkpointing;
     if args.json {
         println!(
-            "{{\"impl\":\"burn\",\"backend\":\"{}\",\"dtype\":\"{}\",\"model\":\"{}\",\"img\":{},\"batch\":{batch},\"sub_batches\":{sub_batches},\"step_s\":{step:.4},\"fwd_bwd_s\":{fwd_bwd:.4},\"opt_s\":{opt:.4},\"images_per_s\":{ips:.2},\"first_step_s\":{first:.2},\"fwd_bwd_cores_busy\":{fwd_bwd_busy:.2},\"opt_cores_busy\":{opt_busy:.2}}}",
+            "{{\"impl\":\"burn\",\"backend\":\"{}\",\"dtype\":\"{}\",\"model\":\"{}\",\"img\":{},\"batch\":{batch},\"sub_batches\":{sub_batches},\"checkpointing\":\"{ckpt}\",\"step_s\":{step:.4},\"fwd_bwd_s\":{fwd_bwd:.4},\"opt_s\":{opt:.4},\"images_per_s\":{ips:.2},\"first_step_s\":{first:.2},\"fwd_bwd_cores_busy\":{fwd_bwd_busy:.2},\"opt_cores_busy\":{opt_busy:.2},\"rss_before_mib\":{before:.0},\"peak_rss_mib\":{peak:.0}}}",
             args.backend, args.dtype, args.model, config.encoder.img_size()
         );
     } else {
-        println!("| impl | backend | model | img | batch | sub-batches | step s | fwd+bwd s | opt s | images/s | cores busy fwd+bwd / opt |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("| impl | backend | model | img | batch | sub-batches | checkpointing | step s | fwd+bwd s | opt s | images/s | cores busy fwd+bwd / opt | RSS before / peak MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| burn | {} {} | {} | {} | {batch} | {sub_batches} | {step:.3} | {fwd_bwd:.3} | {opt:.3} | {ips:.2} | {fwd_bwd_busy:.2} / {opt_busy:.2} |",
+            "| burn | {} {} | {} | {} | {batch} | {sub_batches} | {ckpt} | {step:.3} | {fwd_bwd:.3} | {opt:.3} | {ips:.2} | {fwd_bwd_busy:.2} / {opt_busy:.2} | {before:.0} / {peak:.0} |",
             args.backend, args.dtype, args.model, config.encoder.img_size()
         );
     }

@@ -41,6 +41,7 @@ pub mod grads;
 pub mod heads;
 pub mod losses;
 pub mod mask;
+pub mod memory;
 pub mod optim;
 pub mod recompute;
 pub mod simmim;

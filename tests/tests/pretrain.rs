@@ -528,15 +528,17 @@ fn a_square_mask_and_smooth_l1_on_all_pixels_train_and_mask_stats_reports_them()
     );
 }
 
-/// `encoder.type: swinv2` end to end: the real binaries pretrain it, and its checkpoint holds
-/// the official SwinV2 keys (what PyTorch's `SwinTransformerV2ForSimMIM` loads strictly).
+/// `encoder.type: swinv2` end to end, with activation checkpointing: the real binaries
+/// pretrain it, and its checkpoint holds the official SwinV2 keys (what PyTorch's
+/// `SwinTransformerV2ForSimMIM` loads strictly).
 #[test]
 fn a_swinv2_encoder_pretrains_and_checkpoints_under_the_official_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = synthetic_image_folder(dir.path(), 2, 20);
     let path = dir.path().join("v2.yaml");
     let text = tiny_config(&dir.path().join("runs"), "v2", &data, 1, 5)
-        .replace("      type: swin\n", "      type: swinv2\n");
+        .replace("      type: swin\n", "      type: swinv2\n")
+        .replace("train:\n", "train:\n  activation_checkpointing: blocks\n");
     std::fs::write(&path, &text).expect("config");
     let out = coordinator(
         &["start", "--config", path.to_str().expect("utf8")],
@@ -566,4 +568,50 @@ fn a_swinv2_encoder_pretrains_and_checkpoints_under_the_official_keys() {
     assert!(!names
         .iter()
         .any(|n| n.contains("relative_position_bias_table")));
+}
+
+/// `worker plan-memory`: SwinV2-G at batch 64 fits an 80 GB card only with activation
+/// checkpointing; an unknown preset is a named error.
+#[test]
+fn plan_memory_says_what_fits_where() {
+    let out = std::process::Command::new(binary("worker"))
+        .args([
+            "plan-memory",
+            "--preset",
+            "swin_base,swinv2_giant",
+            "--batch",
+            "64",
+        ])
+        .output()
+        .expect("worker plan-memory");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |model: &str, checkpointing: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!("| {model} |"))
+                    && l.contains(&format!("| {checkpointing} |"))
+            })
+            .unwrap_or_else(|| panic!("no {model} {checkpointing} row:\n{text}"))
+            .to_string()
+    };
+    assert!(
+        row("swinv2_giant", "none").ends_with("| no | no |"),
+        "{text}"
+    );
+    assert!(
+        row("swinv2_giant", "blocks").ends_with("| fits | fits |"),
+        "{text}"
+    );
+    assert!(row("swin_base", "none").contains("| 90 M |"), "{text}");
+    let bad = std::process::Command::new(binary("worker"))
+        .args(["plan-memory", "--preset", "swin_huge"])
+        .output()
+        .expect("worker plan-memory");
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("unknown preset swin_huge"),
+        "{}",
+        stderr(&bad)
+    );
 }

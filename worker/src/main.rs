@@ -9,7 +9,7 @@ use simmim_proto::mask::MaskStrategy;
 use simmim_proto::{Permanent, EXIT_DO_NOT_RETRY};
 use simmim_worker::commands::inspect::{self, ExportFormat};
 use simmim_worker::commands::probe::{probe_cli, ProbeArgs};
-use simmim_worker::commands::{join, launch, mask_stats};
+use simmim_worker::commands::{join, launch, mask_stats, plan_memory};
 use simmim_worker::data;
 use simmim_worker::device::Device;
 use simmim_worker::user_mask::MaskBox;
@@ -38,6 +38,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Bytes per rank of weights, gradients, AdamW moments and activations, with and without
+    /// activation checkpointing, against 80 GB and 141 GB cards, computed from the config
+    /// (no model is built): for a run config's model and/or presets.
+    PlanMemory {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Presets to plan (repeat or comma-separate), e.g. swin_base,swinv2_huge,swinv2_giant.
+        #[arg(long, value_delimiter = ',')]
+        preset: Vec<String>,
+        /// Images per rank (default: the config's train.micro_batch, else 64).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Ranks the optimizer state is divided over (1: not sharded).
+        #[arg(long, default_value_t = 1)]
+        ranks: usize,
+    },
     /// Write a checkpoint's model under the official SimMIM names, for PyTorch.
     Export {
         /// A run directory or URL (its newest checkpoint, or the one at --step).
@@ -201,6 +217,24 @@ fn run(cli: Cli) -> Result<()> {
             sweep,
             plot,
         }),
+        Some(Command::PlanMemory {
+            config,
+            preset,
+            batch,
+            ranks,
+        }) => {
+            if config.is_none() && preset.is_empty() {
+                return Err(anyhow!(
+                    "give --config RUN.yaml and/or --preset NAME[,NAME]"
+                ));
+            }
+            plan_memory::plan_memory(&plan_memory::PlanMemoryArgs {
+                config,
+                presets: preset,
+                batch,
+                ranks: ranks.max(1),
+            })
+        }
         Some(Command::Export {
             checkpoint,
             step,

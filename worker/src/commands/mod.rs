@@ -4,4 +4,5 @@ pub mod inspect;
 pub mod join;
 pub mod launch;
 pub mod mask_stats;
+pub mod plan_memory;
 pub mod probe;
