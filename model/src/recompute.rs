@@ -13,7 +13,7 @@
 //! first pass and reused when the block is computed again, so both passes drop the same
 //! samples.
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
@@ -21,7 +21,6 @@ use burn::tensor::Tensor;
 use crate::backend::SimMimBackend;
 use crate::encoders::layers::DropKeep;
 use crate::simmim::SimMim;
-use crate::step::weighted_sum;
 
 /// The loss of `model` on `images` `[B, C, H, W]` and `mask` `[B, h, w]` (after its backward
 /// pass) and the gradients of every parameter, equal to a plain forward/backward's to f32
@@ -60,7 +59,7 @@ where
     let (loss, _) = model.tail(last.clone(), images.clone(), mask);
     let mut grads = loss.backward();
     let mut upstream = last.grad_remove(&mut grads);
-    let mut parts = vec![GradientsParams::from_grads(grads, model)];
+    let mut total = GradientsParams::from_grads(grads, model);
 
     // 3. Every block again, last first, each with its own graph.
     for (index, keep) in keeps.into_iter().enumerate().rev() {
@@ -71,17 +70,47 @@ where
         let Some(grad) = upstream.take() else { break };
         let mut grads = (out * Tensor::from_inner(grad)).sum().backward();
         upstream = input.grad_remove(&mut grads);
-        parts.push(GradientsParams::from_grads(grads, model));
+        accumulate(model, &mut total, GradientsParams::from_grads(grads, model));
     }
 
     // 4. The stem.
     if let Some(grad) = upstream {
         let x = model.encoder.stem(images, Some(token_mask));
         let grads = (x * Tensor::from_inner(grad)).sum().backward();
-        parts.push(GradientsParams::from_grads(grads, model));
+        accumulate(model, &mut total, GradientsParams::from_grads(grads, model));
     }
-    let ones = vec![1.0; parts.len()];
-    (loss, weighted_sum(model, parts, &ones))
+    (loss, total)
+}
+
+/// Adds a segment's gradients into the step's as the segment finishes, so no segment's
+/// gradients wait apart until the end (a second copy of the gradients at the peak). A
+/// parameter seen first is moved, not copied; only one used by several segments (ViT's shared
+/// position bias) is summed.
+fn accumulate<B>(model: &SimMim<B>, total: &mut GradientsParams, mut part: GradientsParams)
+where
+    B: AutodiffBackend + SimMimBackend,
+    B::InnerBackend: SimMimBackend,
+{
+    struct Adder<'a> {
+        total: &'a mut GradientsParams,
+        part: &'a mut GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Adder<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let Some(grad) = self.part.remove::<B::InnerBackend, D>(param.id) else {
+                return;
+            };
+            let sum = match self.total.remove::<B::InnerBackend, D>(param.id) {
+                Some(seen) => seen + grad,
+                None => grad,
+            };
+            self.total.register(param.id, sum);
+        }
+    }
+    model.visit(&mut Adder {
+        total,
+        part: &mut part,
+    });
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
 use simmim_model::weights::{load_pretrained, read_state_dict, state_dict, HostTensor};
-use simmim_model::{EncoderConfig, InitClassifier, SimMimConfig};
+use simmim_model::{EncoderConfig, InitClassifier, InitModel, SimMimConfig};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -157,4 +157,52 @@ fn a_simmim_vit_checkpoint_becomes_a_vit_classifier() {
         &device,
     );
     assert_eq!(model.forward(images).dims(), [3, 4]);
+}
+
+/// SwinV2 pretrained at window 4 fine-tunes at window 8 as the official recipe does
+/// (`PRETRAINED_WINDOW_SIZES`): every weight carries over unchanged (the position-bias MLP
+/// has no window-sized table to resize), the coordinates are recomputed for the new window
+/// and normalised by the pretrained one, and the classifier runs.
+#[test]
+fn swinv2_pretrained_at_one_window_finetunes_at_another() {
+    let v2 = |window: usize, pretrained: Option<Vec<usize>>| {
+        let mut config = SimMimConfig::preset("swinv2_micro").expect("preset");
+        if let Some(c) = config.encoder.swin_mut() {
+            (c.img_size, c.patch_size, c.embed_dim) = (64, 4, 16);
+            (c.depths, c.num_heads, c.window_size) = (vec![2, 2], vec![2, 4], window);
+            c.pretrained_window_sizes = pretrained;
+        }
+        config.mask_patch_size = 16;
+        config.validate().expect("valid config");
+        config
+    };
+    let device = Default::default();
+    let pretrain = v2(4, None);
+    let pretrained = pretrain.init::<Flex>(3, &device).expect("pretrain model");
+    let weights = state_dict(&pretrained, &pretrain).expect("state dict");
+    let finetune = v2(8, Some(vec![4, 4]));
+    let model = finetune
+        .init_classifier::<Flex>(10, 4, &device)
+        .expect("classifier");
+    let (model, report) = load_pretrained(model, &finetune, weights.clone()).expect("load");
+    assert!(report.resized.is_empty(), "{:?}", report.resized);
+    assert!(report
+        .dropped
+        .iter()
+        .any(|k| k.ends_with("relative_coords_table")));
+    let loaded = state_dict(&model, &finetune).expect("state dict");
+    let cpb = "encoder.layers.0.blocks.1.attn.cpb_mlp.0.weight";
+    assert_close(f32s(&loaded[cpb]), f32s(&weights[cpb]), 0.0, cpb);
+    // Window 8 at stage 0: 15x15 offsets, each divided by the pretrained window's 3.
+    let coords = &loaded["encoder.layers.0.blocks.0.attn.relative_coords_table"];
+    assert_eq!(coords.shape(), &[1, 15, 15, 2]);
+    let largest = f32s(coords).iter().fold(0f32, |m, v| m.max(v.abs()));
+    let expected = ((7.0f32 / 3.0 * 8.0) + 1.0).log2() / 3.0;
+    assert!((largest - expected).abs() < 1e-5, "{largest} vs {expected}");
+    let images = Tensor::<Flex, 4>::from_data(
+        TensorData::new(vec![0.1f32; 2 * 3 * 64 * 64], [2, 3, 64, 64]),
+        &device,
+    );
+    let logits = model.forward(images);
+    assert_eq!(logits.dims(), [2, 10]);
 }
