@@ -96,11 +96,11 @@ class SwinBlock(nn.Module):
             attn_mask = None
         self.register_buffer("attn_mask", attn_mask)
 
-    def forward(self, x):
+    def shifted_window_attention(self, x):
+        """Cyclic shift, window partition, attention, and back: `[B, L, C]` to `[B, L, C]`."""
         H = W = self.res
         B, L, C = x.shape
-        shortcut = x
-        x = self.norm1(x).view(B, H, W, C)
+        x = x.view(B, H, W, C)
         if self.shift > 0:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         xw = window_partition(x, self.ws).view(-1, self.ws * self.ws, C)
@@ -108,7 +108,10 @@ class SwinBlock(nn.Module):
         x = window_reverse(aw, self.ws, H, W)
         if self.shift > 0:
             x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = shortcut + x.view(B, H * W, C)
+        return x.reshape(B, H * W, C)
+
+    def forward(self, x):
+        x = x + self.shifted_window_attention(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -119,21 +122,26 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
-    def forward(self, x):
+    def gather(self, x):
+        """Each 2x2 neighbourhood's tokens side by side: `[B, L/4, 4C]`."""
         H = W = self.res
         B, L, C = x.shape
         x = x.view(B, H, W, C)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        return self.reduction(self.norm(x.view(B, -1, 4 * C)))
+        return x.view(B, -1, 4 * C)
+
+    def forward(self, x):
+        return self.reduction(self.norm(self.gather(x)))
 
 
 class BasicLayer(nn.Module):
-    def __init__(self, dim, res, depth, heads, ws, mlp_ratio, qkv_bias, downsample):
+    def __init__(self, dim, res, depth, heads, ws, mlp_ratio, qkv_bias, downsample,
+                 block=None, merge=None):
         super().__init__()
-        self.blocks = nn.ModuleList([
-            SwinBlock(dim, res, heads, ws, 0 if i % 2 == 0 else ws // 2, mlp_ratio, qkv_bias)
-            for i in range(depth)])
-        self.downsample = PatchMerging(res, dim) if downsample else None
+        block = block or (lambda shift: SwinBlock(dim, res, heads, ws, shift, mlp_ratio, qkv_bias))
+        merge = merge or PatchMerging
+        self.blocks = nn.ModuleList([block(0 if i % 2 == 0 else ws // 2) for i in range(depth)])
+        self.downsample = merge(res, dim) if downsample else None
 
     def forward(self, x):
         for b in self.blocks:
@@ -311,18 +319,7 @@ class SwinBlockV2(SwinBlock):
         self.attn = WindowAttentionV2(dim, self.ws, heads, qkv_bias, pretrained_ws)
 
     def forward(self, x):
-        H = W = self.res
-        B, L, C = x.shape
-        shortcut = x
-        x = x.view(B, H, W, C)
-        if self.shift > 0:
-            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        xw = window_partition(x, self.ws).view(-1, self.ws * self.ws, C)
-        aw = self.attn(xw, mask=self.attn_mask).view(-1, self.ws, self.ws, C)
-        x = window_reverse(aw, self.ws, H, W)
-        if self.shift > 0:
-            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = shortcut + self.norm1(x.reshape(B, H * W, C))
+        x = x + self.norm1(self.shifted_window_attention(x))
         return x + self.norm2(self.mlp(x))
 
 
@@ -334,26 +331,14 @@ class PatchMergingV2(PatchMerging):
         self.norm = nn.LayerNorm(2 * dim)
 
     def forward(self, x):
-        H = W = self.res
-        B, L, C = x.shape
-        x = x.view(B, H, W, C)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        return self.norm(self.reduction(x.view(B, -1, 4 * C)))
+        return self.norm(self.reduction(self.gather(x)))
 
 
-class BasicLayerV2(nn.Module):
-    def __init__(self, dim, res, depth, heads, ws, mlp_ratio, qkv_bias, downsample, pretrained_ws):
-        super().__init__()
-        self.blocks = nn.ModuleList([
-            SwinBlockV2(dim, res, heads, ws, 0 if i % 2 == 0 else ws // 2, mlp_ratio, qkv_bias,
-                        pretrained_ws)
-            for i in range(depth)])
-        self.downsample = PatchMergingV2(res, dim) if downsample else None
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.downsample(x) if self.downsample is not None else x
+def basic_layer_v2(dim, res, depth, heads, ws, mlp_ratio, qkv_bias, downsample, pretrained_ws):
+    block = lambda shift: SwinBlockV2(dim, res, heads, ws, shift, mlp_ratio, qkv_bias,  # noqa: E731
+                                      pretrained_ws)
+    return BasicLayer(dim, res, depth, heads, ws, mlp_ratio, qkv_bias, downsample, block,
+                      PatchMergingV2)
 
 
 class SwinV2ForSimMIM(SwinForSimMIM):
@@ -366,9 +351,9 @@ class SwinV2ForSimMIM(SwinForSimMIM):
         res = c["img_size"] // c["patch_size"]
         pretrained = c.get("pretrained_window_sizes") or [0] * stages
         self.layers = nn.ModuleList([
-            BasicLayerV2(dim * 2 ** i, res // 2 ** i, c["depths"][i], c["num_heads"][i],
-                         c["window_size"], c["mlp_ratio"], c["qkv_bias"], i < stages - 1,
-                         pretrained[i])
+            basic_layer_v2(dim * 2 ** i, res // 2 ** i, c["depths"][i], c["num_heads"][i],
+                           c["window_size"], c["mlp_ratio"], c["qkv_bias"], i < stages - 1,
+                           pretrained[i])
             for i in range(stages)])
         self.layers.apply(_init_weights)
         for layer in self.layers:

@@ -130,6 +130,18 @@ struct Previous {
     image_steps: BTreeSet<u64>,
     /// `eval/top1` by step, for the best-so-far after a resume.
     top1: Vec<(u64, f64)>,
+    /// The newest time in an existing file's name (`events.out.tfevents.<secs>....`).
+    newest_secs: u64,
+}
+
+/// The time field of an event file's name.
+fn file_secs(key: &str) -> Option<u64> {
+    let name = key.rsplit('/').next()?;
+    name.strip_prefix("events.out.tfevents.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 struct Writer {
@@ -147,6 +159,12 @@ struct Writer {
     /// `eval/top1` by step, for `eval/best_top1`.
     top1: Vec<(u64, f64)>,
     stem: String,
+    /// The earliest time this writer may put in a file name: after every earlier file's, so
+    /// TensorBoard, which reads a folder's files in name order, reads ours last even when a
+    /// crashed coordinator's file was opened in the same second (the names would then sort by
+    /// host and process id, and the restart's purge could be read before the points it
+    /// purges).
+    min_secs: u64,
 }
 
 impl Writer {
@@ -168,6 +186,7 @@ impl Writer {
             seen: BTreeSet::new(),
             last_step: 0,
             top1: Vec::new(),
+            min_secs: 0,
             stem: format!(
                 "{}.{}",
                 if host.is_empty() {
@@ -187,6 +206,7 @@ impl Writer {
         hparams: Vec<Vec<u8>>,
     ) {
         let previous = self.scan().await;
+        self.min_secs = previous.newest_secs + 1;
         self.push(&events::file_version());
         if previous.last_step > resumed_at {
             self.push(&events::session_start(resumed_at + 1));
@@ -264,7 +284,7 @@ impl Writer {
                 let dir = dir.join(DIR);
                 let path = dir.join(format!(
                     "events.out.tfevents.{:010}.{}",
-                    events::now_secs() as u64,
+                    self.file_secs(),
                     self.stem
                 ));
                 let opened = std::fs::create_dir_all(&dir).and_then(|()| {
@@ -298,7 +318,7 @@ impl Writer {
         file.extend_from_slice(&self.pending);
         let key = format!(
             "{DIR}/events.out.tfevents.{:010}.{}.{:06}",
-            events::now_secs() as u64,
+            self.file_secs(),
             self.stem,
             self.rolled
         );
@@ -355,6 +375,11 @@ impl Writer {
         }
     }
 
+    /// The time for a new file's name: now, or just after every earlier file's.
+    fn file_secs(&self) -> u64 {
+        (events::now_secs() as u64).max(self.min_secs)
+    }
+
     /// Reads the event files already under `tb/`; a damaged one is reported by name and
     /// offset (TensorBoard itself would stop reading it there without a word).
     async fn scan(&self) -> Previous {
@@ -367,6 +392,7 @@ impl Writer {
             }
         };
         for key in keys.iter().filter(|k| k.contains("tfevents")) {
+            previous.newest_secs = previous.newest_secs.max(file_secs(key).unwrap_or(0));
             let bytes = match self.store.get(key).await {
                 Ok(bytes) => bytes,
                 Err(e) => {
@@ -439,4 +465,23 @@ fn mask_stats(config: &simmim_proto::RunConfig) -> Option<simmim_proto::mask::Ma
         stats.avg_dist
     );
     Some(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_secs;
+
+    /// The time field orders a restarted coordinator's file after a crashed one's.
+    #[test]
+    fn the_time_field_is_read_from_local_and_rolled_names() {
+        assert_eq!(
+            file_secs("tb/events.out.tfevents.1765141234.host-1.9876"),
+            Some(1_765_141_234)
+        );
+        assert_eq!(
+            file_secs("events.out.tfevents.0000000042.coordinator.77.000003"),
+            Some(42)
+        );
+        assert_eq!(file_secs("tb/notes.txt"), None);
+    }
 }

@@ -161,17 +161,25 @@ mod tests {
     use crate::{InitModel, SimMimConfig};
     use burn_flex::Flex;
 
-    #[test]
-    fn official_names_and_weight_decay_groups() {
-        let config = SimMimConfig::preset("swin_micro").expect("preset");
+    /// A preset's model and its parameters under their official names.
+    fn preset_parameters(preset: &str) -> (crate::SimMim<Flex>, Vec<ParamInfo>) {
+        let config = SimMimConfig::preset(preset).expect("preset");
         let model = config.init::<Flex>(0, &Default::default()).expect("init");
         let params = parameters::<Flex, _>(&model);
-        let find = |name: &str| {
-            params
-                .iter()
-                .find(|p| p.name == name)
-                .unwrap_or_else(|| panic!("no parameter {name}"))
-        };
+        (model, params)
+    }
+
+    fn find<'a>(params: &'a [ParamInfo], name: &str) -> &'a ParamInfo {
+        params
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no parameter {name}"))
+    }
+
+    #[test]
+    fn official_names_and_weight_decay_groups() {
+        let (_, params) = preset_parameters("swin_micro");
+        let find = |name: &str| find(&params, name);
         let qkv = find("encoder.layers.0.blocks.1.attn.qkv.weight");
         assert_eq!(qkv.shape, vec![144, 48]);
         assert!(qkv.transposed);
@@ -298,16 +306,8 @@ mod tests {
     /// zero, and the weight-decay rule that differs between pretraining and fine-tuning.
     #[test]
     fn swinv2_names_init_and_weight_decay() {
-        let config = SimMimConfig::preset("swinv2_micro").expect("preset");
-        let model = config.init::<Flex>(0, &Default::default()).expect("init");
-        let params = parameters::<Flex, _>(&model);
-        let shape = |name: &str| {
-            params
-                .iter()
-                .find(|p| p.name == name)
-                .map(|p| p.shape.clone())
-                .unwrap_or_else(|| panic!("no parameter {name}"))
-        };
+        let (model, params) = preset_parameters("swinv2_micro");
+        let shape = |name: &str| find(&params, name).shape.clone();
         let attn = "encoder.layers.1.blocks.1.attn";
         assert_eq!(shape(&format!("{attn}.cpb_mlp.0.weight")), vec![512, 2]);
         assert_eq!(shape(&format!("{attn}.cpb_mlp.0.bias")), vec![512]);
