@@ -291,6 +291,16 @@ impl SwinConfig {
         }
     }
 
+    /// 64 px in patches of 2, embed 48, window 4, four stages: the tests' and benches' Swin.
+    fn micro() -> Self {
+        Self {
+            img_size: 64,
+            patch_size: 2,
+            window_size: 4,
+            ..Self::official(48, [2, 2, 2, 2], [3, 6, 12, 24], 4)
+        }
+    }
+
     /// Token grid side after the patch embedding.
     pub fn patches_resolution(&self) -> usize {
         self.img_size / self.patch_size
@@ -626,26 +636,27 @@ impl SimMimConfig {
     /// Presets at the official SimMIM pretraining settings, plus the small ones the benchmarks
     /// and the demo use. Returns `None` for an unknown name.
     pub fn preset(name: &str) -> Option<Self> {
-        let swin = |c: SwinConfig| Self {
-            encoder: EncoderConfig::Swin(c),
+        // SimMIM's defaults (mask patch 32, ratio 0.6, linear head, masked L1) around an encoder.
+        let defaults = |encoder: EncoderConfig| Self {
+            encoder,
             mask_patch_size: 32,
             mask_ratio: 0.6,
             mask: Default::default(),
             loss: Default::default(),
             head: Default::default(),
         };
+        let swin = |c: SwinConfig| defaults(EncoderConfig::Swin(c));
         // The official SwinV2 SimMIM pretraining also sets drop path 0.1 and normalised
         // targets over a 47-pixel window.
         let swinv2 = |c: SwinConfig| Self {
-            encoder: EncoderConfig::Swinv2(SwinConfig {
-                drop_path_rate: 0.1,
-                ..c
-            }),
             loss: LossSpec {
                 norm_target: Some(NormTarget { window: 47 }),
                 ..Default::default()
             },
-            ..swin(SwinConfig::official(96, [2, 2, 6, 2], [3, 6, 12, 24], 6))
+            ..defaults(EncoderConfig::Swinv2(SwinConfig {
+                drop_path_rate: 0.1,
+                ..c
+            }))
         };
         Some(match name {
             "swin_tiny" => swin(SwinConfig::official(96, [2, 2, 6, 2], [3, 6, 12, 24], 6)),
@@ -683,50 +694,28 @@ impl SimMimConfig {
             // swin_micro's geometry with SwinV2 blocks: the demo's and the benches' small V2.
             // Its last stage (a 4x4 grid) keeps window 4: windows of 1 have no position bias.
             "swinv2_micro" => Self {
-                encoder: EncoderConfig::Swinv2(SwinConfig {
-                    img_size: 64,
-                    patch_size: 2,
-                    window_size: 4,
-                    ..SwinConfig::official(48, [2, 2, 2, 2], [3, 6, 12, 24], 4)
-                }),
                 mask_patch_size: 8,
-                ..swin(SwinConfig::official(48, [2, 2, 2, 2], [3, 6, 12, 24], 4))
+                ..defaults(EncoderConfig::Swinv2(SwinConfig::micro()))
             },
             "swin_micro" => Self {
-                encoder: EncoderConfig::Swin(SwinConfig {
-                    img_size: 64,
-                    patch_size: 2,
-                    window_size: 4,
-                    ..SwinConfig::official(48, [2, 2, 2, 2], [3, 6, 12, 24], 4)
-                }),
                 mask_patch_size: 8,
-                mask_ratio: 0.6,
-                mask: Default::default(),
-                loss: Default::default(),
-                head: Default::default(),
+                ..swin(SwinConfig::micro())
             },
-            "vit_base" => Self {
-                encoder: EncoderConfig::Vit(VitConfig {
-                    img_size: 224,
-                    patch_size: 16,
-                    in_chans: 3,
-                    embed_dim: 768,
-                    depth: 12,
-                    num_heads: 12,
-                    mlp_ratio: 4.0,
-                    qkv_bias: true,
-                    init_values: Some(0.1),
-                    use_ape: false,
-                    use_rpb: false,
-                    use_shared_rpb: true,
-                    drop_path_rate: 0.1,
-                }),
-                mask_patch_size: 32,
-                mask_ratio: 0.6,
-                mask: Default::default(),
-                loss: Default::default(),
-                head: Default::default(),
-            },
+            "vit_base" => defaults(EncoderConfig::Vit(VitConfig {
+                img_size: 224,
+                patch_size: 16,
+                in_chans: 3,
+                embed_dim: 768,
+                depth: 12,
+                num_heads: 12,
+                mlp_ratio: 4.0,
+                qkv_bias: true,
+                init_values: Some(0.1),
+                use_ape: false,
+                use_rpb: false,
+                use_shared_rpb: true,
+                drop_path_rate: 0.1,
+            })),
             _ => return None,
         })
     }

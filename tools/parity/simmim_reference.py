@@ -38,19 +38,24 @@ def window_reverse(windows, ws, H, W):
     return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, -1)
 
 
+def swin_index(ws):
+    """Swin's `relative_position_index` for a `ws x ws` window, as the official modules build it."""
+    coords = torch.stack(torch.meshgrid([torch.arange(ws), torch.arange(ws)], indexing="ij"))
+    cf = torch.flatten(coords, 1)
+    rel = (cf[:, :, None] - cf[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += ws - 1
+    rel[:, :, 1] += ws - 1
+    rel[:, :, 0] *= 2 * ws - 1
+    return rel.sum(-1)
+
+
 class WindowAttention(nn.Module):
     def __init__(self, dim, ws, heads, qkv_bias):
         super().__init__()
         self.ws, self.heads = ws, heads
         self.scale = (dim // heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, heads))
-        coords = torch.stack(torch.meshgrid([torch.arange(ws), torch.arange(ws)], indexing="ij"))
-        cf = torch.flatten(coords, 1)
-        rel = (cf[:, :, None] - cf[:, None, :]).permute(1, 2, 0).contiguous()
-        rel[:, :, 0] += ws - 1
-        rel[:, :, 1] += ws - 1
-        rel[:, :, 0] *= 2 * ws - 1
-        self.register_buffer("relative_position_index", rel.sum(-1))
+        self.register_buffer("relative_position_index", swin_index(ws))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         trunc_normal_(self.relative_position_bias_table)
@@ -273,13 +278,7 @@ class WindowAttentionV2(nn.Module):
         table *= 8
         table = torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / math.log2(8)
         self.register_buffer("relative_coords_table", table.to(torch.get_default_dtype()))
-        coords = torch.stack(torch.meshgrid([torch.arange(ws), torch.arange(ws)], indexing="ij"))
-        cf = torch.flatten(coords, 1)
-        rel = (cf[:, :, None] - cf[:, None, :]).permute(1, 2, 0).contiguous()
-        rel[:, :, 0] += ws - 1
-        rel[:, :, 1] += ws - 1
-        rel[:, :, 0] *= 2 * ws - 1
-        self.register_buffer("relative_position_index", rel.sum(-1))
+        self.register_buffer("relative_position_index", swin_index(ws))
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))

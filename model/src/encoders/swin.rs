@@ -134,8 +134,12 @@ impl<B: SimMimBackend> WindowAttention<B> {
 
     /// `windows`: `[B*nW, N, C]`; `mask`: `[nW, N, N]` for shifted windows.
     fn forward(&self, windows: Tensor<B, 3>, mask: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
-        if let Some(cpb) = &self.cpb_mlp {
-            return self.forward_cosine(cpb, windows, mask);
+        if let (Some(cpb), Some(logit_scale), Some(coords)) = (
+            &self.cpb_mlp,
+            &self.logit_scale,
+            &self.relative_coords_table,
+        ) {
+            return self.forward_cosine(cpb, logit_scale, coords, windows, mask);
         }
         let [batch_windows, tokens, dim] = windows.dims();
         let heads = self.num_heads;
@@ -203,6 +207,8 @@ impl<B: SimMimBackend> WindowAttention<B> {
     fn forward_cosine(
         &self,
         cpb: &ContinuousPositionBias<B>,
+        logit_scale: &Param<Tensor<B, 3>>,
+        coords: &Tensor<B, 2>,
         windows: Tensor<B, 3>,
         mask: Option<&Tensor<B, 3>>,
     ) -> Tensor<B, 3> {
@@ -218,9 +224,6 @@ impl<B: SimMimBackend> WindowAttention<B> {
             qkv = qkv + Tensor::cat(vec![q_bias.val(), zeros, v_bias.val()], 0).unsqueeze_dim(0);
         }
         let qkv = qkv.reshape([batch_windows, tokens, 3, heads, head_dim]);
-        let Some(logit_scale) = &self.logit_scale else {
-            unreachable!("a v2 window attention holds its logit scale")
-        };
         let scale = logit_scale
             .val()
             .clamp_max(MAX_LOGIT_SCALE)
@@ -230,9 +233,6 @@ impl<B: SimMimBackend> WindowAttention<B> {
         let k = l2_normalize(qkv.clone().narrow(2, 1, 1));
         let v = qkv.narrow(2, 2, 1);
         let qkv = Tensor::cat(vec![q, k, v], 2).reshape([batch_windows, tokens, 3 * dim]);
-        let Some(coords) = &self.relative_coords_table else {
-            unreachable!("a v2 window attention holds its coordinates table")
-        };
         let bias = relative_bias(
             cpb.table(coords.clone()),
             self.relative_position_index.clone(),

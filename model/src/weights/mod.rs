@@ -23,6 +23,7 @@ use crate::encoders::rel_pos::{
     resize_swin_table, swin_relative_position_index, swin_shift_mask, swinv2_coords_table,
     vit_relative_position_index,
 };
+use crate::encoders::swin::SwinVersion;
 use crate::error::ModelError;
 use crate::weights::naming::parameters;
 use crate::weights::naming::PathTracker;
@@ -131,19 +132,31 @@ pub fn state_dict_from_safetensors(bytes: &[u8]) -> Result<StateDict, ModelError
 /// derived from the config: what a strict `load_state_dict` in PyTorch expects besides the
 /// parameters.
 /// The buffers of `depth` Swin blocks of stage `stage`'s geometry under `prefix.blocks.N`:
-/// every block's relative position index, and the shifted blocks' attention masks.
+/// every block's relative position index (and SwinV2's `relative_coords_table`,
+/// `[1, 2W-1, 2W-1, 2]`), and the shifted blocks' attention masks.
 fn swin_block_buffers(
     buffers: &mut StateDict,
     prefix: &str,
     c: &SwinConfig,
+    version: SwinVersion,
     stage: usize,
     depth: usize,
 ) {
     let (window, shift) = c.stage_window(stage);
     let n = window * window;
     let res = c.stage_resolution(stage);
+    let side = 2 * window - 1;
     for block in 0..depth {
         let prefix = format!("{prefix}.blocks.{block}");
+        if version == SwinVersion::V2 {
+            buffers.insert(
+                format!("{prefix}.attn.relative_coords_table"),
+                HostTensor::F32 {
+                    shape: vec![1, side, side, 2],
+                    values: swinv2_coords_table(window, c.pretrained_window(stage)),
+                },
+            );
+        }
         buffers.insert(
             format!("{prefix}.attn.relative_position_index"),
             HostTensor::I64 {
@@ -164,38 +177,17 @@ fn swin_block_buffers(
     }
 }
 
-/// SwinV2's `relative_coords_table` (`[1, 2W-1, 2W-1, 2]`) of every block of a stage.
-fn swinv2_coords_buffers(
-    buffers: &mut StateDict,
-    prefix: &str,
-    c: &SwinConfig,
-    stage: usize,
-    depth: usize,
-) {
-    let (window, _) = c.stage_window(stage);
-    let side = 2 * window - 1;
-    for block in 0..depth {
-        buffers.insert(
-            format!("{prefix}.blocks.{block}.attn.relative_coords_table"),
-            HostTensor::F32 {
-                shape: vec![1, side, side, 2],
-                values: swinv2_coords_table(window, c.pretrained_window(stage)),
-            },
-        );
-    }
-}
-
 pub fn official_buffers(config: &SimMimConfig) -> StateDict {
     let mut buffers = StateDict::new();
     match &config.encoder {
         EncoderConfig::Swin(c) | EncoderConfig::Swinv2(c) => {
-            let v2 = matches!(config.encoder, EncoderConfig::Swinv2(_));
+            let version = match config.encoder {
+                EncoderConfig::Swinv2(_) => SwinVersion::V2,
+                _ => SwinVersion::V1,
+            };
             for (stage, &depth) in c.depths.iter().enumerate() {
                 let prefix = format!("encoder.layers.{stage}");
-                swin_block_buffers(&mut buffers, &prefix, c, stage, depth);
-                if v2 {
-                    swinv2_coords_buffers(&mut buffers, &prefix, c, stage, depth);
-                }
+                swin_block_buffers(&mut buffers, &prefix, c, version, stage, depth);
             }
             // The inverse Swin head's decoder stages, deepest first.
             if let (HeadKind::InverseSwin, Ok((_, depths))) =
@@ -204,7 +196,8 @@ pub fn official_buffers(config: &SimMimConfig) -> StateDict {
                 let stages = (0..c.depths.len().saturating_sub(1)).rev();
                 for (layer, (stage, depth)) in stages.zip(depths).enumerate() {
                     let prefix = format!("decoder.layers.{layer}");
-                    swin_block_buffers(&mut buffers, &prefix, c, stage, depth);
+                    // Swin-Unet's decoder: v1 blocks, whichever Swin the encoder is.
+                    swin_block_buffers(&mut buffers, &prefix, c, SwinVersion::V1, stage, depth);
                 }
             }
         }
