@@ -232,6 +232,11 @@ pub struct TrainSection {
     /// `use_checkpoint`): far less activation memory for one more forward pass.
     #[serde(default)]
     pub activation_checkpointing: ActivationCheckpointing,
+    /// `1`: optimizer-state sharding (ZeRO stage 1): each of N ranks keeps the AdamW moments
+    /// of 1/N of the values; gradients are reduce-scattered and the updated weights
+    /// all-gathered. Same numbers, same checkpoints; `0` (default): every rank keeps them all.
+    #[serde(default)]
+    pub zero: u8,
 }
 
 /// What the forward pass keeps for the backward pass (see
@@ -649,6 +654,15 @@ impl RunConfig {
         }
         if t.compute_threads == Some(0) {
             return Err(config_error("train.compute_threads", "must be at least 1"));
+        }
+        if t.zero > 1 {
+            return Err(config_error(
+                "train.zero",
+                format!(
+                    "{} is not a stage simmim-rs has: 0 (off) or 1 (optimizer-state sharding)",
+                    t.zero
+                ),
+            ));
         }
         if let LrSchedule::Multistep { milestones, gamma } = &t.lr_schedule {
             positive_f("train.lr_schedule.gamma", *gamma)?;

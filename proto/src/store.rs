@@ -538,11 +538,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Hash of what determines a run's numbers (seed, model, data, optimisation), leaving out what
-/// may change on resume (`max_steps`, thread counts, output cadence, worker counts).
+/// may change on resume (`max_steps`, thread counts, optimizer-state sharding, output cadence,
+/// worker counts).
 pub fn config_hash(config: &crate::RunConfig) -> String {
     let mut train = config.train.clone();
     train.max_steps = None;
     train.compute_threads = None;
+    let mut train = serde_json::to_value(&train).unwrap_or_default();
+    if let Some(fields) = train.as_object_mut() {
+        // Added after runs were hashed without it; sharding changes no number.
+        fields.remove("zero");
+    }
     let key = serde_json::json!({
         "seed": config.run.seed,
         "model": config.model_config().ok(),

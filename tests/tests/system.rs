@@ -9,3 +9,4 @@ mod multihost;
 mod observability;
 mod pretrain;
 mod s3;
+mod zero;

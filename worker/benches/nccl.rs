@@ -41,7 +41,7 @@ fn main() {
 fn device_buckets(nccl: &mut simmim_worker::collective::nccl::Nccl) {
     use burn::tensor::{Tensor, TensorData};
     use simmim_model::SimMimBackend;
-    use simmim_worker::collective::Collective;
+    use simmim_worker::collective::{Collective, Op};
     use std::time::Instant;
     type C = burn_cuda::Cuda<f32>;
 
@@ -50,7 +50,7 @@ fn device_buckets(nccl: &mut simmim_worker::collective::nccl::Nccl) {
         C::with_device_memory(bucket.clone().into_primitive().tensor(), |memory| {
             let (pointer, count) = memory.expect("burn-cuda lends its memory");
             // SAFETY: lent for this call; nothing else uses the bucket meanwhile.
-            unsafe { nccl.all_reduce_device_f32(pointer, count) }
+            unsafe { nccl.run_on_device_f32(Op::AllReduce, pointer, count) }
                 .expect("NCCL reduces device memory")
                 .expect("device all-reduce");
         })

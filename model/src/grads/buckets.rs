@@ -34,7 +34,7 @@ pub fn plan(sizes: &[usize], limit: usize) -> Vec<Range<usize>> {
 }
 
 /// Every parameter's element count, in visiting order.
-fn parameter_sizes<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<usize> {
+pub fn parameter_sizes<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<usize> {
     struct Sizes(Vec<usize>);
     impl<B: AutodiffBackend> ModuleVisitor<B> for Sizes {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
@@ -83,12 +83,32 @@ pub fn flatten_buckets<B: AutodiffBackend, M: AutodiffModule<B>>(
         .into_iter()
         .map(|range| Tensor::cat(flat.by_ref().take(range.len()).collect(), 0))
         .collect();
+    if tail.is_empty() && !buckets.is_empty() {
+        return buckets;
+    }
     let tail = Tensor::from_data(TensorData::new(tail.to_vec(), [tail.len()]), device);
     match buckets.pop() {
         Some(last) => buckets.push(Tensor::cat(vec![last, tail], 0)),
         None => buckets.push(tail),
     }
     buckets
+}
+
+/// Per parameter (visiting order): whether `grads` has its gradient.
+pub fn has_gradient<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> Vec<bool> {
+    struct Present<'a>(&'a GradientsParams, Vec<bool>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Present<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let present = self.0.get::<B::InnerBackend, D>(param.id).is_some();
+            self.1.push(present);
+        }
+    }
+    let mut present = Present(grads, Vec::new());
+    module.visit(&mut present);
+    present.1
 }
 
 /// The inverse of [`flatten_buckets`] (same `limit`): a gradient for every parameter, and the

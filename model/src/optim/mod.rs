@@ -6,6 +6,7 @@
 //! moments are kept flat per parameter on the device, keyed by parameter id.
 
 pub mod layer_decay;
+pub mod shard;
 
 use std::collections::HashMap;
 
@@ -19,6 +20,7 @@ use crate::backend::{float, AdamWUpdate, SimMimBackend};
 use crate::error::ModelError;
 use crate::weights::naming::{parameters, takes_weight_decay, PathTracker};
 use crate::weights::{HostTensor, StateDict};
+use shard::ShardState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +58,9 @@ pub struct AdamW<B: Backend> {
     moments: HashMap<ParamId, Moments<B>>,
     /// Learning-rate multipliers by official name (layer-wise decay); absent: 1.
     lr_scales: HashMap<String, f64>,
+    /// With optimizer-state sharding (ZeRO-1): which values this rank updates; the moments
+    /// then hold those values only.
+    shard: Option<ShardState>,
 }
 
 /// What one optimizer step saw.
@@ -72,6 +77,7 @@ impl<B: Backend> AdamW<B> {
             steps: 0,
             moments: HashMap::new(),
             lr_scales: HashMap::new(),
+            shard: None,
         }
     }
 
@@ -84,6 +90,15 @@ impl<B: Backend> AdamW<B> {
 
     pub fn steps_taken(&self) -> u64 {
         self.steps
+    }
+
+    /// The f32 values the moments hold on this rank (both moments together): what the
+    /// optimizer state costs this rank, sharded or not.
+    pub fn moment_floats(&self) -> usize {
+        self.moments
+            .values()
+            .map(|m| m.first.dims()[0] + m.second.dims()[0])
+            .sum()
     }
 
     /// The step count and each parameter's (first, second) moments.
@@ -105,6 +120,9 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
+        if let Some(shard) = &self.shard {
+            return Err(shard.partial("state_dict"));
+        }
         let mut out = StateDict::new();
         out.insert(
             "step".to_string(),
@@ -139,7 +157,9 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Restores what [`Self::state_dict`] wrote, for `module`'s parameters on `device`.
-    /// Moments for unknown parameters or of the wrong size fail the whole load, listed.
+    /// Moments for unknown parameters or of the wrong size fail the whole load, listed. A
+    /// sharded optimizer keeps its own values of each moment only: a checkpoint of any world
+    /// size, sharded or not, loads.
     pub fn load_state_dict<AB, M>(
         &mut self,
         module: &M,
@@ -151,10 +171,14 @@ impl<B: Backend> AdamW<B> {
         M: AutodiffModule<AB>,
     {
         let params = parameters::<AB, M>(module);
+        if let Some(shard) = &mut self.shard {
+            shard.check_module(params.len())?;
+        }
         let mut moments = HashMap::new();
+        let mut stepped = vec![false; params.len()];
         let (mut missing, mut wrong_shape) = (Vec::new(), Vec::new());
         let mut expected: Vec<String> = vec!["step".to_string()];
-        for info in &params {
+        for (index, info) in params.iter().enumerate() {
             let first = state.get(&format!("{}.exp_avg", info.name));
             let second = state.get(&format!("{}.exp_avg_sq", info.name));
             expected.push(format!("{}.exp_avg", info.name));
@@ -180,12 +204,21 @@ impl<B: Backend> AdamW<B> {
                     continue;
                 }
             };
+            stepped[index] = true;
+            let owned = match &self.shard {
+                Some(shard) => shard.layout.places()[index].owned.clone(),
+                None => 0..first.len(),
+            };
+            if owned.is_empty() {
+                continue;
+            }
             let to_burn = |values: &[f32]| {
                 let values = if info.transposed {
                     transpose(values, info.shape[0], info.shape[1])
                 } else {
                     values.to_vec()
                 };
+                let values = values[owned.clone()].to_vec();
                 let len = values.len();
                 Tensor::<B, 1>::from_data(TensorData::new(values, [len]), device)
             };
@@ -220,6 +253,9 @@ impl<B: Backend> AdamW<B> {
         }
         self.steps = steps;
         self.moments = moments;
+        if let Some(shard) = &mut self.shard {
+            shard.stepped = stepped;
+        }
         Ok(())
     }
 
@@ -260,7 +296,25 @@ impl<B: Backend> AdamW<B> {
         B: SimMimBackend,
         M: AutodiffModule<AB>,
     {
+        debug_assert!(
+            self.shard.is_none(),
+            "a sharded optimizer steps with step_shard"
+        );
         let grad_norm = Self::global_norm::<AB, M>(&module, &grads);
+        let rule = self.next_step(lr, grad_norm);
+        let mut updater = Updater::<B> {
+            tracker: PathTracker::default(),
+            grads: &mut grads,
+            moments: &mut self.moments,
+            lr_scales: &self.lr_scales,
+            rule,
+        };
+        let module = module.map(&mut updater);
+        (module, StepStats { grad_norm })
+    }
+
+    /// Counts a step and returns what its updates share, given the global gradient norm.
+    fn next_step(&mut self, lr: f64, grad_norm: f64) -> StepRule {
         let clip_scale = match self.config.clip_grad {
             // torch: coef = max_norm / (norm + 1e-6), applied only when below 1.
             Some(max_norm) => (max_norm / (grad_norm + 1e-6)).min(1.0),
@@ -269,15 +323,10 @@ impl<B: Backend> AdamW<B> {
         self.steps += 1;
         let (beta1, beta2) = self.config.betas;
         let t = self.steps as i32;
-        let mut updater = Updater::<B> {
-            tracker: PathTracker::default(),
-            grads: &mut grads,
-            moments: &mut self.moments,
-            lr_scales: &self.lr_scales,
+        StepRule {
             lr,
             bias_correction1: 1.0 - beta1.powi(t),
             weight_decay: self.config.weight_decay,
-            // What every parameter shares; decay and step size are set per parameter.
             shared: AdamWUpdate {
                 grad_scale: clip_scale,
                 beta1,
@@ -287,9 +336,38 @@ impl<B: Backend> AdamW<B> {
                 bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
                 eps: self.config.eps,
             },
-        };
-        let module = module.map(&mut updater);
-        (module, StepStats { grad_norm })
+        }
+    }
+}
+
+/// One step's settings: what every parameter shares, and what [`StepRule::for_parameter`]
+/// derives per parameter (its weight decay and learning-rate scale).
+struct StepRule {
+    lr: f64,
+    bias_correction1: f64,
+    weight_decay: f64,
+    shared: AdamWUpdate,
+}
+
+impl StepRule {
+    /// The update of the parameter with this official name and (official) shape.
+    fn for_parameter(
+        &self,
+        official_name: &str,
+        official_shape: &[usize],
+        lr_scales: &HashMap<String, f64>,
+    ) -> AdamWUpdate {
+        let decay = takes_weight_decay(official_name, official_shape);
+        let lr = self.lr * lr_scales.get(official_name).copied().unwrap_or(1.0);
+        AdamWUpdate {
+            decay_factor: if decay && self.weight_decay != 0.0 {
+                1.0 - lr * self.weight_decay
+            } else {
+                1.0
+            },
+            step_size: lr / self.bias_correction1,
+            ..self.shared
+        }
     }
 }
 
@@ -298,10 +376,7 @@ struct Updater<'a, B: Backend> {
     grads: &'a mut GradientsParams,
     moments: &'a mut HashMap<ParamId, Moments<B>>,
     lr_scales: &'a HashMap<String, f64>,
-    lr: f64,
-    bias_correction1: f64,
-    weight_decay: f64,
-    shared: AdamWUpdate,
+    rule: StepRule,
 }
 
 impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB::InnerBackend>
@@ -327,19 +402,10 @@ where
         if official.transposed {
             official_shape.reverse();
         }
-        let decay = takes_weight_decay(&official.name, &official_shape);
-        let lr = self.lr * self.lr_scales.get(&official.name).copied().unwrap_or(1.0);
+        let update = self
+            .rule
+            .for_parameter(&official.name, &official_shape, self.lr_scales);
         let count: usize = shape.iter().product();
-
-        let update = AdamWUpdate {
-            decay_factor: if decay && self.weight_decay != 0.0 {
-                1.0 - lr * self.weight_decay
-            } else {
-                1.0
-            },
-            step_size: lr / self.bias_correction1,
-            ..self.shared
-        };
         let flat = |t: Tensor<AB::InnerBackend, 1>| t.into_primitive().tensor();
         let moments = self
             .moments

@@ -27,7 +27,7 @@ use std::time::Duration;
 use cudarc::driver::{CudaContext, CudaStream, DevicePtrMut};
 use cudarc::nccl::{result, sys};
 
-use super::{Collective, CollectiveError};
+use super::{Collective, CollectiveError, Op};
 
 /// Floats per NCCL call for host buffers: 25 MB, DDP's default bucket.
 pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
@@ -39,8 +39,9 @@ const POLL: Duration = Duration::from_micros(200);
 enum Request {
     /// Values on the host, staged through the device.
     Host(Vec<f32>),
-    /// `count` f32 values in device memory at `pointer`, on this worker's GPU, reduced in place.
-    Device { pointer: u64, count: usize },
+    /// `op` in place over `count` f32 values in device memory at `pointer`, on this worker's
+    /// GPU.
+    Device { op: Op, pointer: u64, count: usize },
 }
 
 /// The communicator handle, shared so a waiting caller can abort it.
@@ -174,7 +175,7 @@ fn wait_stream(stream: &Arc<CudaStream>, comm: &Shared) -> Result<(), String> {
         match unsafe { cudarc::driver::sys::cuStreamQuery(stream.cu_stream()) } {
             cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
             cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {
-                wait_ready(comm, "ncclAllReduce")?;
+                wait_ready(comm, "a collective")?;
                 std::thread::sleep(POLL);
             }
             other => return Err(format!("waiting for the all-reduce: CUDA error {other:?}")),
@@ -182,32 +183,55 @@ fn wait_stream(stream: &Arc<CudaStream>, comm: &Shared) -> Result<(), String> {
     }
 }
 
-/// In-place sum of `count` floats at device address `pointer`, on `stream`.
-fn all_reduce_on_device(
+/// `op` in place over `count` floats at device address `pointer`, on `stream`: NCCL's in-place
+/// forms (a reduce-scatter receives into the rank's own chunk of its send buffer, an
+/// all-gather sends from it).
+fn run_on_device(
     stream: &Arc<CudaStream>,
     comm: &Shared,
+    op: Op,
+    (rank, world): (usize, usize),
     pointer: u64,
     count: usize,
 ) -> Result<(), String> {
+    let call = match op {
+        Op::AllReduce => "ncclAllReduce",
+        Op::ReduceScatter => "ncclReduceScatter",
+        Op::AllGather => "ncclAllGather",
+    };
     with_handle(comm, |handle| {
+        let chunk = count / world.max(1);
+        if op != Op::AllReduce && chunk * world != count {
+            return Err(format!(
+                "{call}: {count} values do not split into {world} equal chunks"
+            ));
+        }
+        let base = pointer as *mut f32;
         // SAFETY: the caller guarantees `count` f32 values at `pointer` on this GPU that
-        // nobody else touches until the reply; the handle is live (`with_handle` read it under
-        // the lock an abort takes; an abort during the call makes it fail, which is the point).
+        // nobody else touches until the reply, so the rank's own chunk (inside them) is valid
+        // too; the handle is live (`with_handle` read it under the lock an abort takes; an
+        // abort during the call makes it fail, which is the point).
         unsafe {
-            result::all_reduce(
-                pointer as *const std::ffi::c_void,
-                pointer as *mut std::ffi::c_void,
-                count,
-                sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclSum,
-                handle,
-                stream.cu_stream() as _,
-            )
+            let own = base.add(rank * chunk);
+            let stream = stream.cu_stream() as _;
+            let f32_type = sys::ncclDataType_t::ncclFloat32;
+            let sum = sys::ncclRedOp_t::ncclSum;
+            match op {
+                Op::AllReduce => {
+                    result::all_reduce(base as _, base as _, count, f32_type, sum, handle, stream)
+                }
+                Op::ReduceScatter => result::reduce_scatter(
+                    base as _, own as _, chunk, f32_type, sum, handle, stream,
+                ),
+                Op::AllGather => {
+                    result::all_gather(own as _, base as _, chunk, f32_type, handle, stream)
+                }
+            }
         }
         .map(|_| ())
-        .map_err(|e| describe("ncclAllReduce", &e))
+        .map_err(|e| describe(call, &e))
     })?;
-    wait_ready(comm, "ncclAllReduce")?;
+    wait_ready(comm, call)?;
     wait_stream(stream, comm)
 }
 
@@ -218,7 +242,7 @@ fn reduce_staged(stream: &Arc<CudaStream>, comm: &Shared, data: &mut [f32]) -> R
             .map_err(|e| format!("copy to the GPU: {e:?}"))?;
         {
             let (pointer, _record) = device.device_ptr_mut(stream);
-            all_reduce_on_device(stream, comm, pointer, bucket.len())?;
+            run_on_device(stream, comm, Op::AllReduce, (0, 1), pointer, bucket.len())?;
         }
         stream
             .memcpy_dtoh(&device, bucket)
@@ -341,8 +365,8 @@ impl Nccl {
                         Request::Host(mut data) => {
                             reduce_staged(&stream, &shared, &mut data).map(|()| data)
                         }
-                        Request::Device { pointer, count } => {
-                            all_reduce_on_device(&stream, &shared, pointer, count)
+                        Request::Device { op, pointer, count } => {
+                            run_on_device(&stream, &shared, op, (rank, world), pointer, count)
                                 .map(|()| Vec::new())
                         }
                     };
@@ -422,13 +446,14 @@ impl Collective for Nccl {
         true
     }
 
-    unsafe fn all_reduce_device_f32(
+    unsafe fn run_on_device_f32(
         &mut self,
+        op: Op,
         pointer: u64,
         count: usize,
     ) -> Option<Result<(), CollectiveError>> {
         Some(
-            self.round_trip(Request::Device { pointer, count })
+            self.round_trip(Request::Device { op, pointer, count })
                 .map(|_| ()),
         )
     }

@@ -173,15 +173,45 @@ impl Collective for Ring {
     }
 
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let bounds = chunk_bounds(data.len(), self.world);
+        // Rank r finishes the sum of chunk r+1 and passes it on first: the classic schedule.
+        self.reduce_scatter_rounds(data, &bounds, 1)?;
+        self.all_gather_rounds(data, &bounds, 1)
+    }
+
+    fn reduce_scatter_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let bounds = chunk_bounds(data.len(), self.world);
+        self.reduce_scatter_rounds(data, &bounds, 0)
+    }
+
+    fn all_gather(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let bounds = chunk_bounds(data.len(), self.world);
+        self.all_gather_rounds(data, &bounds, 0)
+    }
+}
+
+/// `n + 1` chunk boundaries cutting `len` values into `n` nearly equal chunks.
+fn chunk_bounds(len: usize, n: usize) -> Vec<usize> {
+    (0..=n).map(|i| i * len / n).collect()
+}
+
+impl Ring {
+    /// The reduce-scatter half of a ring all-reduce: after `n - 1` rounds rank `r` holds the
+    /// full sum of chunk `(r + holder) % n`. Each round sends one chunk to the successor and
+    /// adds the one received from the predecessor.
+    fn reduce_scatter_rounds(
+        &mut self,
+        data: &mut [f32],
+        bounds: &[usize],
+        holder: usize,
+    ) -> Result<(), CollectiveError> {
         let n = self.world;
-        let len = data.len();
-        let bounds: Vec<usize> = (0..=n).map(|i| i * len / n).collect();
-        let chunk = |i: usize| bounds[i]..bounds[i + 1];
-        let mut incoming = vec![0f32; len / n + 1];
-        // Reduce-scatter: after n-1 rounds rank r holds the full sum of chunk r+1.
+        let chunk = |i: usize| bounds[i % n]..bounds[i % n + 1];
+        let mut incoming = vec![0f32; data.len() / n + 1];
+        let base = self.rank + holder + 2 * n;
         for round in 0..n - 1 {
-            let send = chunk((self.rank + n - round) % n);
-            let recv = chunk((self.rank + n - round - 1) % n);
+            let send = chunk(base - 1 - round);
+            let recv = chunk(base - 2 - round);
             let incoming = &mut incoming[..recv.len()];
             let outgoing = data[send].to_vec();
             self.exchange(&outgoing, incoming)?;
@@ -189,10 +219,24 @@ impl Collective for Ring {
                 *d += v;
             }
         }
-        // All-gather: pass the finished chunks around.
+        Ok(())
+    }
+
+    /// The all-gather half: rank `r` starts with chunk `(r + holder) % n` final and, after
+    /// `n - 1` rounds of passing finished chunks on, holds them all.
+    fn all_gather_rounds(
+        &mut self,
+        data: &mut [f32],
+        bounds: &[usize],
+        holder: usize,
+    ) -> Result<(), CollectiveError> {
+        let n = self.world;
+        let chunk = |i: usize| bounds[i % n]..bounds[i % n + 1];
+        let mut incoming = vec![0f32; data.len() / n + 1];
+        let base = self.rank + holder + 2 * n;
         for round in 0..n - 1 {
-            let send = chunk((self.rank + 1 + n - round) % n);
-            let recv = chunk((self.rank + n - round) % n);
+            let send = chunk(base - round);
+            let recv = chunk(base - 1 - round);
             let incoming = &mut incoming[..recv.len()];
             let outgoing = data[send].to_vec();
             self.exchange(&outgoing, incoming)?;
@@ -376,6 +420,62 @@ mod tests {
                         "n={n} i={i}: {v}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_leaves_each_rank_its_own_chunk_and_all_gather_shares_them() {
+        for n in [2usize, 3, 4] {
+            let (listeners, peers) = ring_of(n, b"t");
+            let len = 12 * 7;
+            let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = listeners
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, listener)| {
+                        let peers = peers.clone();
+                        scope.spawn(move || {
+                            let mut ring = Ring::establish(
+                                listener,
+                                rank,
+                                &peers,
+                                b"t",
+                                3,
+                                Duration::from_secs(10),
+                            )
+                            .expect("ring");
+                            let mut data: Vec<f32> =
+                                (0..len).map(|i| (i * (rank + 1)) as f32).collect();
+                            ring.reduce_scatter_sum(&mut data).expect("reduce-scatter");
+                            let scattered = data.clone();
+                            let mine = chunk_bounds(len, n);
+                            let mut gathered = vec![-1f32; len];
+                            let own = mine[rank]..mine[rank + 1];
+                            for (i, value) in gathered.iter_mut().enumerate() {
+                                if own.contains(&i) {
+                                    *value = (1000 * rank + i) as f32;
+                                }
+                            }
+                            ring.all_gather(&mut gathered).expect("all-gather");
+                            (scattered, gathered)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("rank"))
+                    .collect()
+            });
+            let factor: f32 = (1..=n).map(|r| r as f32).sum();
+            let bounds = chunk_bounds(len, n);
+            let owner = |i: usize| (0..n).find(|&r| i < bounds[r + 1]).unwrap_or(n);
+            let everyones: Vec<f32> = (0..len).map(|i| (1000 * owner(i) + i) as f32).collect();
+            for (rank, (scattered, gathered)) in results.iter().enumerate() {
+                let own = bounds[rank]..bounds[rank + 1];
+                let sums: Vec<f32> = own.clone().map(|i| i as f32 * factor).collect();
+                assert_eq!(scattered[own], sums[..], "n={n} rank {rank}");
+                assert_eq!(gathered, &everyones, "n={n} rank {rank}");
             }
         }
     }

@@ -22,6 +22,8 @@ pub struct CheckpointPolicy {
     end_step: u64,
     /// Only rank 0 writes; every rank takes part in the decision.
     writer: Option<Checkpointer>,
+    /// The ranks agreed to stop after this step: its checkpoint must land.
+    stopping: bool,
 }
 
 impl CheckpointPolicy {
@@ -33,6 +35,7 @@ impl CheckpointPolicy {
             every_steps: section.every_steps,
             end_step,
             writer: (generation.rank == 0).then(|| Checkpointer::new(store, generation)),
+            stopping: false,
         }
     }
 
@@ -50,12 +53,23 @@ impl CheckpointPolicy {
         }
     }
 
-    /// After step `state.step`, given the agreed stop and clock votes: saves when due. The
-    /// step loop pauses only to take a snapshot; writing and uploading run in the background.
-    pub fn after_step<B, M>(
+    /// Whether a checkpoint is due after `step`, given the agreed stop and clock votes; every
+    /// rank comes to the same answer (a sharded optimizer is gathered by all of them).
+    pub fn due(&mut self, step: u64, (stop, clock_due): (bool, bool)) -> bool {
+        let due =
+            step.is_multiple_of(self.every_steps) || step == self.end_step || stop || clock_due;
+        if due {
+            self.last = Instant::now();
+        }
+        self.stopping = stop;
+        due
+    }
+
+    /// Saves the checkpoint of step `state.step` (rank 0; the others return at once). The step
+    /// loop pauses only to take a snapshot; writing and uploading run in the background.
+    pub fn save<B, M>(
         &mut self,
         state: &TrainerState,
-        (stop, clock_due): (bool, bool),
         (model, model_config): (&M, &SimMimConfig),
         optimizer: &AdamW<B::InnerBackend>,
     ) -> Result<()>
@@ -65,12 +79,6 @@ impl CheckpointPolicy {
         M::InnerModule: Send + 'static,
     {
         let step = state.step;
-        let due =
-            step.is_multiple_of(self.every_steps) || step == self.end_step || stop || clock_due;
-        if !due {
-            return Ok(());
-        }
-        self.last = Instant::now();
         let Some(writer) = &mut self.writer else {
             return Ok(());
         };
@@ -81,7 +89,8 @@ impl CheckpointPolicy {
             "checkpoint snapshot taken in {:.1} ms; writing and uploading in the background",
             started.elapsed().as_secs_f64() * 1e3
         );
-        writer.submit(pending, step == self.end_step || stop)
+        let last = step == self.end_step || self.stopping;
+        writer.submit(pending, last)
     }
 
     /// Waits for the upload in flight.

@@ -10,6 +10,7 @@ pub mod plan;
 pub mod pretrain;
 pub mod reduce;
 pub mod task;
+pub mod zero;
 
 use std::time::Instant;
 
@@ -27,7 +28,7 @@ use simmim_proto::Permanent;
 use accumulate::accumulate;
 use checkpoints::CheckpointPolicy;
 use plan::{start_loader, usable_len, RunPlan};
-use reduce::{all_reduce, check_replicas, log_final_weights, Votes};
+use reduce::{all_reduce, check_replicas, ensure_finite, log_final_weights, Votes};
 pub use task::{AfterStep, Hook, MicroStep, Task};
 
 use crate::generation::Generation;
@@ -61,6 +62,7 @@ where
         B::InnerBackend::computes_on_host(),
     )?;
     let mut hooks = task.hooks()?;
+    let first_step = state.step;
     let mut policy = CheckpointPolicy::new(generation, store.clone(), end_step);
     let skipped_before = state.samples_skipped;
     let per_step = (run.plan.accumulation, generation.config.output.log_samples);
@@ -78,11 +80,21 @@ where
             stop: generation.link.stop_requested(),
             checkpoint_clock: policy.clock_due(),
         };
-        let reduced = all_reduce(generation, &model, step_data.grads, votes, &device)?;
-        ensure_finite(reduced.loss, state.step)?;
         let lr = run.lr(state.cursor());
-        let (next, stats) = optimizer.step(lr, model, reduced.grads);
+        let (next, agreed, stats) = if optimizer.shard_layout().is_some() {
+            let step = (lr, state.step);
+            let pair = (model, step_data.grads);
+            zero::step(generation, pair, votes, &mut optimizer, step, &device)?
+        } else {
+            let reduced = all_reduce(generation, &model, step_data.grads, votes, &device)?;
+            ensure_finite(reduced.agreed.loss, state.step)?;
+            let (next, stats) = optimizer.step(lr, model, reduced.grads);
+            (next, reduced.agreed, stats)
+        };
         model = next;
+        if state.step == first_step {
+            log_optimizer_memory(generation, &optimizer);
+        }
         let epoch = state.epoch;
         state.advance(&run.plan);
         state.samples_skipped = skipped_before + loader.skipped();
@@ -90,7 +102,7 @@ where
         let mut metrics = StepMetrics {
             step: state.step,
             epoch,
-            loss: reduced.loss,
+            loss: agreed.loss,
             lr,
             grad_norm: stats.grad_norm,
             images_per_sec: run.plan.global_batch() as f64 / seconds,
@@ -98,7 +110,7 @@ where
             step_seconds: seconds,
             samples_skipped: state.samples_skipped,
             end_step,
-            allreduce_seconds: reduced.seconds,
+            allreduce_seconds: agreed.seconds,
             sample_ids: step_data.sample_ids,
             ..Default::default()
         };
@@ -117,9 +129,16 @@ where
         }
         generation.link.report(metrics);
         check_replicas(generation, &model, state.step)?;
-        let votes = (reduced.stop, reduced.checkpoint_clock);
-        policy.after_step::<B, _>(&state, votes, (&model, task.model_config()), &optimizer)?;
-        if reduced.stop {
+        let votes = (agreed.stop, agreed.checkpoint_clock);
+        if policy.due(state.step, votes) {
+            let gathered = match optimizer.shard_layout() {
+                Some(_) => zero::gather_optimizer::<B, _>(generation, &model, &optimizer, &device)?,
+                None => None,
+            };
+            let whole = gathered.as_ref().unwrap_or(&optimizer);
+            policy.save::<B, _>(&state, (&model, task.model_config()), whole)?;
+        }
+        if agreed.stop {
             tracing::info!(
                 step = state.step,
                 "stopping as asked (a stop, a regroup or a signal)"
@@ -142,11 +161,22 @@ fn still_member(generation: &Generation) -> Result<()> {
     }
 }
 
-fn ensure_finite(loss: f64, step: u64) -> Result<()> {
-    if !loss.is_finite() {
-        bail!("the loss is {loss} at step {step}; lower train.base_lr or check the data");
-    }
-    Ok(())
+/// Logs what the AdamW moments cost this rank (after the first step, when they exist).
+fn log_optimizer_memory<I: burn::tensor::backend::Backend>(
+    generation: &Generation,
+    optimizer: &AdamW<I>,
+) {
+    let floats = optimizer.moment_floats();
+    let sharded = match optimizer.shard_layout() {
+        Some(layout) => format!("sharded over {} ranks", layout.world()),
+        None => "not sharded".into(),
+    };
+    tracing::info!(
+        rank = generation.rank,
+        moment_floats = floats,
+        "optimizer state on this rank: {:.2} MiB of AdamW moments ({sharded})",
+        floats as f64 * 4.0 / (1024.0 * 1024.0)
+    );
 }
 
 /// The model, optimizer and position a generation starts from: the committed checkpoint's,
@@ -159,6 +189,15 @@ fn resume_or_start<B: AutodiffBackend, T: Task<B>>(
     device: &B::Device,
 ) -> Result<(T::Model, AdamW<B::InnerBackend>, TrainerState)> {
     let (model, mut optimizer) = task.init(device)?;
+    if generation.config.train.zero >= 1 {
+        if generation.world > 1 {
+            optimizer = optimizer.with_shard(zero::layout::<B, _>(generation, &model));
+        } else {
+            tracing::info!(
+                "train.zero: a world of one has nothing to shard over; every moment stays here"
+            );
+        }
+    }
     let Some(pieces) = read_resume(generation, store, &run.config_hash)? else {
         let state = TrainerState::start(&run.plan, &run.config_hash);
         return Ok((task.fresh_start(model)?, optimizer, state));

@@ -12,7 +12,7 @@ use simmim_model::grads::buckets::{flatten_buckets, unflatten_buckets};
 use simmim_model::grads::{host_values, weights_digest};
 use simmim_model::SimMimBackend;
 
-use crate::collective::{verify_replicas, CollectiveError};
+use crate::collective::{verify_replicas, CollectiveError, Op};
 use crate::generation::Generation;
 
 /// What this rank brings to a step's exchange.
@@ -24,13 +24,43 @@ pub struct Votes {
     pub checkpoint_clock: bool,
 }
 
-/// One step's exchange, after it.
-pub struct Reduced {
-    pub grads: GradientsParams,
+/// What the ranks agreed in one step's exchange.
+pub struct Agreed {
+    /// The loss averaged over the ranks.
     pub loss: f64,
     pub stop: bool,
     pub checkpoint_clock: bool,
+    /// Seconds the step spent exchanging.
     pub seconds: f64,
+}
+
+/// One step's exchange, after it.
+pub struct Reduced {
+    pub grads: GradientsParams,
+    pub agreed: Agreed,
+}
+
+impl Votes {
+    /// The votes as values every rank sums: the loss, the stop, and rank 0's clock.
+    pub fn to_sum(&self, rank: usize) -> [f32; 3] {
+        [
+            self.loss as f32,
+            f32::from(u8::from(self.stop)),
+            f32::from(u8::from(self.checkpoint_clock && rank == 0)),
+        ]
+    }
+}
+
+impl Agreed {
+    /// The decisions from the summed votes (see [`Votes::to_sum`]) of `world` ranks.
+    pub fn from_sum(sum: &[f32], world: usize, started: Instant) -> Self {
+        Self {
+            loss: f64::from(sum[0]) / world as f64,
+            stop: sum[1] > 0.0,
+            checkpoint_clock: sum[2] > 0.0,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 /// Averages the gradients and the loss over all ranks in buckets on the gradients' device;
@@ -52,40 +82,43 @@ where
     if world <= 1 {
         return Ok(Reduced {
             grads,
-            loss: votes.loss,
-            stop: votes.stop,
-            checkpoint_clock: votes.checkpoint_clock,
-            seconds: started.elapsed().as_secs_f64(),
+            agreed: Agreed {
+                loss: votes.loss,
+                stop: votes.stop,
+                checkpoint_clock: votes.checkpoint_clock,
+                seconds: started.elapsed().as_secs_f64(),
+            },
         });
     }
-    let tail = [
-        votes.loss as f32,
-        f32::from(u8::from(votes.stop)),
-        f32::from(u8::from(votes.checkpoint_clock && generation.rank == 0)),
-    ];
+    let tail = votes.to_sum(generation.rank);
     let limit = generation.config.workers.bucket_floats();
     let buckets = flatten_buckets::<B, M>(model, &grads, limit, &tail, device);
     drop(grads);
     let scale = 1.0 / world as f32;
     let mut reduced = Vec::with_capacity(buckets.len());
     for bucket in buckets {
-        let summed = sum_bucket(generation, bucket, device)?;
+        let summed = run_on_bucket(generation, Op::AllReduce, bucket, device)?;
         reduced.push(summed.mul_scalar(scale));
     }
     let (grads, tail) = unflatten_buckets::<B, M>(model, &reduced, limit, tail.len())?;
+    // The tail was averaged with the buckets: the loss is the mean, the votes still count
+    // where they are above zero.
     Ok(Reduced {
-        loss: f64::from(tail[0]),
-        stop: tail[1] > 0.0,
-        checkpoint_clock: tail[2] > 0.0,
         grads,
-        seconds: started.elapsed().as_secs_f64(),
+        agreed: Agreed {
+            loss: f64::from(tail[0]),
+            stop: tail[1] > 0.0,
+            checkpoint_clock: tail[2] > 0.0,
+            seconds: started.elapsed().as_secs_f64(),
+        },
     })
 }
 
-/// One bucket summed over all ranks: in device memory where the backend lends it and the
-/// transport reduces it there (burn-cuda and NCCL), through the host otherwise.
-fn sum_bucket<I: SimMimBackend>(
+/// `op` over one bucket (see [`Op`]): in device memory where the backend lends it and the
+/// transport works there (burn-cuda and NCCL), through the host otherwise.
+pub fn run_on_bucket<I: SimMimBackend>(
     generation: &Generation,
+    op: Op,
     bucket: Tensor<I, 1>,
     device: &I::Device,
 ) -> Result<Tensor<I, 1>> {
@@ -95,13 +128,16 @@ fn sum_bucket<I: SimMimBackend>(
                 // SAFETY: the backend lends `count` f32 values at `pointer` for the duration
                 // of this call, and `bucket` (which owns them) is not used until it returns.
                 Some((pointer, count)) => unsafe {
-                    collective.all_reduce_device_f32(pointer, count)
+                    collective.run_on_device_f32(op, pointer, count)
                 },
                 // Every rank must make the same calls: a device transport cannot take this
                 // bucket through the host while the others reduce theirs on the device.
-                None if collective.reduces_device_memory() => Some(Err(CollectiveError::Setup(
-                    "the backend could not lend a gradient bucket's device memory".into(),
-                ))),
+                None if collective.reduces_device_memory() => {
+                    Some(Err(CollectiveError::Setup(format!(
+                        "the backend could not lend a bucket's device memory for the {}",
+                        op.name()
+                    ))))
+                }
                 None => None,
             }
         })
@@ -118,10 +154,20 @@ fn sum_bucket<I: SimMimBackend>(
             return Err(e);
         }
     }
-    let mut values = host_values(bucket.into_data(), || "a gradient bucket".into())?;
-    generation.with_collective(|c| c.all_reduce_sum(&mut values))?;
+    let mut values = host_values(bucket.into_data(), || {
+        format!("a bucket for the {}", op.name())
+    })?;
+    generation.with_collective(|c| c.run_on_host(op, &mut values))?;
     let n = values.len();
     Ok(Tensor::from_data(TensorData::new(values, [n]), device))
+}
+
+/// Fails on a loss that is not finite, before any weight changes.
+pub fn ensure_finite(loss: f64, step: u64) -> Result<()> {
+    if !loss.is_finite() {
+        anyhow::bail!("the loss is {loss} at step {step}; lower train.base_lr or check the data");
+    }
+    Ok(())
 }
 
 /// Steps between checks that every replica holds the same weights.

@@ -1,0 +1,165 @@
+//! The step with optimizer-state sharding (`train.zero: 1`, ZeRO-1): the gradients are
+//! reduce-scattered bucket by bucket so each rank receives the averaged gradients of the
+//! values it owns, each rank updates those values with its own share of the AdamW moments,
+//! and the updated weights are all-gathered. The numbers are the all-reduce step's; each rank
+//! holds 1/N of the moments. The layout is [`simmim_model::optim::shard`]'s.
+//!
+//! Checkpoints stay whole: when one is due every rank all-gathers its moment chunks and rank 0
+//! writes the official unsharded layout, which any world size, sharded or not, resumes from.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+use simmim_model::grads::buckets::{flatten_buckets, has_gradient};
+use simmim_model::optim::shard::{params_from_buckets, ShardLayout};
+use simmim_model::optim::StepStats;
+use simmim_model::{AdamW, SimMimBackend};
+
+use super::reduce::{ensure_finite, run_on_bucket, Agreed, Votes};
+use crate::collective::Op;
+use crate::generation::Generation;
+
+/// The layout for this rank of `generation`, for `model`'s parameters.
+pub fn layout<B: AutodiffBackend, M: AutodiffModule<B>>(
+    generation: &Generation,
+    model: &M,
+) -> ShardLayout {
+    ShardLayout::for_module::<B, M>(
+        model,
+        generation.config.workers.bucket_floats(),
+        generation.world,
+        generation.rank,
+    )
+}
+
+/// One sharded exchange and update: returns the updated model, what the ranks agreed, and
+/// the step's statistics. Fails, before any weight changes, when the loss is not finite.
+pub fn step<B, M>(
+    generation: &Generation,
+    (model, grads): (M, GradientsParams),
+    votes: Votes,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    (lr, step): (f64, u64),
+    device: &B::Device,
+) -> Result<(M, Agreed, StepStats)>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: SimMimBackend,
+    M: AutodiffModule<B>,
+{
+    let started = Instant::now();
+    let layout = optimizer
+        .shard_layout()
+        .cloned()
+        .ok_or_else(|| anyhow!("a sharded step on an optimizer without a shard layout"))?;
+    let world = layout.world();
+    let has_grad = has_gradient::<B, M>(&model, &grads);
+    let limit = generation.config.workers.bucket_floats();
+    let buckets = flatten_buckets::<B, M>(&model, &grads, limit, &[], device);
+    drop(grads);
+    let scale = 1.0 / world as f32;
+    let mut chunks = Vec::with_capacity(buckets.len());
+    for (b, bucket) in buckets.into_iter().enumerate() {
+        let padded = pad_to(bucket, layout.padded_len(b), device);
+        let summed = run_on_bucket(generation, Op::ReduceScatter, padded, device)?;
+        chunks.push(summed.slice(layout.own_chunk(b)).mul_scalar(scale));
+    }
+    // The votes and this rank's share of the squared gradient norm, summed in one go.
+    let squared: f32 = match chunks.len() {
+        0 => 0.0,
+        _ => Tensor::cat(chunks.iter().map(|c| c.clone().square().sum()).collect(), 0)
+            .sum()
+            .into_scalar()
+            .elem(),
+    };
+    let [loss, stop, clock] = votes.to_sum(generation.rank);
+    let mut sums = [loss, stop, clock, squared];
+    generation.with_collective(|c| c.all_reduce_sum(&mut sums))?;
+    let agreed_loss = f64::from(sums[0]) / world as f64;
+    ensure_finite(agreed_loss, step)?;
+    let grad_norm = f64::from(sums[3]).max(0.0).sqrt();
+
+    let (own, stats) =
+        optimizer.step_shard::<B, M>(lr, &model, (&chunks, &has_grad), grad_norm, device)?;
+    drop(chunks);
+    let mut gathered = Vec::with_capacity(own.len());
+    for (b, chunk) in own.into_iter().enumerate() {
+        let placed = place_chunk(chunk, layout.own_chunk(b), layout.padded_len(b), device);
+        gathered.push(run_on_bucket(generation, Op::AllGather, placed, device)?);
+    }
+    let model = params_from_buckets::<B, M>(model, &gathered, &layout, &has_grad);
+    Ok((model, Agreed::from_sum(&sums, world, started), stats))
+}
+
+/// The whole optimizer state, assembled from every rank's share for a checkpoint: every rank
+/// takes part; rank 0 gets it, the others `None` (they drop each gathered bucket at once).
+pub fn gather_optimizer<B, M>(
+    generation: &Generation,
+    model: &M,
+    optimizer: &AdamW<B::InnerBackend>,
+    device: &B::Device,
+) -> Result<Option<AdamW<B::InnerBackend>>>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: SimMimBackend,
+    M: AutodiffModule<B>,
+{
+    let layout = optimizer
+        .shard_layout()
+        .ok_or_else(|| anyhow!("gathering an optimizer that is not sharded"))?;
+    let mut buckets = Vec::new();
+    for b in 0..layout.bucket_count() {
+        let mut both = Vec::with_capacity(2);
+        for chunk in optimizer.moment_chunks::<B, M>(model, b, device)? {
+            let placed = place_chunk(chunk, layout.own_chunk(b), layout.padded_len(b), device);
+            both.push(run_on_bucket(generation, Op::AllGather, placed, device)?);
+        }
+        if generation.rank == 0 {
+            let second = both.pop();
+            let first = both.pop();
+            if let (Some(first), Some(second)) = (first, second) {
+                buckets.push([first, second]);
+            }
+        }
+    }
+    if generation.rank != 0 {
+        return Ok(None);
+    }
+    Ok(Some(optimizer.gathered::<B, M>(model, buckets)?))
+}
+
+/// `bucket` with zeros appended up to `len` values.
+fn pad_to<I: Backend>(bucket: Tensor<I, 1>, len: usize, device: &I::Device) -> Tensor<I, 1> {
+    let have = bucket.dims()[0];
+    if have >= len {
+        return bucket;
+    }
+    Tensor::cat(vec![bucket, Tensor::zeros([len - have], device)], 0)
+}
+
+/// A padded bucket of `len` values holding `chunk` at `at` and zeros elsewhere: an
+/// all-gather's input.
+fn place_chunk<I: Backend>(
+    chunk: Tensor<I, 1>,
+    at: Range<usize>,
+    len: usize,
+    device: &I::Device,
+) -> Tensor<I, 1> {
+    let mut parts = Vec::with_capacity(3);
+    if at.start > 0 {
+        parts.push(Tensor::zeros([at.start], device));
+    }
+    parts.push(chunk);
+    if at.end < len {
+        parts.push(Tensor::zeros([len - at.end], device));
+    }
+    if parts.len() == 1 {
+        return parts.remove(0);
+    }
+    Tensor::cat(parts, 0)
+}
