@@ -921,6 +921,15 @@ mod tests {
             "{err}"
         );
 
+        let bad = DEMO_CONFIG.replace("train:\n", "train:\n  zero: 3\n");
+        let err = RunConfig::from_yaml(&bad, "x.yaml")
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            err.contains("train.zero") && err.contains("0 (off) or 1"),
+            "{err}"
+        );
+
         let mut c = RunConfig::demo();
         c.train.warmup_epochs = c.train.epochs;
         assert!(c

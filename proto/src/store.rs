@@ -563,6 +563,19 @@ mod tests {
     use super::*;
     use crate::manifest::ManifestFile;
 
+    #[test]
+    fn sharding_and_step_limits_leave_the_hash_alone_and_the_numbers_do_not() {
+        let demo = crate::RunConfig::demo();
+        let hash = config_hash(&demo);
+        let mut sharded = demo.clone();
+        sharded.train.zero = 1;
+        sharded.train.max_steps = Some(3);
+        assert_eq!(config_hash(&sharded), hash);
+        let mut other = demo;
+        other.train.base_lr *= 2.0;
+        assert_ne!(config_hash(&other), hash);
+    }
+
     #[tokio::test]
     async fn manifests_list_newest_first_and_checks_catch_corruption() {
         let store = RunStore::open("memory:///runs/t").expect("memory store");

@@ -571,7 +571,8 @@ fn a_swinv2_encoder_pretrains_and_checkpoints_under_the_official_keys() {
 }
 
 /// `worker plan-memory`: SwinV2-G at batch 64 fits an 80 GB card only with activation
-/// checkpointing; an unknown preset is a named error.
+/// checkpointing; ZeRO-1 over 8 ranks divides its moments by 8; an unknown preset is a named
+/// error.
 #[test]
 fn plan_memory_says_what_fits_where() {
     let out = std::process::Command::new(binary("worker"))
@@ -581,20 +582,23 @@ fn plan_memory_says_what_fits_where() {
             "swin_base,swinv2_giant",
             "--batch",
             "64",
+            "--ranks",
+            "8",
         ])
         .output()
         .expect("worker plan-memory");
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
-    let row = |model: &str, checkpointing: &str| {
+    let sharded_row = |model: &str, checkpointing: &str, sharding: &str| {
         text.lines()
             .find(|l| {
                 l.starts_with(&format!("| {model} |"))
-                    && l.contains(&format!("| {checkpointing} |"))
+                    && l.contains(&format!("| {checkpointing} | {sharding} |"))
             })
-            .unwrap_or_else(|| panic!("no {model} {checkpointing} row:\n{text}"))
+            .unwrap_or_else(|| panic!("no {model} {checkpointing} {sharding} row:\n{text}"))
             .to_string()
     };
+    let row = |model: &str, checkpointing: &str| sharded_row(model, checkpointing, "whole");
     assert!(
         row("swinv2_giant", "none").ends_with("| no | no |"),
         "{text}"
@@ -604,6 +608,13 @@ fn plan_memory_says_what_fits_where() {
         "{text}"
     );
     assert!(row("swin_base", "none").contains("| 90 M |"), "{text}");
+    // 3,010 M parameters: 24.1 GB of moments whole, 3.0 GB a rank over 8.
+    assert!(row("swinv2_giant", "blocks").contains("| 24.1 |"), "{text}");
+    let sharded = sharded_row("swinv2_giant", "blocks", "ZeRO-1 over 8");
+    assert!(
+        sharded.contains("| 3.0 |") && sharded.contains("| 41.1 |"),
+        "{text}"
+    );
     let bad = std::process::Command::new(binary("worker"))
         .args(["plan-memory", "--preset", "swin_huge"])
         .output()

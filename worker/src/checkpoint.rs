@@ -47,6 +47,26 @@ impl Pending {
         }
     }
 
+    /// A checkpoint of `model` with `optimizer.safetensors` already written (a sharded
+    /// optimizer's, gathered by the ranks).
+    pub fn snapshot_written<AB, M>(
+        trainer: &TrainerState,
+        model: &M,
+        optimizer_file: Vec<u8>,
+        config: &simmim_model::SimMimConfig,
+    ) -> Self
+    where
+        AB: AutodiffBackend,
+        M: AutodiffModule<AB>,
+        M::InnerModule: Send + 'static,
+    {
+        let snapshot = Snapshot::take_written(model, optimizer_file, config);
+        Self {
+            trainer: trainer.clone(),
+            write: Box::new(move || snapshot.into_safetensors()),
+        }
+    }
+
     /// Writes the bytes (on this thread).
     fn into_bytes(self) -> Result<CheckpointBytes, String> {
         let started = std::time::Instant::now();

@@ -49,40 +49,55 @@ pub fn parameter_sizes<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> 
 /// The gradients in buckets of at most `limit` values (but whole parameters), with `tail`
 /// appended to the last bucket: values every rank sums in the same reduction (the loss and
 /// the step's shared decisions). A parameter without a gradient contributes zeros.
+///
+/// Consumes the gradients and builds each bucket as soon as its last gradient is visited, so
+/// each gradient is released once copied: the step holds its gradients about once, not twice.
 pub fn flatten_buckets<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
-    grads: &GradientsParams,
+    mut grads: GradientsParams,
     limit: usize,
     tail: &[f32],
     device: &B::Device,
 ) -> Vec<Tensor<B::InnerBackend, 1>> {
     struct Collect<'a, B: AutodiffBackend> {
-        grads: &'a GradientsParams,
+        grads: &'a mut GradientsParams,
         device: &'a B::Device,
-        flat: Vec<Tensor<B::InnerBackend, 1>>,
+        /// Parameters left in each bucket, in order.
+        counts: std::vec::IntoIter<usize>,
+        left: usize,
+        pieces: Vec<Tensor<B::InnerBackend, 1>>,
+        buckets: Vec<Tensor<B::InnerBackend, 1>>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let n = param.shape().num_elements();
-            let flat = match self.grads.get::<B::InnerBackend, D>(param.id) {
+            let flat = match self.grads.remove::<B::InnerBackend, D>(param.id) {
                 Some(grad) => grad.reshape([n]),
                 None => Tensor::zeros([n], self.device),
             };
-            self.flat.push(flat);
+            if self.left == 0 {
+                self.left = self.counts.next().unwrap_or(usize::MAX);
+            }
+            self.pieces.push(flat);
+            self.left -= 1;
+            if self.left == 0 {
+                let pieces = std::mem::take(&mut self.pieces);
+                self.buckets.push(Tensor::cat(pieces, 0));
+            }
         }
     }
     let sizes = parameter_sizes::<B, M>(module);
+    let counts: Vec<usize> = plan(&sizes, limit).iter().map(|r| r.len()).collect();
     let mut collect = Collect::<B> {
-        grads,
+        grads: &mut grads,
         device,
-        flat: Vec::with_capacity(sizes.len()),
+        counts: counts.into_iter(),
+        left: 0,
+        pieces: Vec::new(),
+        buckets: Vec::new(),
     };
     module.visit(&mut collect);
-    let mut flat = collect.flat.into_iter();
-    let mut buckets: Vec<Tensor<B::InnerBackend, 1>> = plan(&sizes, limit)
-        .into_iter()
-        .map(|range| Tensor::cat(flat.by_ref().take(range.len()).collect(), 0))
-        .collect();
+    let mut buckets = collect.buckets;
     if tail.is_empty() && !buckets.is_empty() {
         return buckets;
     }
@@ -234,7 +249,7 @@ mod round_trip {
             .expect("grads");
         let tail = [3.5, 1.0, 0.0];
         let limit = 20_000;
-        let buckets = flatten_buckets::<B, _>(&model, &grads, limit, &tail, &device);
+        let buckets = flatten_buckets::<B, _>(&model, grads, limit, &tail, &device);
         assert!(buckets.len() > 3, "{} buckets", buckets.len());
         let mut host = Vec::new();
         for bucket in &buckets {
@@ -247,7 +262,7 @@ mod round_trip {
         let (back, read_tail) =
             unflatten_buckets::<B, _>(&model, &buckets, limit, tail.len()).expect("split");
         assert_eq!(read_tail, tail);
-        let again = flatten_buckets::<B, _>(&model, &back, usize::MAX, &[], &device);
+        let again = flatten_buckets::<B, _>(&model, back, usize::MAX, &[], &device);
         let again = host_values(again[0].clone().into_data(), || "bucket".into()).expect("read");
         assert_eq!(again, values);
 
@@ -271,7 +286,7 @@ mod round_trip {
         let (grads, _) =
             unflatten_buckets::<B, _>(&model, &[one_bucket(&vec![0.5; n])], usize::MAX, 0)
                 .expect("fits");
-        let flat = flatten_buckets::<B, _>(&model, &grads, usize::MAX, &[], &Default::default());
+        let flat = flatten_buckets::<B, _>(&model, grads, usize::MAX, &[], &Default::default());
         let flat = host_values(flat[0].clone().into_data(), || "bucket".into()).expect("read");
         assert_eq!(flat.len(), n);
         assert!(flat.iter().all(|&v| v == 0.5));

@@ -19,9 +19,12 @@ use burn::tensor::Tensor;
 
 use super::{AdamW, Moments, StepStats};
 use crate::backend::{float, SimMimBackend};
+use crate::config::SimMimConfig;
 use crate::error::ModelError;
 use crate::grads::buckets::{parameter_sizes, plan};
-use crate::weights::naming::parameters;
+use crate::grads::host_values;
+use crate::weights::naming::{parameters, ParamInfo};
+use crate::weights::snapshot::MomentsFile;
 
 /// Where each parameter's values sit in the buckets and which of them this rank owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,14 +340,14 @@ impl<B: Backend> AdamW<B> {
         ])
     }
 
-    /// The whole (unsharded) optimizer from every bucket's gathered moments (each padded
-    /// bucket of both, as [`Self::moment_chunks`] gave them and an all-gather joined them):
-    /// what a checkpoint stores, in the layout any world size loads.
-    pub fn gathered<AB, M>(
+    /// The writer of the whole `optimizer.safetensors` (official unsharded layout, as an
+    /// unsharded optimizer writes it) from the gathered moments, bucket by bucket: rank 0
+    /// never holds more than one gathered bucket of each moment on its device.
+    pub fn gathered_file<AB, M>(
         &self,
         module: &M,
-        buckets: Vec<[Tensor<B, 1>; 2]>,
-    ) -> Result<AdamW<B>, ModelError>
+        config: &SimMimConfig,
+    ) -> Result<GatheredFile, ModelError>
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -355,43 +358,87 @@ impl<B: Backend> AdamW<B> {
         })?;
         let infos = parameters::<AB, M>(module);
         shard.check_module(infos.len())?;
-        let mut moments = HashMap::new();
-        for ((info, place), stepped) in infos.iter().zip(&shard.layout.places).zip(&shard.stepped) {
-            if !stepped {
-                continue;
-            }
-            let [first, second] = buckets.get(place.bucket).cloned().ok_or_else(|| {
-                shard.partial(&format!("bucket {} of the gathered moments", place.bucket))
-            })?;
-            let span = place.offset..place.offset + place.size;
-            moments.insert(
-                info.id,
-                Moments {
-                    first: first.slice(span.clone()),
-                    second: second.slice(span),
-                },
-            );
-        }
-        Ok(AdamW {
-            config: self.config,
-            steps: self.steps,
-            moments,
-            lr_scales: self.lr_scales.clone(),
-            shard: None,
+        let present: Vec<&ParamInfo> = infos
+            .iter()
+            .zip(&shard.stepped)
+            .filter_map(|(info, &stepped)| stepped.then_some(info))
+            .collect();
+        let file = MomentsFile::start(self.steps, &present, config)?;
+        Ok(GatheredFile {
+            file,
+            infos,
+            places: shard.layout.places.clone(),
+            stepped: shard.stepped.clone(),
+            next_bucket: 0,
         })
     }
 }
 
-/// `module` with every parameter that `has_grad` marks taken from the gathered weight
-/// buckets (padded, as the all-gather leaves them); the others are kept as they are.
-pub fn params_from_buckets<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+/// `optimizer.safetensors` being assembled from gathered moment buckets (see
+/// [`AdamW::gathered_file`]).
+pub struct GatheredFile {
+    file: MomentsFile,
+    infos: Vec<ParamInfo>,
+    places: Vec<Place>,
+    stepped: Vec<bool>,
+    next_bucket: usize,
+}
+
+impl GatheredFile {
+    /// Writes bucket `b`'s moments from both gathered (padded) buckets; buckets in order.
+    pub fn push_bucket<B: Backend>(
+        &mut self,
+        b: usize,
+        [first, second]: [Tensor<B, 1>; 2],
+    ) -> Result<(), ModelError> {
+        if b != self.next_bucket {
+            return Err(ModelError::Write {
+                path: "optimizer.safetensors".into(),
+                reason: format!(
+                    "gathered bucket {b} arrived where {} was due",
+                    self.next_bucket
+                ),
+            });
+        }
+        self.next_bucket += 1;
+        let what = |m: &'static str| move || format!("gathered {m} bucket {b}");
+        let first = host_values(first.into_data(), what("exp_avg"))?;
+        let second = host_values(second.into_data(), what("exp_avg_sq"))?;
+        for ((info, place), &stepped) in self.infos.iter().zip(&self.places).zip(&self.stepped) {
+            if place.bucket != b || !stepped {
+                continue;
+            }
+            let span = place.offset..place.offset + place.size;
+            for values in [&first, &second] {
+                let values = values.get(span.clone()).ok_or_else(|| ModelError::Write {
+                    path: "optimizer.safetensors".into(),
+                    reason: format!("gathered bucket {b} is shorter than {}", info.name),
+                })?;
+                self.file.push(info, values);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<Vec<u8>, ModelError> {
+        self.file.finish()
+    }
+}
+
+/// `module` with every parameter of bucket `b` that `has_grad` marks taken from that bucket's
+/// gathered weights (padded, as the all-gather leaves them); the others are kept. Applied
+/// bucket by bucket, so the old weights are released as the new ones arrive instead of the
+/// model being held twice.
+pub fn params_from_bucket<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     module: M,
-    buckets: &[Tensor<AB::InnerBackend, 1>],
+    b: usize,
+    bucket: &Tensor<AB::InnerBackend, 1>,
     layout: &ShardLayout,
     has_grad: &[bool],
 ) -> M {
     struct Replace<'a, B: Backend> {
-        buckets: &'a [Tensor<B, 1>],
+        bucket: &'a Tensor<B, 1>,
+        b: usize,
         places: std::iter::Zip<std::slice::Iter<'a, Place>, std::slice::Iter<'a, bool>>,
     }
     impl<AB: AutodiffBackend> ModuleMapper<AB> for Replace<'_, AB::InnerBackend> {
@@ -402,9 +449,14 @@ pub fn params_from_buckets<AB: AutodiffBackend, M: AutodiffModule<AB>>(
             let Some((place, true)) = self.places.next() else {
                 return param;
             };
+            if place.bucket != self.b {
+                return param;
+            }
             let (id, tensor, mapper) = param.consume();
             let shape = tensor.dims();
-            let value = self.buckets[place.bucket]
+            drop(tensor);
+            let value = self
+                .bucket
                 .clone()
                 .slice(place.offset..place.offset + place.size)
                 .reshape(shape);
@@ -413,7 +465,8 @@ pub fn params_from_buckets<AB: AutodiffBackend, M: AutodiffModule<AB>>(
         }
     }
     let mut replace = Replace::<AB::InnerBackend> {
-        buckets,
+        bucket,
+        b,
         places: layout.places.iter().zip(has_grad),
     };
     module.map(&mut replace)
@@ -485,7 +538,7 @@ mod against_unsharded {
     use super::*;
     use crate::grads::buckets::{flatten_buckets, has_gradient, unflatten_buckets};
     use crate::grads::host_values;
-    use crate::weights::{state_dict, HostTensor};
+    use crate::weights::{state_dict, state_dict_from_safetensors, HostTensor};
     use crate::{AdamWConfig, InitModel, SimMim, SimMimConfig};
 
     type B = Autodiff<Flex>;
@@ -535,10 +588,17 @@ mod against_unsharded {
             .map(|rank| ShardLayout::for_module::<B, _>(&model, limit, world, rank))
             .collect();
         assert!(layouts[0].bucket_count() > 3);
-        let mut whole = AdamW::<Flex>::new(adamw);
+        // Layer-wise learning rates (fine-tuning's) must follow each value to its owner.
+        let scales: HashMap<String, f64> =
+            [("encoder.norm.weight", 0.1), ("decoder.0.weight", 0.5)]
+                .into_iter()
+                .map(|(name, scale)| (name.to_string(), scale))
+                .collect();
+        let optimizer = || AdamW::<Flex>::new(adamw).with_lr_scales(scales.clone());
+        let mut whole = optimizer();
         let mut shards: Vec<AdamW<Flex>> = layouts
             .iter()
-            .map(|l| AdamW::new(adamw).with_shard(l.clone()))
+            .map(|l| optimizer().with_shard(l.clone()))
             .collect();
         let (mut unsharded, mut sharded) = (model.clone(), model);
         for step in 0..3 {
@@ -547,8 +607,9 @@ mod against_unsharded {
             let norm = AdamW::<Flex>::global_norm::<B, _>(&unsharded, &grads);
             let has_grad = has_gradient::<B, _>(&sharded, &grads);
             assert_eq!(has_grad.iter().filter(|&&g| !g).count(), 1);
-            let buckets = flatten_buckets::<B, _>(&sharded, &grads, limit, &[], &device);
-            (unsharded, _) = whole.step(lr, unsharded, grads);
+            let buckets = flatten_buckets::<B, _>(&sharded, grads, limit, &[], &device);
+            let again = gradients(&unsharded, step);
+            (unsharded, _) = whole.step(lr, unsharded, again);
             // Each rank's chunks as a reduce-scatter leaves them, updated and all-gathered.
             let mut gathered: Vec<Vec<Tensor<Flex, 1>>> = vec![Vec::new(); buckets.len()];
             for (layout, shard) in layouts.iter().zip(&mut shards) {
@@ -569,9 +630,10 @@ mod against_unsharded {
                     gathered[b].push(chunk);
                 }
             }
-            let gathered: Vec<Tensor<Flex, 1>> =
-                gathered.into_iter().map(|c| Tensor::cat(c, 0)).collect();
-            sharded = params_from_buckets::<B, _>(sharded, &gathered, &layouts[0], &has_grad);
+            for (b, chunks) in gathered.into_iter().enumerate() {
+                let bucket = Tensor::cat(chunks, 0);
+                sharded = params_from_bucket::<B, _>(sharded, b, &bucket, &layouts[0], &has_grad);
+            }
         }
         let initial = config.init::<B>(0, &device).expect("model");
         let initial = state_dict(&initial, &config).expect("state");
@@ -602,8 +664,11 @@ mod against_unsharded {
                 "{share} of {total}"
             );
         }
-        let moments: Vec<[Tensor<Flex, 1>; 2]> = (0..layouts[0].bucket_count())
-            .map(|b| {
+        let mut file = shards[1]
+            .gathered_file::<B, _>(&sharded, &config)
+            .expect("file");
+        for b in 0..layouts[0].bucket_count() {
+            let both = {
                 let parts: Vec<[Tensor<Flex, 1>; 2]> = shards
                     .iter()
                     .map(|s| {
@@ -614,13 +679,11 @@ mod against_unsharded {
                 let first = Tensor::cat(parts.iter().map(|p| p[0].clone()).collect(), 0);
                 let second = Tensor::cat(parts.iter().map(|p| p[1].clone()).collect(), 0);
                 [first, second]
-            })
-            .collect();
-        let regathered = shards[1]
-            .gathered::<B, _>(&sharded, moments)
-            .expect("gather");
+            };
+            file.push_bucket(b, both).expect("bucket");
+        }
+        let got = state_dict_from_safetensors(&file.finish().expect("whole file")).expect("read");
         let expected = whole.state_dict::<B, _>(&unsharded).expect("state");
-        let got = regathered.state_dict::<B, _>(&sharded).expect("state");
         assert_eq!(
             expected.keys().collect::<Vec<_>>(),
             got.keys().collect::<Vec<_>>()

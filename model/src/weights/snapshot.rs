@@ -20,8 +20,15 @@ use crate::weights::safetensors_writer::{push_f32, push_host, start_file, Entry}
 /// The model and optimizer at one step, on the inner backend, ready to be written elsewhere.
 pub struct Snapshot<B: Backend, M: Module<B>> {
     model: M,
-    optimizer: AdamW<B>,
+    optimizer: OptimizerPart<B>,
     config: SimMimConfig,
+}
+
+/// The optimizer's part of a snapshot: its state, or its file already written (a sharded
+/// optimizer's, assembled bucket by bucket as the ranks gathered it).
+enum OptimizerPart<B: Backend> {
+    State(Box<AdamW<B>>),
+    Written(Vec<u8>),
 }
 
 impl<B: Backend, M: Module<B>> Snapshot<B, M> {
@@ -36,7 +43,23 @@ impl<B: Backend, M: Module<B>> Snapshot<B, M> {
     {
         Self {
             model: model.valid(),
-            optimizer: optimizer.clone(),
+            optimizer: OptimizerPart::State(Box::new(optimizer.clone())),
+            config: config.clone(),
+        }
+    }
+
+    /// Takes the snapshot of the model, with `optimizer.safetensors` already written.
+    pub fn take_written<AB>(
+        model: &impl AutodiffModule<AB, InnerModule = M>,
+        optimizer_file: Vec<u8>,
+        config: &SimMimConfig,
+    ) -> Self
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+    {
+        Self {
+            model: model.valid(),
+            optimizer: OptimizerPart::Written(optimizer_file),
             config: config.clone(),
         }
     }
@@ -44,7 +67,10 @@ impl<B: Backend, M: Module<B>> Snapshot<B, M> {
     /// `model.safetensors` and `optimizer.safetensors`, consuming the snapshot.
     pub fn into_safetensors(self) -> Result<(Vec<u8>, Vec<u8>), ModelError> {
         let params = parameters::<B, M>(&self.model);
-        let moments = self.optimizer.into_moments(&params, &self.config)?;
+        let moments = match self.optimizer {
+            OptimizerPart::State(optimizer) => optimizer.into_moments(&params, &self.config)?,
+            OptimizerPart::Written(bytes) => bytes,
+        };
         let weights = model_safetensors(self.model, &params, &self.config)?;
         Ok((weights, moments))
     }
@@ -136,31 +162,75 @@ impl<B: Backend> AdamW<B> {
             .iter()
             .filter(|p| moments.contains_key(&p.id))
             .collect();
+        let mut file = MomentsFile::start(steps, &present, config)?;
+        for info in present {
+            let Some((first, second)) = moments.remove(&info.id) else {
+                continue;
+            };
+            for (suffix, moment) in [("exp_avg", first), ("exp_avg_sq", second)] {
+                let name = format!("{}.{suffix}", info.name);
+                with_f32(moment.into_data(), &name, |values| file.push(info, values))?;
+            }
+        }
+        file.finish()
+    }
+}
+
+/// `optimizer.safetensors` written moment by moment into one buffer: the header first (every
+/// parameter's `exp_avg` then `exp_avg_sq`, in the order given), then each moment as it is
+/// pushed, in that order.
+pub struct MomentsFile {
+    out: Vec<u8>,
+    /// The file's length once every moment the header lists is pushed.
+    expected: usize,
+}
+
+impl MomentsFile {
+    /// The header for the moments of `present` and the step count.
+    pub fn start(
+        steps: u64,
+        present: &[&ParamInfo],
+        config: &SimMimConfig,
+    ) -> Result<Self, ModelError> {
         let mut entries = vec![Entry {
             name: "step".into(),
             dtype: "I64",
             shape: vec![1],
         }];
-        for info in &present {
+        for info in present {
             for suffix in ["exp_avg", "exp_avg_sq"] {
                 entries.push(Entry::f32(format!("{}.{suffix}", info.name), &info.shape));
             }
         }
         let mut out = start_file(&entries, config)?;
         out.extend_from_slice(&(steps as i64).to_le_bytes());
-        for info in present {
-            let Some((first, second)) = moments.remove(&info.id) else {
-                continue;
-            };
-            // Moments are flat; a transposed weight's are in Burn's [in, out] order.
-            let transpose = info.transposed.then(|| (info.shape[1], info.shape[0]));
-            for (suffix, moment) in [("exp_avg", first), ("exp_avg_sq", second)] {
-                let name = format!("{}.{suffix}", info.name);
-                with_f32(moment.into_data(), &name, |values| {
-                    push_f32(&mut out, values, transpose)
-                })?;
-            }
+        let values: usize = present
+            .iter()
+            .map(|p| 2 * p.shape.iter().product::<usize>())
+            .sum();
+        let expected = out.len() + 4 * values;
+        Ok(Self { out, expected })
+    }
+
+    /// The next moment: `info`'s values flat in Burn's order (a transposed weight's are
+    /// `[in, out]`), written in the official layout.
+    pub fn push(&mut self, info: &ParamInfo, values: &[f32]) {
+        let transpose = info.transposed.then(|| (info.shape[1], info.shape[0]));
+        push_f32(&mut self.out, values, transpose);
+    }
+
+    /// The file; fails when the moments pushed do not fill what the header lists.
+    pub fn finish(self) -> Result<Vec<u8>, ModelError> {
+        if self.out.len() != self.expected {
+            return Err(ModelError::Write {
+                path: "optimizer.safetensors".into(),
+                reason: format!(
+                    "{} bytes written where the header lists {}",
+                    self.out.len(),
+                    self.expected
+                ),
+            });
         }
-        Ok(out)
+        Ok(self.out)
     }
 }

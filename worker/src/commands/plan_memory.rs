@@ -17,7 +17,8 @@ pub struct PlanMemoryArgs {
     pub presets: Vec<String>,
     /// Images per rank per step; default the config's micro-batch, else 64.
     pub batch: Option<usize>,
-    /// Ranks sharing the optimizer state, for the moments column (1: no sharding).
+    /// Ranks sharing the optimizer state (`train.zero: 1`): more than one adds rows with the
+    /// moments divided over them.
     pub ranks: usize,
 }
 
@@ -49,42 +50,52 @@ fn gb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1e9)
 }
 
-/// The markdown table: one row per model and checkpointing setting.
+/// The markdown table: one row per model, checkpointing setting and sharding setting (none,
+/// and ZeRO-1 over `ranks` when that is more than one).
 pub fn table(models: &[(String, SimMimConfig, usize)], ranks: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| model | params | img | batch/rank | checkpointing | weights GB | grads GB | moments GB \
-         ({ranks} rank{}) | activations GB | total GB | {} | {} |",
-        if ranks == 1 { "" } else { "s" },
-        CARDS[0].0,
-        CARDS[1].0
+        "| model | params | img | batch/rank | checkpointing | optimizer state | weights GB | \
+         grads GB | moments GB | activations GB | total GB | {} | {} |",
+        CARDS[0].0, CARDS[1].0
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut shardings = vec![1];
+    if ranks > 1 {
+        shardings.push(ranks);
+    }
     for (name, config, batch) in models {
         for checkpointing in [false, true] {
-            let p: MemoryPlan = plan(config, *batch, checkpointing, ranks);
-            let fits = |bytes: f64| {
-                if (p.total() as f64) <= bytes {
-                    "fits"
-                } else {
-                    "no"
-                }
-            };
-            let _ = writeln!(
-                out,
-                "| {name} | {:.0} M | {} | {batch} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                p.parameters as f64 / 1e6,
-                config.encoder.img_size(),
-                if checkpointing { "blocks" } else { "none" },
-                gb(p.weights),
-                gb(p.gradients),
-                gb(p.moments),
-                gb(p.activations),
-                gb(p.total()),
-                fits(CARDS[0].1),
-                fits(CARDS[1].1),
-            );
+            for &shared_by in &shardings {
+                let p: MemoryPlan = plan(config, *batch, checkpointing, shared_by);
+                let fits = |bytes: f64| {
+                    if (p.total() as f64) <= bytes {
+                        "fits"
+                    } else {
+                        "no"
+                    }
+                };
+                let sharding = match shared_by {
+                    1 => "whole".to_string(),
+                    n => format!("ZeRO-1 over {n}"),
+                };
+                let _ = writeln!(
+                    out,
+                    "| {name} | {:.0} M | {} | {batch} | {} | {sharding} | {} | {} | {} | {} | {} \
+                     | {} | {} |",
+                    p.parameters as f64 / 1e6,
+                    config.encoder.img_size(),
+                    if checkpointing { "blocks" } else { "none" },
+                    gb(p.weights),
+                    gb(p.gradients),
+                    gb(p.moments),
+                    gb(p.activations),
+                    gb(p.total()),
+                    fits(CARDS[0].1),
+                    fits(CARDS[1].1),
+                );
+            }
         }
     }
     out

@@ -26,7 +26,7 @@ use simmim_proto::store::RunStore;
 use simmim_proto::Permanent;
 
 use accumulate::accumulate;
-use checkpoints::CheckpointPolicy;
+use checkpoints::{CheckpointPolicy, OptimizerToSave};
 use plan::{start_loader, usable_len, RunPlan};
 use reduce::{all_reduce, check_replicas, ensure_finite, log_final_weights, Votes};
 pub use task::{AfterStep, Hook, MicroStep, Task};
@@ -131,12 +131,20 @@ where
         check_replicas(generation, &model, state.step)?;
         let votes = (agreed.stop, agreed.checkpoint_clock);
         if policy.due(state.step, votes) {
-            let gathered = match optimizer.shard_layout() {
-                Some(_) => zero::gather_optimizer::<B, _>(generation, &model, &optimizer, &device)?,
-                None => None,
+            let config = task.model_config();
+            let whole = match optimizer.shard_layout() {
+                None => Some(OptimizerToSave::State(&optimizer)),
+                Some(_) => zero::gather_optimizer::<B, _>(
+                    generation,
+                    (&model, config),
+                    &optimizer,
+                    &device,
+                )?
+                .map(OptimizerToSave::Written),
             };
-            let whole = gathered.as_ref().unwrap_or(&optimizer);
-            policy.save::<B, _>(&state, (&model, task.model_config()), whole)?;
+            if let Some(whole) = whole {
+                policy.save::<B, _>(&state, (&model, config), whole)?;
+            }
         }
         if agreed.stop {
             tracing::info!(

@@ -1,6 +1,7 @@
 //! The one exchange per step: gradients, the loss and the decisions every rank must take
 //! together, summed in one buffer; and the periodic check that the replicas agree.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -92,12 +93,12 @@ where
     }
     let tail = votes.to_sum(generation.rank);
     let limit = generation.config.workers.bucket_floats();
-    let buckets = flatten_buckets::<B, M>(model, &grads, limit, &tail, device);
-    drop(grads);
+    let buckets = flatten_buckets::<B, M>(model, grads, limit, &tail, device);
     let scale = 1.0 / world as f32;
     let mut reduced = Vec::with_capacity(buckets.len());
     for bucket in buckets {
-        let summed = run_on_bucket(generation, Op::AllReduce, bucket, device)?;
+        let whole = 0..bucket.dims()[0];
+        let summed = run_on_bucket(generation, Op::AllReduce, (bucket, whole), device)?;
         reduced.push(summed.mul_scalar(scale));
     }
     let (grads, tail) = unflatten_buckets::<B, M>(model, &reduced, limit, tail.len())?;
@@ -115,11 +116,13 @@ where
 }
 
 /// `op` over one bucket (see [`Op`]): in device memory where the backend lends it and the
-/// transport works there (burn-cuda and NCCL), through the host otherwise.
+/// transport works there (burn-cuda and NCCL), through the host otherwise. Returns the values
+/// at `keep` (a reduce-scatter's caller keeps its own chunk only: through the host, the rest
+/// is never uploaded).
 pub fn run_on_bucket<I: SimMimBackend>(
     generation: &Generation,
     op: Op,
-    bucket: Tensor<I, 1>,
+    (bucket, keep): (Tensor<I, 1>, Range<usize>),
     device: &I::Device,
 ) -> Result<Tensor<I, 1>> {
     let on_device = generation.with_collective(|collective| {
@@ -144,7 +147,8 @@ pub fn run_on_bucket<I: SimMimBackend>(
         .transpose()
     });
     match on_device {
-        Ok(Some(())) => return Ok(bucket),
+        Ok(Some(())) if keep == (0..bucket.dims()[0]) => return Ok(bucket),
+        Ok(Some(())) => return Ok(bucket.slice(keep)),
         Ok(None) => {}
         Err(e) => {
             // A timed-out collective may still be writing into the bucket until its abort
@@ -158,6 +162,18 @@ pub fn run_on_bucket<I: SimMimBackend>(
         format!("a bucket for the {}", op.name())
     })?;
     generation.with_collective(|c| c.run_on_host(op, &mut values))?;
+    if keep != (0..values.len()) {
+        values = values
+            .get(keep.clone())
+            .map(<[f32]>::to_vec)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: {keep:?} is outside the bucket of {}",
+                    op.name(),
+                    values.len()
+                )
+            })?;
+    }
     let n = values.len();
     Ok(Tensor::from_data(TensorData::new(values, [n]), device))
 }

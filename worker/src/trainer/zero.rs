@@ -16,9 +16,9 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use simmim_model::grads::buckets::{flatten_buckets, has_gradient};
-use simmim_model::optim::shard::{params_from_buckets, ShardLayout};
+use simmim_model::optim::shard::{params_from_bucket, ShardLayout};
 use simmim_model::optim::StepStats;
-use simmim_model::{AdamW, SimMimBackend};
+use simmim_model::{AdamW, SimMimBackend, SimMimConfig};
 
 use super::reduce::{ensure_finite, run_on_bucket, Agreed, Votes};
 use crate::collective::Op;
@@ -60,14 +60,14 @@ where
     let world = layout.world();
     let has_grad = has_gradient::<B, M>(&model, &grads);
     let limit = generation.config.workers.bucket_floats();
-    let buckets = flatten_buckets::<B, M>(&model, &grads, limit, &[], device);
-    drop(grads);
+    let buckets = flatten_buckets::<B, M>(&model, grads, limit, &[], device);
     let scale = 1.0 / world as f32;
     let mut chunks = Vec::with_capacity(buckets.len());
     for (b, bucket) in buckets.into_iter().enumerate() {
         let padded = pad_to(bucket, layout.padded_len(b), device);
-        let summed = run_on_bucket(generation, Op::ReduceScatter, padded, device)?;
-        chunks.push(summed.slice(layout.own_chunk(b)).mul_scalar(scale));
+        let own = layout.own_chunk(b);
+        let summed = run_on_bucket(generation, Op::ReduceScatter, (padded, own), device)?;
+        chunks.push(summed.mul_scalar(scale));
     }
     // The votes and this rank's share of the squared gradient norm, summed in one go.
     let squared: f32 = match chunks.len() {
@@ -87,23 +87,28 @@ where
     let (own, stats) =
         optimizer.step_shard::<B, M>(lr, &model, (&chunks, &has_grad), grad_norm, device)?;
     drop(chunks);
-    let mut gathered = Vec::with_capacity(own.len());
+    let mut model = model;
     for (b, chunk) in own.into_iter().enumerate() {
         let placed = place_chunk(chunk, layout.own_chunk(b), layout.padded_len(b), device);
-        gathered.push(run_on_bucket(generation, Op::AllGather, placed, device)?);
+        let whole = 0..layout.padded_len(b);
+        let gathered = run_on_bucket(generation, Op::AllGather, (placed, whole), device)?;
+        // A failed gather leaves the model half updated; the generation ends with the error
+        // and the next one resumes from the last checkpoint.
+        model = params_from_bucket::<B, M>(model, b, &gathered, &layout, &has_grad);
     }
-    let model = params_from_buckets::<B, M>(model, &gathered, &layout, &has_grad);
     Ok((model, Agreed::from_sum(&sums, world, started), stats))
 }
 
-/// The whole optimizer state, assembled from every rank's share for a checkpoint: every rank
-/// takes part; rank 0 gets it, the others `None` (they drop each gathered bucket at once).
+/// The whole optimizer state, assembled from every rank's share for a checkpoint, as the
+/// official unsharded `optimizer.safetensors`: every rank takes part in the all-gathers;
+/// rank 0 writes each gathered bucket into the file at once and gets the file, the others
+/// `None` (they drop each gathered bucket at once).
 pub fn gather_optimizer<B, M>(
     generation: &Generation,
-    model: &M,
+    (model, config): (&M, &SimMimConfig),
     optimizer: &AdamW<B::InnerBackend>,
     device: &B::Device,
-) -> Result<Option<AdamW<B::InnerBackend>>>
+) -> Result<Option<Vec<u8>>>
 where
     B: AutodiffBackend,
     B::InnerBackend: SimMimBackend,
@@ -112,25 +117,23 @@ where
     let layout = optimizer
         .shard_layout()
         .ok_or_else(|| anyhow!("gathering an optimizer that is not sharded"))?;
-    let mut buckets = Vec::new();
+    let mut file = match generation.rank {
+        0 => Some(optimizer.gathered_file::<B, M>(model, config)?),
+        _ => None,
+    };
     for b in 0..layout.bucket_count() {
-        let mut both = Vec::with_capacity(2);
-        for chunk in optimizer.moment_chunks::<B, M>(model, b, device)? {
+        let [first, second] = optimizer.moment_chunks::<B, M>(model, b, device)?;
+        let gather = |chunk| {
             let placed = place_chunk(chunk, layout.own_chunk(b), layout.padded_len(b), device);
-            both.push(run_on_bucket(generation, Op::AllGather, placed, device)?);
-        }
-        if generation.rank == 0 {
-            let second = both.pop();
-            let first = both.pop();
-            if let (Some(first), Some(second)) = (first, second) {
-                buckets.push([first, second]);
-            }
+            let whole = 0..layout.padded_len(b);
+            run_on_bucket(generation, Op::AllGather, (placed, whole), device)
+        };
+        let both = [gather(first)?, gather(second)?];
+        if let Some(file) = &mut file {
+            file.push_bucket(b, both)?;
         }
     }
-    if generation.rank != 0 {
-        return Ok(None);
-    }
-    Ok(Some(optimizer.gathered::<B, M>(model, buckets)?))
+    file.map(|f| f.finish()).transpose().map_err(Into::into)
 }
 
 /// `bucket` with zeros appended up to `len` values.
