@@ -248,7 +248,10 @@ part_nccl() {
   device=$(sed -n '/on the device/,$p' "$OUT/nccl.txt" | grep -E '^\| 100 ' |
     awk -F'|' '{print $4}' | tr -d ' ')
   visible=$(grep -c "visible to burn-cuda: ok" "$OUT/nccl.txt" || true)
-  row "NCCL 1-rank, 100 MB" "host-staged ${staged:-?} GB/s, on device ${device:-?} GB/s, lent-memory writes seen: $visible" "exit $status"
+  local scatter gather
+  scatter=$(grep -E '^\| reduce-scatter ' "$OUT/nccl.txt" | awk -F'|' '{print $4}' | tr -d ' ')
+  gather=$(grep -E '^\| all-gather ' "$OUT/nccl.txt" | awk -F'|' '{print $4}' | tr -d ' ')
+  row "NCCL 1-rank, 100 MB" "host-staged ${staged:-?} GB/s, on device ${device:-?} GB/s, reduce-scatter ${scatter:-?} / all-gather ${gather:-?} GB/s (ZeRO-1), lent-memory writes seen: $visible" "exit $status"
 }
 
 part_first_step() {

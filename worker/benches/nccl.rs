@@ -46,13 +46,13 @@ fn device_buckets(nccl: &mut simmim_worker::collective::nccl::Nccl) {
     type C = burn_cuda::Cuda<f32>;
 
     let device = burn_cuda::CudaDevice::new(0);
-    let mut reduce = |bucket: &Tensor<C, 1>| {
+    let mut run = |op: Op, bucket: &Tensor<C, 1>| {
         C::with_device_memory(bucket.clone().into_primitive().tensor(), |memory| {
             let (pointer, count) = memory.expect("burn-cuda lends its memory");
             // SAFETY: lent for this call; nothing else uses the bucket meanwhile.
-            unsafe { nccl.run_on_device_f32(Op::AllReduce, pointer, count) }
-                .expect("NCCL reduces device memory")
-                .expect("device all-reduce");
+            unsafe { nccl.run_on_device_f32(op, pointer, count) }
+                .expect("NCCL works on device memory")
+                .unwrap_or_else(|e| panic!("device {}: {e}", op.name()));
         })
     };
     println!("| MB | all-reduce (in place on the device) ms | GB/s |");
@@ -61,7 +61,7 @@ fn device_buckets(nccl: &mut simmim_worker::collective::nccl::Nccl) {
         let n = mb * 1024 * 1024 / 4;
         let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.5).collect();
         let bucket = Tensor::<C, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
-        reduce(&bucket);
+        run(Op::AllReduce, &bucket);
         let back = bucket
             .clone()
             .into_data()
@@ -74,11 +74,43 @@ fn device_buckets(nccl: &mut simmim_worker::collective::nccl::Nccl) {
         let rounds = 5;
         let started = Instant::now();
         for _ in 0..rounds {
-            reduce(&bucket);
+            run(Op::AllReduce, &bucket);
         }
         let seconds = started.elapsed().as_secs_f64() / rounds as f64;
         println!(
             "| {mb} | {:.3} | {:.1} |",
+            seconds * 1e3,
+            (n * 4) as f64 / seconds / 1e9
+        );
+    }
+    // ZeRO-1's two halves, in place as the sharded step runs them; on one rank both must
+    // leave the bucket as it was.
+    println!("| op (in place on the device, 100 MB) | ms | GB/s |");
+    println!("|---|---|---|");
+    let n = 100 * 1024 * 1024 / 4;
+    let values: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 0.25).collect();
+    let bucket = Tensor::<C, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
+    for op in [Op::ReduceScatter, Op::AllGather] {
+        run(op, &bucket);
+        let back = bucket
+            .clone()
+            .into_data()
+            .to_vec::<f32>()
+            .expect("read back");
+        assert!(
+            back == values,
+            "a 1-rank {} must leave the bucket as it was",
+            op.name()
+        );
+        let rounds = 5;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            run(op, &bucket);
+        }
+        let seconds = started.elapsed().as_secs_f64() / rounds as f64;
+        println!(
+            "| {} | {:.3} | {:.1} |",
+            op.name(),
             seconds * 1e3,
             (n * 4) as f64 / seconds / 1e9
         );
