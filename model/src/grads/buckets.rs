@@ -126,6 +126,25 @@ pub fn has_gradient<B: AutodiffBackend, M: AutodiffModule<B>>(
     present.1
 }
 
+/// Removes from `grads` the gradients of the parameters `keep` (visiting order) marks false:
+/// after a reduction every parameter has one (zeros where a rank had none), and a parameter
+/// no rank had a gradient for must stay as it is, as it does in a world of one.
+pub fn keep_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    keep: &[bool],
+) {
+    struct Drop<'a>(&'a mut GradientsParams, std::slice::Iter<'a, bool>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Drop<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.1.next() == Some(&false) {
+                self.0.remove::<B::InnerBackend, D>(param.id);
+            }
+        }
+    }
+    module.visit(&mut Drop(grads, keep.iter()));
+}
+
 /// The inverse of [`flatten_buckets`] (same `limit`): a gradient for every parameter, and the
 /// last `tail_len` values read back to the host.
 pub fn unflatten_buckets<B: AutodiffBackend, M: AutodiffModule<B>>(
@@ -268,6 +287,21 @@ mod round_trip {
 
         let err = unflatten_buckets::<B, _>(&model, &buckets, limit, 0).expect_err("tail");
         assert!(err.to_string().contains("expected"), "{err}");
+    }
+
+    #[test]
+    fn gradients_no_rank_had_are_dropped_after_the_reduction() {
+        let config = SimMimConfig::preset("swin_micro").expect("preset");
+        let model = config.init::<B>(0, &Default::default()).expect("model");
+        let n = model.num_params();
+        let (mut grads, _) =
+            unflatten_buckets::<B, _>(&model, &[one_bucket(&vec![0.5; n])], usize::MAX, 0)
+                .expect("fits");
+        let all = has_gradient::<B, _>(&model, &grads);
+        assert!(all.len() > 3 && all.iter().all(|&g| g));
+        let keep: Vec<bool> = (0..all.len()).map(|i| i % 3 != 1).collect();
+        keep_gradients::<B, _>(&model, &mut grads, &keep);
+        assert_eq!(has_gradient::<B, _>(&model, &grads), keep);
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub struct AdamW<B: Backend> {
     lr_scales: HashMap<String, f64>,
     /// With optimizer-state sharding (ZeRO-1): which values this rank updates; the moments
     /// then hold those values only.
-    shard: Option<ShardState>,
+    pub(crate) shard: Option<ShardState>,
 }
 
 /// What one optimizer step saw.

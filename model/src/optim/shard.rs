@@ -137,7 +137,7 @@ impl ShardLayout {
 
 /// A sharded optimizer's own bookkeeping.
 #[derive(Clone)]
-pub(super) struct ShardState {
+pub(crate) struct ShardState {
     pub(super) layout: ShardLayout,
     /// Per parameter: whether any rank holds moments for it (it has had a gradient). Every
     /// rank knows this for every parameter, so the gathered state lists the same ones.
@@ -160,7 +160,7 @@ impl ShardState {
     }
 
     /// The error for asking a shard for what only the whole state has.
-    pub(super) fn partial(&self, what: &str) -> ModelError {
+    pub(crate) fn partial(&self, what: &str) -> ModelError {
         ModelError::Config {
             field: "train.zero".into(),
             reason: format!(
@@ -195,7 +195,7 @@ fn fill_chunk<B: Backend>(
     device: &B::Device,
 ) -> Tensor<B, 1> {
     let filled: usize = pieces.iter().map(|p| p.dims()[0]).sum();
-    if filled < chunk {
+    if filled < chunk || pieces.is_empty() {
         pieces.push(Tensor::zeros([chunk - filled], device));
     }
     Tensor::cat(pieces, 0)

@@ -157,6 +157,9 @@ impl<B: Backend> AdamW<B> {
         params: &[ParamInfo],
         config: &SimMimConfig,
     ) -> Result<Vec<u8>, ModelError> {
+        if let Some(shard) = &self.shard {
+            return Err(shard.partial("the optimizer file"));
+        }
         let (steps, mut moments) = self.into_parts();
         let present: Vec<&ParamInfo> = params
             .iter()

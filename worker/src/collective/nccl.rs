@@ -178,7 +178,7 @@ fn wait_stream(stream: &Arc<CudaStream>, comm: &Shared) -> Result<(), String> {
                 wait_ready(comm, "a collective")?;
                 std::thread::sleep(POLL);
             }
-            other => return Err(format!("waiting for the all-reduce: CUDA error {other:?}")),
+            other => return Err(format!("waiting for the collective: CUDA error {other:?}")),
         }
     }
 }
@@ -419,7 +419,7 @@ impl Nccl {
                 abort(&self.comm);
                 self.requests = None;
                 Err(failed(format!(
-                    "no all-reduce result within {:.0} s: a peer is gone; communicator aborted",
+                    "no collective result within {:.0} s: a peer is gone; communicator aborted",
                     self.timeout.as_secs_f64()
                 )))
             }

@@ -9,7 +9,9 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
-use simmim_model::grads::buckets::{flatten_buckets, unflatten_buckets};
+use simmim_model::grads::buckets::{
+    flatten_buckets, has_gradient, keep_gradients, unflatten_buckets,
+};
 use simmim_model::grads::{host_values, weights_digest};
 use simmim_model::SimMimBackend;
 
@@ -52,6 +54,12 @@ impl Votes {
     }
 }
 
+/// Per parameter, 1 where this rank has a gradient: summed with the votes, so every rank
+/// steps the same parameters (those any rank has a gradient for).
+pub fn gradient_flags(has_grad: &[bool]) -> impl Iterator<Item = f32> + '_ {
+    has_grad.iter().map(|&g| f32::from(u8::from(g)))
+}
+
 impl Agreed {
     /// The decisions from the summed votes (see [`Votes::to_sum`]) of `world` ranks.
     pub fn from_sum(sum: &[f32], world: usize, started: Instant) -> Self {
@@ -91,17 +99,24 @@ where
             },
         });
     }
-    let tail = votes.to_sum(generation.rank);
+    let has_grad = has_gradient::<B, M>(model, &grads);
+    let tail: Vec<f32> = votes
+        .to_sum(generation.rank)
+        .into_iter()
+        .chain(gradient_flags(&has_grad))
+        .collect();
     let limit = generation.config.workers.bucket_floats();
     let buckets = flatten_buckets::<B, M>(model, grads, limit, &tail, device);
     let scale = 1.0 / world as f32;
     let mut reduced = Vec::with_capacity(buckets.len());
     for bucket in buckets {
         let whole = 0..bucket.dims()[0];
-        let summed = run_on_bucket(generation, Op::AllReduce, (bucket, whole), device)?;
-        reduced.push(summed.mul_scalar(scale));
+        let averaged = (bucket, whole, scale);
+        reduced.push(run_on_bucket(generation, Op::AllReduce, averaged, device)?);
     }
-    let (grads, tail) = unflatten_buckets::<B, M>(model, &reduced, limit, tail.len())?;
+    let (mut grads, tail) = unflatten_buckets::<B, M>(model, &reduced, limit, tail.len())?;
+    let any_rank: Vec<bool> = tail[3..].iter().map(|&f| f > 0.0).collect();
+    keep_gradients::<B, M>(model, &mut grads, &any_rank);
     // The tail was averaged with the buckets: the loss is the mean, the votes still count
     // where they are above zero.
     Ok(Reduced {
@@ -117,12 +132,13 @@ where
 
 /// `op` over one bucket (see [`Op`]): in device memory where the backend lends it and the
 /// transport works there (burn-cuda and NCCL), through the host otherwise. Returns the values
-/// at `keep` (a reduce-scatter's caller keeps its own chunk only: through the host, the rest
-/// is never uploaded).
+/// at `keep`, times `scale`, in a buffer of their own: a reduce-scatter's caller keeps its own
+/// chunk only, and the rest of the bucket is released here (through the host it is never
+/// uploaded).
 pub fn run_on_bucket<I: SimMimBackend>(
     generation: &Generation,
     op: Op,
-    (bucket, keep): (Tensor<I, 1>, Range<usize>),
+    (bucket, keep, scale): (Tensor<I, 1>, Range<usize>, f32),
     device: &I::Device,
 ) -> Result<Tensor<I, 1>> {
     let on_device = generation.with_collective(|collective| {
@@ -147,8 +163,19 @@ pub fn run_on_bucket<I: SimMimBackend>(
         .transpose()
     });
     match on_device {
-        Ok(Some(())) if keep == (0..bucket.dims()[0]) => return Ok(bucket),
-        Ok(Some(())) => return Ok(bucket.slice(keep)),
+        Ok(Some(())) if keep == (0..bucket.dims()[0]) => {
+            return Ok(match scale {
+                1.0 => bucket,
+                _ => bucket.mul_scalar(scale),
+            })
+        }
+        Ok(Some(())) => {
+            // Scaled while the bucket is still held, so the result cannot be computed in
+            // place into (and keep alive) the whole bucket's memory.
+            let kept = bucket.clone().slice(keep).mul_scalar(scale);
+            drop(bucket);
+            return Ok(kept);
+        }
         Ok(None) => {}
         Err(e) => {
             // A timed-out collective may still be writing into the bucket until its abort
@@ -173,6 +200,9 @@ pub fn run_on_bucket<I: SimMimBackend>(
                     values.len()
                 )
             })?;
+    }
+    if scale != 1.0 {
+        values.iter_mut().for_each(|v| *v *= scale);
     }
     let n = values.len();
     Ok(Tensor::from_data(TensorData::new(values, [n]), device))

@@ -20,7 +20,7 @@ use simmim_model::optim::shard::{params_from_bucket, ShardLayout};
 use simmim_model::optim::StepStats;
 use simmim_model::{AdamW, SimMimBackend, SimMimConfig};
 
-use super::reduce::{ensure_finite, run_on_bucket, Agreed, Votes};
+use super::reduce::{ensure_finite, gradient_flags, run_on_bucket, Agreed, Votes};
 use crate::collective::Op;
 use crate::generation::Generation;
 
@@ -58,18 +58,18 @@ where
         .cloned()
         .ok_or_else(|| anyhow!("a sharded step on an optimizer without a shard layout"))?;
     let world = layout.world();
-    let has_grad = has_gradient::<B, M>(&model, &grads);
+    let local_grads = has_gradient::<B, M>(&model, &grads);
     let limit = generation.config.workers.bucket_floats();
     let buckets = flatten_buckets::<B, M>(&model, grads, limit, &[], device);
     let scale = 1.0 / world as f32;
     let mut chunks = Vec::with_capacity(buckets.len());
     for (b, bucket) in buckets.into_iter().enumerate() {
         let padded = pad_to(bucket, layout.padded_len(b), device);
-        let own = layout.own_chunk(b);
-        let summed = run_on_bucket(generation, Op::ReduceScatter, (padded, own), device)?;
-        chunks.push(summed.mul_scalar(scale));
+        let own = (padded, layout.own_chunk(b), scale);
+        chunks.push(run_on_bucket(generation, Op::ReduceScatter, own, device)?);
     }
-    // The votes and this rank's share of the squared gradient norm, summed in one go.
+    // The votes, this rank's share of the squared gradient norm and which parameters have
+    // gradients, summed in one go.
     let squared: f32 = match chunks.len() {
         0 => 0.0,
         _ => Tensor::cat(chunks.iter().map(|c| c.clone().square().sum()).collect(), 0)
@@ -78,8 +78,12 @@ where
             .elem(),
     };
     let [loss, stop, clock] = votes.to_sum(generation.rank);
-    let mut sums = [loss, stop, clock, squared];
+    let mut sums: Vec<f32> = [loss, stop, clock, squared]
+        .into_iter()
+        .chain(gradient_flags(&local_grads))
+        .collect();
     generation.with_collective(|c| c.all_reduce_sum(&mut sums))?;
+    let has_grad: Vec<bool> = sums[4..].iter().map(|&f| f > 0.0).collect();
     let agreed_loss = f64::from(sums[0]) / world as f64;
     ensure_finite(agreed_loss, step)?;
     let grad_norm = f64::from(sums[3]).max(0.0).sqrt();
@@ -90,8 +94,8 @@ where
     let mut model = model;
     for (b, chunk) in own.into_iter().enumerate() {
         let placed = place_chunk(chunk, layout.own_chunk(b), layout.padded_len(b), device);
-        let whole = 0..layout.padded_len(b);
-        let gathered = run_on_bucket(generation, Op::AllGather, (placed, whole), device)?;
+        let whole = (placed, 0..layout.padded_len(b), 1.0);
+        let gathered = run_on_bucket(generation, Op::AllGather, whole, device)?;
         // A failed gather leaves the model half updated; the generation ends with the error
         // and the next one resumes from the last checkpoint.
         model = params_from_bucket::<B, M>(model, b, &gathered, &layout, &has_grad);
@@ -117,23 +121,30 @@ where
     let layout = optimizer
         .shard_layout()
         .ok_or_else(|| anyhow!("gathering an optimizer that is not sharded"))?;
+    // Rank 0's own failures (writing the file) wait until every gather is done: the other
+    // ranks are in the same gathers, and leaving them would stall them until the timeout.
     let mut file = match generation.rank {
-        0 => Some(optimizer.gathered_file::<B, M>(model, config)?),
+        0 => Some(optimizer.gathered_file::<B, M>(model, config)),
         _ => None,
     };
     for b in 0..layout.bucket_count() {
         let [first, second] = optimizer.moment_chunks::<B, M>(model, b, device)?;
         let gather = |chunk| {
             let placed = place_chunk(chunk, layout.own_chunk(b), layout.padded_len(b), device);
-            let whole = 0..layout.padded_len(b);
-            run_on_bucket(generation, Op::AllGather, (placed, whole), device)
+            let whole = (placed, 0..layout.padded_len(b), 1.0);
+            run_on_bucket(generation, Op::AllGather, whole, device)
         };
         let both = [gather(first)?, gather(second)?];
-        if let Some(file) = &mut file {
-            file.push_bucket(b, both)?;
+        if let Some(Ok(writer)) = &mut file {
+            if let Err(e) = writer.push_bucket(b, both) {
+                file = Some(Err(e));
+            }
         }
     }
-    file.map(|f| f.finish()).transpose().map_err(Into::into)
+    match file {
+        None => Ok(None),
+        Some(writer) => Ok(Some(writer.and_then(|w| w.finish())?)),
+    }
 }
 
 /// `bucket` with zeros appended up to `len` values.
