@@ -80,7 +80,7 @@ fn n_workers_match_one_worker_with_n_times_the_batch() {
 }
 
 /// Kills the process of `rank` (found through `coordinator status`) and returns its pid.
-fn kill_rank(run: &Path, rank: u64) -> u64 {
+pub(crate) fn kill_rank(run: &Path, rank: u64) -> u64 {
     let mut pid = None;
     assert!(wait_until(DEADLINE, || {
         pid = live_status(run).and_then(|s| {
@@ -100,7 +100,7 @@ fn kill_rank(run: &Path, rank: u64) -> u64 {
     pid
 }
 
-fn wait_for_checkpoint(run: &Path, past: u64) {
+pub(crate) fn wait_for_checkpoint(run: &Path, past: u64) {
     assert!(
         wait_until(DEADLINE, || {
             std::fs::read_to_string(run.join("latest"))

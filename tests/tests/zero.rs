@@ -165,3 +165,52 @@ fn a_checkpoint_resumes_at_another_world_size_sharded_or_not() {
         );
     }
 }
+
+#[test]
+fn a_killed_worker_ends_a_sharded_generation_and_the_next_one_shards_again() {
+    use crate::distributed::{kill_rank, wait_for_checkpoint};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synthetic_image_folder(dir.path(), 3, 40); // 120 samples
+    let workers = "  min: 2\n  max: 3\n  last_call_s: 1\n  max_restarts: 2\n";
+    let mut text = tiny_config_with(&dir.path().join("runs"), "kill", &data, 30, 5, 4, workers);
+    text = text.replace("train:\n", "train:\n  zero: 1\n");
+    let config = dir.path().join("kill.yaml");
+    std::fs::write(&config, text).expect("config");
+    let run = dir.path().join("runs/kill");
+    let coordinator = start_in_background(&config, dir.path());
+    wait_for_checkpoint(&run, 0);
+    kill_rank(&run, 1);
+    let out = wait_with_deadline(coordinator, DEADLINE);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("restart 1/2"), "{log}");
+    // Each generation laid its shards out anew: every rank of each logged its share.
+    let generations: std::collections::BTreeSet<u64> = metrics(&run)
+        .iter()
+        .filter_map(|m| m["generation"].as_u64())
+        .collect();
+    assert!(generations.len() >= 2, "generations {generations:?}");
+    let shares = moment_floats(&run);
+    eprintln!("moment shares logged per rank and generation: {shares:?}");
+    assert!(shares.len() >= 4, "moment shares logged: {shares:?}");
+    // The last checkpoint holds the whole optimizer state at its step.
+    let last = metrics(&run)
+        .last()
+        .and_then(|m| m["step"].as_u64())
+        .expect("last step");
+    let moments = tensors(&checkpoint_file(&run, last, "optimizer.safetensors"));
+    let weights = tensors(&checkpoint_file(&run, last, "model.safetensors"));
+    for name in [
+        "decoder.0.weight",
+        "encoder.patch_embed.proj.weight",
+        "encoder.norm.bias",
+    ] {
+        let sq = &moments[&format!("{name}.exp_avg_sq")];
+        assert_eq!(sq.len(), weights[name].len(), "{name}");
+        assert!(sq.iter().all(|v| v.is_finite() && *v >= 0.0), "{name}");
+        assert!(
+            sq.iter().any(|v| *v > 0.0),
+            "{name}: moments were gathered, not zeros"
+        );
+    }
+}
