@@ -55,42 +55,11 @@ fn device_buckets(nccl: &mut simmim_worker::collective::nccl::Nccl) {
                 .unwrap_or_else(|e| panic!("device {}: {e}", op.name()));
         })
     };
-    println!("| MB | all-reduce (in place on the device) ms | GB/s |");
-    println!("|---|---|---|");
-    for mb in [25usize, 100, 400] {
-        let n = mb * 1024 * 1024 / 4;
-        let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.5).collect();
-        let bucket = Tensor::<C, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
-        run(Op::AllReduce, &bucket);
-        let back = bucket
-            .clone()
-            .into_data()
-            .to_vec::<f32>()
-            .expect("read back");
-        assert!(
-            back == values,
-            "a 1-rank sum must leave the bucket as it was"
-        );
-        let rounds = 5;
-        let started = Instant::now();
-        for _ in 0..rounds {
-            run(Op::AllReduce, &bucket);
-        }
-        let seconds = started.elapsed().as_secs_f64() / rounds as f64;
-        println!(
-            "| {mb} | {:.3} | {:.1} |",
-            seconds * 1e3,
-            (n * 4) as f64 / seconds / 1e9
-        );
-    }
-    // ZeRO-1's two halves, in place as the sharded step runs them; on one rank both must
-    // leave the bucket as it was.
-    println!("| op (in place on the device, 100 MB) | ms | GB/s |");
-    println!("|---|---|---|");
-    let n = 100 * 1024 * 1024 / 4;
-    let values: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 0.25).collect();
-    let bucket = Tensor::<C, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
-    for op in [Op::ReduceScatter, Op::AllGather] {
+    // One op on a fresh bucket of `values`: on one rank it must leave the bucket as it was;
+    // then the seconds it takes, over 5 rounds.
+    let mut check_and_time = |op: Op, values: &[f32]| {
+        let n = values.len();
+        let bucket = Tensor::<C, 1>::from_data(TensorData::new(values.to_vec(), [n]), &device);
         run(op, &bucket);
         let back = bucket
             .clone()
@@ -107,12 +76,33 @@ fn device_buckets(nccl: &mut simmim_worker::collective::nccl::Nccl) {
         for _ in 0..rounds {
             run(op, &bucket);
         }
-        let seconds = started.elapsed().as_secs_f64() / rounds as f64;
+        started.elapsed().as_secs_f64() / rounds as f64
+    };
+    let gb_per_s = |n: usize, seconds: f64| (n * 4) as f64 / seconds / 1e9;
+    println!("| MB | all-reduce (in place on the device) ms | GB/s |");
+    println!("|---|---|---|");
+    for mb in [25usize, 100, 400] {
+        let n = mb * 1024 * 1024 / 4;
+        let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.5).collect();
+        let seconds = check_and_time(Op::AllReduce, &values);
+        println!(
+            "| {mb} | {:.3} | {:.1} |",
+            seconds * 1e3,
+            gb_per_s(n, seconds)
+        );
+    }
+    // ZeRO-1's two halves, in place as the sharded step runs them.
+    println!("| op (in place on the device, 100 MB) | ms | GB/s |");
+    println!("|---|---|---|");
+    let n = 100 * 1024 * 1024 / 4;
+    let values: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 0.25).collect();
+    for op in [Op::ReduceScatter, Op::AllGather] {
+        let seconds = check_and_time(op, &values);
         println!(
             "| {} | {:.3} | {:.1} |",
             op.name(),
             seconds * 1e3,
-            (n * 4) as f64 / seconds / 1e9
+            gb_per_s(n, seconds)
         );
     }
     let ones = Tensor::<C, 1>::ones([4096], &device);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use simmim_model::weights::snapshot::Snapshot;
+use simmim_model::weights::snapshot::{OptimizerPart, Snapshot};
 use simmim_model::ModelError;
 use simmim_proto::checkpoint::{CheckpointBytes, TrainerState};
 use simmim_proto::store::RunStore;
@@ -27,12 +27,13 @@ pub struct Pending {
 pub type WriteFiles = Box<dyn FnOnce() -> Result<(Vec<u8>, Vec<u8>), ModelError> + Send>;
 
 impl Pending {
-    /// A checkpoint of `model` and `optimizer` at `trainer`'s step. Costs the step loop no
-    /// copy: the snapshot shares the tensors, which training no longer changes in place.
+    /// A checkpoint of `model` and `optimizer` (its state, or its file already gathered) at
+    /// `trainer`'s step. Costs the step loop no copy: the snapshot shares the tensors, which
+    /// training no longer changes in place.
     pub fn snapshot<AB, M>(
         trainer: &TrainerState,
         model: &M,
-        optimizer: &simmim_model::AdamW<AB::InnerBackend>,
+        optimizer: OptimizerPart<'_, AB::InnerBackend>,
         config: &simmim_model::SimMimConfig,
     ) -> Self
     where
@@ -41,26 +42,6 @@ impl Pending {
         M::InnerModule: Send + 'static,
     {
         let snapshot = Snapshot::take(model, optimizer, config);
-        Self {
-            trainer: trainer.clone(),
-            write: Box::new(move || snapshot.into_safetensors()),
-        }
-    }
-
-    /// A checkpoint of `model` with `optimizer.safetensors` already written (a sharded
-    /// optimizer's, gathered by the ranks).
-    pub fn snapshot_written<AB, M>(
-        trainer: &TrainerState,
-        model: &M,
-        optimizer_file: Vec<u8>,
-        config: &simmim_model::SimMimConfig,
-    ) -> Self
-    where
-        AB: AutodiffBackend,
-        M: AutodiffModule<AB>,
-        M::InnerModule: Send + 'static,
-    {
-        let snapshot = Snapshot::take_written(model, optimizer_file, config);
         Self {
             trainer: trainer.clone(),
             write: Box::new(move || snapshot.into_safetensors()),

@@ -301,7 +301,7 @@ impl<B: Backend> AdamW<B> {
             "a sharded optimizer steps with step_shard"
         );
         let grad_norm = Self::global_norm::<AB, M>(&module, &grads);
-        let rule = self.next_step(lr, grad_norm);
+        let rule = StepRule::next(&self.config, &mut self.steps, lr, grad_norm);
         let mut updater = Updater::<B> {
             tracker: PathTracker::default(),
             grads: &mut grads,
@@ -311,32 +311,6 @@ impl<B: Backend> AdamW<B> {
         };
         let module = module.map(&mut updater);
         (module, StepStats { grad_norm })
-    }
-
-    /// Counts a step and returns what its updates share, given the global gradient norm.
-    fn next_step(&mut self, lr: f64, grad_norm: f64) -> StepRule {
-        let clip_scale = match self.config.clip_grad {
-            // torch: coef = max_norm / (norm + 1e-6), applied only when below 1.
-            Some(max_norm) => (max_norm / (grad_norm + 1e-6)).min(1.0),
-            None => 1.0,
-        };
-        self.steps += 1;
-        let (beta1, beta2) = self.config.betas;
-        let t = self.steps as i32;
-        StepRule {
-            lr,
-            bias_correction1: 1.0 - beta1.powi(t),
-            weight_decay: self.config.weight_decay,
-            shared: AdamWUpdate {
-                grad_scale: clip_scale,
-                beta1,
-                beta2,
-                decay_factor: 1.0,
-                step_size: 0.0,
-                bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
-                eps: self.config.eps,
-            },
-        }
     }
 }
 
@@ -350,6 +324,33 @@ struct StepRule {
 }
 
 impl StepRule {
+    /// Counts a step in `steps` and returns what its updates share, given the global
+    /// gradient norm.
+    fn next(config: &AdamWConfig, steps: &mut u64, lr: f64, grad_norm: f64) -> Self {
+        let clip_scale = match config.clip_grad {
+            // torch: coef = max_norm / (norm + 1e-6), applied only when below 1.
+            Some(max_norm) => (max_norm / (grad_norm + 1e-6)).min(1.0),
+            None => 1.0,
+        };
+        *steps += 1;
+        let (beta1, beta2) = config.betas;
+        let t = *steps as i32;
+        StepRule {
+            lr,
+            bias_correction1: 1.0 - beta1.powi(t),
+            weight_decay: config.weight_decay,
+            shared: AdamWUpdate {
+                grad_scale: clip_scale,
+                beta1,
+                beta2,
+                decay_factor: 1.0,
+                step_size: 0.0,
+                bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
+                eps: config.eps,
+            },
+        }
+    }
+
     /// The update of the parameter with this official name and (official) shape.
     fn for_parameter(
         &self,

@@ -17,7 +17,7 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
-use super::{AdamW, Moments, StepStats};
+use super::{AdamW, Moments, StepRule, StepStats};
 use crate::backend::{float, SimMimBackend};
 use crate::config::SimMimConfig;
 use crate::error::ModelError;
@@ -171,6 +171,14 @@ impl ShardState {
     }
 }
 
+/// The error for asking an optimizer that is not sharded for `what` only a shard has.
+fn not_sharded(what: &str) -> ModelError {
+    ModelError::Config {
+        field: "train.zero".into(),
+        reason: format!("{what} needs a sharded optimizer; this one is not sharded"),
+    }
+}
+
 /// Every parameter's values flat, in visiting order (clones share the device memory).
 fn flat_values<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     module: &M,
@@ -235,32 +243,24 @@ impl<B: Backend> AdamW<B> {
     {
         let infos = parameters::<AB, M>(module);
         let values = flat_values::<AB, M>(module);
-        let Some(mut shard) = self.shard.take() else {
+        let shard = self
+            .shard
+            .as_mut()
+            .ok_or_else(|| not_sharded("a sharded step"))?;
+        shard.check_module(infos.len())?;
+        if has_grad.len() != infos.len() || grad_chunks.len() != shard.layout.bucket_count() {
             return Err(ModelError::Config {
                 field: "train.zero".into(),
-                reason: "a sharded step on an optimizer without a shard layout".into(),
+                reason: format!(
+                    "{} gradient chunks and {} gradient flags for {} buckets and {} parameters",
+                    grad_chunks.len(),
+                    has_grad.len(),
+                    shard.layout.bucket_count(),
+                    infos.len()
+                ),
             });
-        };
-        let checked = shard.check_module(infos.len()).and_then(|()| {
-            if has_grad.len() != infos.len() || grad_chunks.len() != shard.layout.bucket_count() {
-                return Err(ModelError::Config {
-                    field: "train.zero".into(),
-                    reason: format!(
-                        "{} gradient chunks and {} gradient flags for {} buckets and {} parameters",
-                        grad_chunks.len(),
-                        has_grad.len(),
-                        shard.layout.bucket_count(),
-                        infos.len()
-                    ),
-                });
-            }
-            Ok(())
-        });
-        if let Err(e) = checked {
-            self.shard = Some(shard);
-            return Err(e);
         }
-        let rule = self.next_step(lr, grad_norm);
+        let rule = StepRule::next(&self.config, &mut self.steps, lr, grad_norm);
         for (stepped, &has) in shard.stepped.iter_mut().zip(has_grad) {
             *stepped |= has;
         }
@@ -294,7 +294,6 @@ impl<B: Backend> AdamW<B> {
             }
             chunks.push(fill_chunk(pieces, layout.own_chunk(b).len(), device));
         }
-        self.shard = Some(shard);
         Ok((chunks, StepStats { grad_norm }))
     }
 
@@ -310,10 +309,10 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        let shard = self.shard.as_ref().ok_or_else(|| ModelError::Config {
-            field: "train.zero".into(),
-            reason: "moment chunks of an optimizer that is not sharded".into(),
-        })?;
+        let shard = self
+            .shard
+            .as_ref()
+            .ok_or_else(|| not_sharded("moment chunks"))?;
         let infos = parameters::<AB, M>(module);
         shard.check_module(infos.len())?;
         let (mut first, mut second) = (Vec::new(), Vec::new());
@@ -352,10 +351,10 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        let shard = self.shard.as_ref().ok_or_else(|| ModelError::Config {
-            field: "train.zero".into(),
-            reason: "gathering an optimizer that is not sharded".into(),
-        })?;
+        let shard = self
+            .shard
+            .as_ref()
+            .ok_or_else(|| not_sharded("gathering"))?;
         let infos = parameters::<AB, M>(module);
         shard.check_module(infos.len())?;
         let present: Vec<&ParamInfo> = infos

@@ -20,46 +20,46 @@ use crate::weights::safetensors_writer::{push_f32, push_host, start_file, Entry}
 /// The model and optimizer at one step, on the inner backend, ready to be written elsewhere.
 pub struct Snapshot<B: Backend, M: Module<B>> {
     model: M,
-    optimizer: OptimizerPart<B>,
+    optimizer: Kept<B>,
     config: SimMimConfig,
 }
 
 /// The optimizer's part of a snapshot: its state, or its file already written (a sharded
 /// optimizer's, assembled bucket by bucket as the ranks gathered it).
-enum OptimizerPart<B: Backend> {
+pub enum OptimizerPart<'a, B: Backend> {
+    State(&'a AdamW<B>),
+    Written(Vec<u8>),
+}
+
+impl<'a, B: Backend> From<&'a AdamW<B>> for OptimizerPart<'a, B> {
+    fn from(optimizer: &'a AdamW<B>) -> Self {
+        Self::State(optimizer)
+    }
+}
+
+/// What a snapshot keeps of [`OptimizerPart`]: the state shared, not borrowed.
+enum Kept<B: Backend> {
     State(Box<AdamW<B>>),
     Written(Vec<u8>),
 }
 
 impl<B: Backend, M: Module<B>> Snapshot<B, M> {
     /// Takes the snapshot: no tensor is copied.
-    pub fn take<AB>(
+    pub fn take<'a, AB>(
         model: &impl AutodiffModule<AB, InnerModule = M>,
-        optimizer: &AdamW<B>,
+        optimizer: impl Into<OptimizerPart<'a, B>>,
         config: &SimMimConfig,
     ) -> Self
     where
         AB: AutodiffBackend<InnerBackend = B>,
     {
+        let optimizer = match optimizer.into() {
+            OptimizerPart::State(state) => Kept::State(Box::new(state.clone())),
+            OptimizerPart::Written(file) => Kept::Written(file),
+        };
         Self {
             model: model.valid(),
-            optimizer: OptimizerPart::State(Box::new(optimizer.clone())),
-            config: config.clone(),
-        }
-    }
-
-    /// Takes the snapshot of the model, with `optimizer.safetensors` already written.
-    pub fn take_written<AB>(
-        model: &impl AutodiffModule<AB, InnerModule = M>,
-        optimizer_file: Vec<u8>,
-        config: &SimMimConfig,
-    ) -> Self
-    where
-        AB: AutodiffBackend<InnerBackend = B>,
-    {
-        Self {
-            model: model.valid(),
-            optimizer: OptimizerPart::Written(optimizer_file),
+            optimizer,
             config: config.clone(),
         }
     }
@@ -68,8 +68,8 @@ impl<B: Backend, M: Module<B>> Snapshot<B, M> {
     pub fn into_safetensors(self) -> Result<(Vec<u8>, Vec<u8>), ModelError> {
         let params = parameters::<B, M>(&self.model);
         let moments = match self.optimizer {
-            OptimizerPart::State(optimizer) => optimizer.into_moments(&params, &self.config)?,
-            OptimizerPart::Written(bytes) => bytes,
+            Kept::State(optimizer) => optimizer.into_moments(&params, &self.config)?,
+            Kept::Written(bytes) => bytes,
         };
         let weights = model_safetensors(self.model, &params, &self.config)?;
         Ok((weights, moments))

@@ -378,38 +378,39 @@ mod tests {
         (listeners, peers)
     }
 
+    /// `body` on every rank of a ring of `n` on loopback, each rank on its own thread; what
+    /// each returned, in rank order.
+    fn on_ring<T: Send>(n: usize, body: impl Fn(usize, &mut Ring) -> T + Sync) -> Vec<T> {
+        let (listeners, peers) = ring_of(n, b"t");
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let (peers, body) = (peers.clone(), &body);
+                    scope.spawn(move || {
+                        let timeout = Duration::from_secs(10);
+                        let mut ring = Ring::establish(listener, rank, &peers, b"t", 3, timeout)
+                            .expect("ring");
+                        body(rank, &mut ring)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank"))
+                .collect()
+        })
+    }
+
     #[test]
     fn sums_match_and_every_rank_gets_the_same_values() {
         for n in [2usize, 3, 4] {
-            let (listeners, peers) = ring_of(n, b"t");
             let len = 1001;
-            let results: Vec<Vec<f32>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = listeners
-                    .into_iter()
-                    .enumerate()
-                    .map(|(rank, listener)| {
-                        let peers = peers.clone();
-                        scope.spawn(move || {
-                            let mut ring = Ring::establish(
-                                listener,
-                                rank,
-                                &peers,
-                                b"t",
-                                3,
-                                Duration::from_secs(10),
-                            )
-                            .expect("ring");
-                            let mut data: Vec<f32> =
-                                (0..len).map(|i| (i * (rank + 1)) as f32 * 0.5).collect();
-                            ring.all_reduce_sum(&mut data).expect("all-reduce");
-                            data
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("rank"))
-                    .collect()
+            let results = on_ring(n, |rank, ring| {
+                let mut data: Vec<f32> = (0..len).map(|i| (i * (rank + 1)) as f32 * 0.5).collect();
+                ring.all_reduce_sum(&mut data).expect("all-reduce");
+                data
             });
             let factor: f32 = (1..=n).map(|r| r as f32).sum();
             for data in &results {
@@ -427,45 +428,21 @@ mod tests {
     #[test]
     fn reduce_scatter_leaves_each_rank_its_own_chunk_and_all_gather_shares_them() {
         for n in [2usize, 3, 4] {
-            let (listeners, peers) = ring_of(n, b"t");
             let len = 12 * 7;
-            let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
-                let handles: Vec<_> = listeners
-                    .into_iter()
-                    .enumerate()
-                    .map(|(rank, listener)| {
-                        let peers = peers.clone();
-                        scope.spawn(move || {
-                            let mut ring = Ring::establish(
-                                listener,
-                                rank,
-                                &peers,
-                                b"t",
-                                3,
-                                Duration::from_secs(10),
-                            )
-                            .expect("ring");
-                            let mut data: Vec<f32> =
-                                (0..len).map(|i| (i * (rank + 1)) as f32).collect();
-                            ring.reduce_scatter_sum(&mut data).expect("reduce-scatter");
-                            let scattered = data.clone();
-                            let mine = chunk_bounds(len, n);
-                            let mut gathered = vec![-1f32; len];
-                            let own = mine[rank]..mine[rank + 1];
-                            for (i, value) in gathered.iter_mut().enumerate() {
-                                if own.contains(&i) {
-                                    *value = (1000 * rank + i) as f32;
-                                }
-                            }
-                            ring.all_gather(&mut gathered).expect("all-gather");
-                            (scattered, gathered)
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("rank"))
-                    .collect()
+            let results = on_ring(n, |rank, ring| {
+                let mut data: Vec<f32> = (0..len).map(|i| (i * (rank + 1)) as f32).collect();
+                ring.reduce_scatter_sum(&mut data).expect("reduce-scatter");
+                let scattered = data.clone();
+                let mine = chunk_bounds(len, n);
+                let mut gathered = vec![-1f32; len];
+                let own = mine[rank]..mine[rank + 1];
+                for (i, value) in gathered.iter_mut().enumerate() {
+                    if own.contains(&i) {
+                        *value = (1000 * rank + i) as f32;
+                    }
+                }
+                ring.all_gather(&mut gathered).expect("all-gather");
+                (scattered, gathered)
             });
             let factor: f32 = (1..=n).map(|r| r as f32).sum();
             let bounds = chunk_bounds(len, n);

@@ -6,20 +6,15 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::module::AutodiffModule;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use simmim_model::{AdamW, SimMimConfig};
+use burn::tensor::backend::AutodiffBackend;
+use simmim_model::weights::snapshot::OptimizerPart;
+use simmim_model::SimMimConfig;
 use simmim_proto::checkpoint::TrainerState;
 use simmim_proto::run_config::CheckpointSection;
 use simmim_proto::store::RunStore;
 
 use crate::checkpoint::{Checkpointer, Pending};
 use crate::generation::Generation;
-
-/// The optimizer's part of a checkpoint: its state, or (sharded) its file, already gathered.
-pub enum OptimizerToSave<'a, I: Backend> {
-    State(&'a AdamW<I>),
-    Written(Vec<u8>),
-}
 
 pub struct CheckpointPolicy {
     last: Instant,
@@ -77,7 +72,7 @@ impl CheckpointPolicy {
         &mut self,
         state: &TrainerState,
         (model, model_config): (&M, &SimMimConfig),
-        optimizer: OptimizerToSave<'_, B::InnerBackend>,
+        optimizer: OptimizerPart<'_, B::InnerBackend>,
     ) -> Result<()>
     where
         B: AutodiffBackend,
@@ -89,14 +84,7 @@ impl CheckpointPolicy {
             return Ok(());
         };
         let started = Instant::now();
-        let pending = match optimizer {
-            OptimizerToSave::State(optimizer) => {
-                Pending::snapshot::<B, M>(state, model, optimizer, model_config)
-            }
-            OptimizerToSave::Written(file) => {
-                Pending::snapshot_written::<B, M>(state, model, file, model_config)
-            }
-        };
+        let pending = Pending::snapshot::<B, M>(state, model, optimizer, model_config);
         tracing::info!(
             step,
             "checkpoint snapshot taken in {:.1} ms; writing and uploading in the background",

@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use simmim_model::backend::precision::autocast;
+use simmim_model::weights::snapshot::OptimizerPart;
 use simmim_model::weights::{load_state_dict, state_dict_from_safetensors};
 use simmim_model::{AdamW, SimMimBackend};
 use simmim_proto::checkpoint::{CheckpointBytes, TrainerState};
@@ -26,7 +27,7 @@ use simmim_proto::store::RunStore;
 use simmim_proto::Permanent;
 
 use accumulate::accumulate;
-use checkpoints::{CheckpointPolicy, OptimizerToSave};
+use checkpoints::CheckpointPolicy;
 use plan::{start_loader, usable_len, RunPlan};
 use reduce::{all_reduce, check_replicas, ensure_finite, log_final_weights, Votes};
 pub use task::{AfterStep, Hook, MicroStep, Task};
@@ -133,14 +134,14 @@ where
         if policy.due(state.step, votes) {
             let config = task.model_config();
             let whole = match optimizer.shard_layout() {
-                None => Some(OptimizerToSave::State(&optimizer)),
+                None => Some(OptimizerPart::State(&optimizer)),
                 Some(_) => zero::gather_optimizer::<B, _>(
                     generation,
                     (&model, config),
                     &optimizer,
                     &device,
                 )?
-                .map(OptimizerToSave::Written),
+                .map(OptimizerPart::Written),
             };
             if let Some(whole) = whole {
                 policy.save::<B, _>(&state, (&model, config), whole)?;

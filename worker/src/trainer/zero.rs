@@ -7,7 +7,6 @@
 //! Checkpoints stay whole: when one is due every rank all-gathers its moment chunks and rank 0
 //! writes the official unsharded layout, which any world size, sharded or not, resumes from.
 
-use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
@@ -93,9 +92,7 @@ where
     drop(chunks);
     let mut model = model;
     for (b, chunk) in own.into_iter().enumerate() {
-        let placed = place_chunk(chunk, layout.own_chunk(b), layout.padded_len(b), device);
-        let whole = (placed, 0..layout.padded_len(b), 1.0);
-        let gathered = run_on_bucket(generation, Op::AllGather, whole, device)?;
+        let gathered = all_gather_chunk(generation, (chunk, &layout, b), device)?;
         // A failed gather leaves the model half updated; the generation ends with the error
         // and the next one resumes from the last checkpoint.
         model = params_from_bucket::<B, M>(model, b, &gathered, &layout, &has_grad);
@@ -129,12 +126,10 @@ where
     };
     for b in 0..layout.bucket_count() {
         let [first, second] = optimizer.moment_chunks::<B, M>(model, b, device)?;
-        let gather = |chunk| {
-            let placed = place_chunk(chunk, layout.own_chunk(b), layout.padded_len(b), device);
-            let whole = (placed, 0..layout.padded_len(b), 1.0);
-            run_on_bucket(generation, Op::AllGather, whole, device)
-        };
-        let both = [gather(first)?, gather(second)?];
+        let both = [
+            all_gather_chunk(generation, (first, layout, b), device)?,
+            all_gather_chunk(generation, (second, layout, b), device)?,
+        ];
         if let Some(Ok(writer)) = &mut file {
             if let Err(e) = writer.push_bucket(b, both) {
                 file = Some(Err(e));
@@ -156,14 +151,14 @@ fn pad_to<I: Backend>(bucket: Tensor<I, 1>, len: usize, device: &I::Device) -> T
     Tensor::cat(vec![bucket, Tensor::zeros([len - have], device)], 0)
 }
 
-/// A padded bucket of `len` values holding `chunk` at `at` and zeros elsewhere: an
-/// all-gather's input.
-fn place_chunk<I: Backend>(
-    chunk: Tensor<I, 1>,
-    at: Range<usize>,
-    len: usize,
+/// Bucket `b` whole from every rank's chunk of it, `chunk` being this rank's: the chunk is
+/// placed in a zeroed padded bucket and all-gathered.
+fn all_gather_chunk<I: SimMimBackend>(
+    generation: &Generation,
+    (chunk, layout, b): (Tensor<I, 1>, &ShardLayout, usize),
     device: &I::Device,
-) -> Tensor<I, 1> {
+) -> Result<Tensor<I, 1>> {
+    let (at, len) = (layout.own_chunk(b), layout.padded_len(b));
     let mut parts = Vec::with_capacity(3);
     if at.start > 0 {
         parts.push(Tensor::zeros([at.start], device));
@@ -172,8 +167,9 @@ fn place_chunk<I: Backend>(
     if at.end < len {
         parts.push(Tensor::zeros([len - at.end], device));
     }
-    if parts.len() == 1 {
-        return parts.remove(0);
-    }
-    Tensor::cat(parts, 0)
+    let placed = match parts.len() {
+        1 => parts.remove(0),
+        _ => Tensor::cat(parts, 0),
+    };
+    run_on_bucket(generation, Op::AllGather, (placed, 0..len, 1.0), device)
 }
