@@ -375,14 +375,9 @@ def _init_weights(m):
 # ---------------------------------------------------------------- ViT (BEiT style)
 def beit_index(grid):
     n_rel = (2 * grid - 1) ** 2 + 3
-    coords = torch.stack(torch.meshgrid([torch.arange(grid), torch.arange(grid)], indexing="ij"))
-    cf = torch.flatten(coords, 1)
-    rel = (cf[:, :, None] - cf[:, None, :]).permute(1, 2, 0).contiguous()
-    rel[:, :, 0] += grid - 1
-    rel[:, :, 1] += grid - 1
-    rel[:, :, 0] *= 2 * grid - 1
-    idx = torch.zeros((grid * grid + 1,) * 2, dtype=rel.dtype)
-    idx[1:, 1:] = rel.sum(-1)
+    patches = swin_index(grid)  # BEiT indexes patch pairs as Swin does a window's
+    idx = torch.zeros((grid * grid + 1,) * 2, dtype=patches.dtype)
+    idx[1:, 1:] = patches
     idx[0, 0:] = n_rel - 3
     idx[0:, 0] = n_rel - 2
     idx[0, 0] = n_rel - 1
