@@ -154,7 +154,7 @@ with_memory() {  # name cmd...
     return
   fi
   local base
-  base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+  base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | awk 'NR == 1')
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/$name.memlog" &
   local sampler=$! status=0
   spawned+=("$sampler")
@@ -411,7 +411,8 @@ PY
 
 part_export() {
   local run="$OUT/runs/gpu" status=0 image
-  image=$(find "$stage_dir/data/train" -name '*.jpg' | head -1)
+  # -quit, not `| head -1`: under pipefail a find cut off by head's SIGPIPE ends the script.
+  image=$(find "$stage_dir/data/train" -name '*.jpg' -print -quit)
   {
     bin/worker export --checkpoint "$run" --format pytorch --out "$OUT/model.pth" &&
       bin/worker reconstruct --checkpoint "$run" --image "$image" --out "$OUT/recon.png" \

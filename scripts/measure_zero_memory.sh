@@ -34,8 +34,8 @@ echo "| run | rank | AdamW moment values | peak RSS MiB |"
 echo "|---|---|---|---|"
 for log in "$out"/runs/*/logs/*.log; do
   run="$(basename "$(dirname "$(dirname "$log")")")"
-  rank="$(grep -o 'rank=[0-9]* moment_floats' "$log" | head -1 | cut -d= -f2 | cut -d' ' -f1)"
-  floats="$(grep -o 'moment_floats=[0-9]*' "$log" | head -1 | cut -d= -f2)"
+  rank="$(grep -m1 -o 'rank=[0-9]* moment_floats' "$log" | cut -d= -f2 | cut -d' ' -f1)"
+  floats="$(grep -m1 -o 'moment_floats=[0-9]*' "$log" | cut -d= -f2)"
   kib="$(grep -o 'peak_rss_kib=[0-9]*' "$log" | tail -1 | cut -d= -f2)"
   echo "| $run | $rank | $floats | $((kib / 1024)) |"
 done | sort

@@ -127,9 +127,11 @@ run_tests() {
   if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --release --workspace --no-fail-fast 2>&1 | tee runs/nextest.log
     # The ten slowest, so a test that grows is seen in its own submission.
+    # awk reads to the end where head would close the pipe early: under pipefail, sort
+    # killed by that SIGPIPE failed a run whose tests had all passed.
     echo "ten slowest tests (seconds):"
     sed -nE 's/^ *PASS \[ *([0-9.]+)s\] \([ 0-9/]+\) (.*)$/\1 \2/p' runs/nextest.log \
-      | sort -rn | head -10 | sed 's/^/  /'
+      | sort -rn | awk 'NR <= 10 { print "  " $0 }'
     # nextest does not run doc tests.
     cargo test --release --workspace --doc
   else
@@ -147,7 +149,7 @@ smoke() {
     echo "experiment smoke run failed (log: runs/cifar10-smoke.log)" >&2
     return 1
   fi
-  grep '^|' runs/cifar10-smoke.log | head -4
+  awk '/^\|/ && ++n <= 4' runs/cifar10-smoke.log
   rm -rf runs/ablations-smoke
   if ! SMOKE=1 SIMMIM_BIN=target/release experiments/ablations/run.sh > runs/ablations-smoke.log 2>&1; then
     tail -40 runs/ablations-smoke.log
